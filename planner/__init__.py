@@ -1,0 +1,1 @@
+"""The planner: model graph, passes, and the Program IR."""

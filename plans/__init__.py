@@ -1,0 +1,1 @@
+"""Shipped plans and model presets (data files)."""

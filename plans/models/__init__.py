@@ -1,0 +1,1 @@
+"""Model presets: published config.json values of real models, and tiny test models."""

@@ -1,0 +1,1 @@
+"""meshplan runtime: applies a compiled Program under torchrun."""
