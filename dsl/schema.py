@@ -1,0 +1,390 @@
+"""What a plan may say: sections, their settings and items, styles, and value types.
+
+The grammar only knows shapes (`KIND on X { key = value … }`); this table gives them
+meaning. To add a ParallelStyle, register a `StyleSchema` in `STYLES` (and its runtime
+class in `runtime/styles.py`); to add a section, a `SectionSchema` in `SECTIONS` and
+its interpretation in `dsl/check.py`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Literal
+
+from . import ast
+from .spec import Placement
+
+# ------------------------------------------------------------------ value types
+
+
+class TypeProblem(Exception):
+    """A value that does not fit its type; `code` is the diagnostic to report."""
+
+    def __init__(self, code: str, message: str, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.hint = hint
+
+
+def _shown(value: ast.Value) -> str:
+    if isinstance(value, ast.Int):
+        return str(value.value)
+    if isinstance(value, ast.Bool):
+        return "true" if value.value else "false"
+    if isinstance(value, ast.Str):
+        return f'"{value.value}"'
+    if isinstance(value, ast.Name):
+        return value.name
+    return f"{value.name}({', '.join(_shown(a) for a in value.args)})"
+
+
+shown = _shown
+
+
+class ValueType:
+    """Converts a syntax value to a Python value, or raises TypeProblem."""
+
+    description = "a value"
+
+    def convert(self, value: ast.Value) -> object:
+        raise NotImplementedError
+
+    def wrong(self, value: ast.Value, hint: str | None = None) -> TypeProblem:
+        return TypeProblem("E301", f"expected {self.description}, found `{_shown(value)}`", hint)
+
+
+@dataclass(frozen=True)
+class IntType(ValueType):
+    minimum: int | None = 1
+
+    @property
+    def description(self) -> str:  # type: ignore[override]
+        if self.minimum is None:
+            return "an integer"
+        return "a positive integer" if self.minimum == 1 else f"an integer ≥ {self.minimum}"
+
+    def convert(self, value: ast.Value) -> int:
+        if not isinstance(value, ast.Int):
+            raise self.wrong(value)
+        if self.minimum is not None and value.value < self.minimum:
+            raise TypeProblem("E303", f"expected {self.description}, found {value.value}")
+        return value.value
+
+
+@dataclass(frozen=True)
+class BoolType(ValueType):
+    description = "`true` or `false`"
+
+    def convert(self, value: ast.Value) -> bool:
+        if not isinstance(value, ast.Bool):
+            raise self.wrong(value)
+        return value.value
+
+
+DTYPES: Mapping[str, str] = {
+    "bf16": "bf16", "bfloat16": "bf16",
+    "fp16": "fp16", "float16": "fp16", "half": "fp16",
+    "fp32": "fp32", "float32": "fp32", "float": "fp32",
+    "fp64": "fp64", "float64": "fp64", "double": "fp64",
+}
+
+
+@dataclass(frozen=True)
+class DtypeType(ValueType):
+    description = "a dtype (`bf16`, `fp16`, `fp32`, `fp64`)"
+
+    def convert(self, value: ast.Value) -> str:
+        if isinstance(value, ast.Name):
+            if value.name in DTYPES:
+                return DTYPES[value.name]
+            from .errors import did_you_mean
+
+            raise TypeProblem("E204", f"unknown dtype `{value.name}`",
+                              did_you_mean(value.name, DTYPES) or "dtypes are bf16, fp16, fp32, fp64")
+        raise self.wrong(value)
+
+
+@dataclass(frozen=True)
+class EnumType(ValueType):
+    members: tuple[str, ...]
+
+    @property
+    def description(self) -> str:  # type: ignore[override]
+        from .errors import one_of
+
+        return "one of " + one_of(self.members)
+
+    def convert(self, value: ast.Value) -> str:
+        if isinstance(value, ast.Name | ast.Str):
+            text = value.name if isinstance(value, ast.Name) else value.value
+            if text in self.members:
+                return text
+            from .errors import did_you_mean, one_of
+
+            raise TypeProblem("E208", f"`{text}` is not {self.description}",
+                              did_you_mean(text, self.members) or f"use {one_of(self.members)}")
+        raise self.wrong(value)
+
+
+PLACEMENT_NAMES = ("replicate", "shard", "partial")
+
+
+@dataclass(frozen=True)
+class PlacementType(ValueType):
+    """`replicate`, `shard(d)`, `partial`; with allow_none also `none` (leave as is)."""
+
+    allow_none: bool = False
+
+    @property
+    def description(self) -> str:  # type: ignore[override]
+        extra = ", `none`" if self.allow_none else ""
+        return f"a placement (`replicate`, `shard(d)`, `partial`{extra})"
+
+    def convert(self, value: ast.Value) -> Placement | None:
+        from .errors import did_you_mean
+
+        names = (*PLACEMENT_NAMES, "none") if self.allow_none else PLACEMENT_NAMES
+        if isinstance(value, ast.Name):
+            if value.name == "none" and self.allow_none:
+                return None
+            if value.name in ("replicate", "partial"):
+                return Placement(value.name)  # type: ignore[arg-type]
+            if value.name == "shard":
+                raise TypeProblem("E301", "`shard` needs the tensor dimension it splits",
+                                  "write `shard(0)`, `shard(1)` or `shard(-1)`")
+            raise TypeProblem("E205", f"unknown placement `{value.name}`",
+                              did_you_mean(value.name, names) or f"expected {self.description}")
+        if isinstance(value, ast.Call):
+            if value.name == "shard":
+                if len(value.args) != 1 or not isinstance(value.args[0], ast.Int):
+                    raise TypeProblem("E301", f"`{_shown(value)}`: shard takes one integer dimension",
+                                      "write `shard(1)` or `shard(-1)`")
+                return Placement("shard", value.args[0].value)
+            if value.name in ("replicate", "partial"):
+                raise TypeProblem("E301", f"`{value.name}` takes no arguments", f"write `{value.name}`")
+            raise TypeProblem("E205", f"unknown placement `{value.name}`",
+                              did_you_mean(value.name, names) or f"expected {self.description}")
+        raise self.wrong(value)
+
+
+@dataclass(frozen=True)
+class ReshardType(ValueType):
+    """FSDP's reshard_after_forward: true, false, auto, or a smaller world to reshard to."""
+
+    description = "`true`, `false`, `auto` or a positive integer"
+
+    def convert(self, value: ast.Value) -> bool | int | str:
+        if isinstance(value, ast.Bool):
+            return value.value
+        if isinstance(value, ast.Name) and value.name == "auto":
+            return "auto"
+        if isinstance(value, ast.Int):
+            return IntType(2).convert(value)
+        raise self.wrong(value)
+
+
+@dataclass(frozen=True)
+class SizeType(ValueType):
+    """A mesh dimension's size: a positive integer or `auto`."""
+
+    description = "a positive integer or `auto`"
+
+    def convert(self, value: ast.Value) -> int | None:
+        if isinstance(value, ast.Name) and value.name == "auto":
+            return None
+        if isinstance(value, ast.Int):
+            return IntType(1).convert(value)
+        raise self.wrong(value)
+
+
+# --------------------------------------------------------------------- schemas
+
+
+@dataclass(frozen=True)
+class SettingSchema:
+    type: ValueType
+    default: object = None
+    required: bool = False
+    doc: str = ""
+
+
+Presence = Literal["required", "optional", "forbidden"]
+
+
+@dataclass(frozen=True)
+class ItemSchema:
+    doc: str
+    patterns: Presence = "forbidden"
+    settings: Mapping[str, SettingSchema] = field(default_factory=dict)
+    repeat: bool = False
+
+
+@dataclass(frozen=True)
+class SectionSchema:
+    doc: str
+    on: Literal["one", "many", "none"] = "none"
+    patterns: Presence = "forbidden"
+    settings: Mapping[str, SettingSchema] = field(default_factory=dict)
+    items: Mapping[str, ItemSchema] = field(default_factory=dict)
+    rules: bool = False
+    # May the section appear more than once (with different patterns)?
+    repeat: bool = False
+
+
+RESHARD = SettingSchema(ReshardType(), "auto",
+                        doc="free parameters after forward: true, false, auto (true except the "
+                            "last unit), or N to keep them sharded over N ranks")
+DTYPE = DtypeType()
+
+SECTIONS: Mapping[str, SectionSchema] = {
+    "tensor_parallel": SectionSchema(
+        "Tensor (and sequence) parallelism: `PATTERN : STYLE` rules on one mesh dimension.",
+        on="one", rules=True,
+    ),
+    "activation_checkpoint": SectionSchema(
+        "Recompute the matched modules' activations in backward.",
+        patterns="required", repeat=True,
+        settings={
+            "mode": SettingSchema(EnumType(("full", "selective")), "full",
+                                  doc="full: recompute whole blocks; selective: save matmul outputs"),
+            "every": SettingSchema(IntType(1), 1, doc="checkpoint every N-th matched module"),
+        },
+    ),
+    "fully_shard": SectionSchema(
+        "FSDP2: shard parameters over the named dimensions (two names: HSDP).",
+        on="many",
+        items={
+            "mixed_precision": ItemSchema(
+                "FSDP2 MixedPrecisionPolicy.",
+                settings={
+                    "param": SettingSchema(DTYPE, doc="dtype of unsharded parameters in compute"),
+                    "reduce": SettingSchema(DTYPE, doc="dtype of gradient reduction"),
+                    "output": SettingSchema(DTYPE, doc="dtype of module outputs"),
+                    "cast_forward_inputs": SettingSchema(BoolType(), True),
+                },
+            ),
+            "offload": ItemSchema(
+                "Keep sharded parameters, gradients and optimizer state on the CPU.",
+                settings={"pin_memory": SettingSchema(BoolType(), True)},
+            ),
+            "unit": ItemSchema("One FSDP unit (one `fully_shard` call) over the matched modules.",
+                               patterns="required", settings={"reshard_after_forward": RESHARD},
+                               repeat=True),
+            "root": ItemSchema("Wrap the whole model (required).",
+                               settings={"reshard_after_forward": RESHARD}),
+        },
+    ),
+    "context_parallel": SectionSchema(
+        "Split the sequence over one mesh dimension inside attention.",
+        on="one",
+        items={"attention": ItemSchema("Attention modules computed context-parallel.",
+                                       patterns="required", repeat=True)},
+        settings={
+            "load_balance": SettingSchema(EnumType(("headtail", "none")), "headtail",
+                                          doc="headtail: rank r holds chunks r and 2·cp−1−r"),
+            "rotate": SettingSchema(EnumType(("allgather", "ring")), "allgather",
+                                    doc="how keys and values travel between ranks"),
+        },
+    ),
+    "expert_parallel": SectionSchema(
+        "Shard MoE experts over the expert mesh dimension.",
+        on="one",
+        items={"experts": ItemSchema("MoE expert modules.", patterns="required", repeat=True)},
+        settings={"dispatch": SettingSchema(EnumType(("alltoall", "allgather")), "alltoall")},
+    ),
+    "pipeline": SectionSchema(
+        "Pipeline parallelism over one mesh dimension.",
+        on="one",
+        items={"split": ItemSchema("A stage begins at each matched module.", patterns="required",
+                                   repeat=True)},
+        settings={
+            "schedule": SettingSchema(
+                EnumType(("gpipe", "1f1b", "interleaved_1f1b", "looped_bfs", "zero_bubble")), "1f1b"),
+            "microbatches": SettingSchema(IntType(1), required=True),
+            "virtual_stages": SettingSchema(IntType(1), 1, doc="stages per rank"),
+        },
+    ),
+    "packing": SectionSchema(
+        "Pack sequences into bins of seq_len tokens.",
+        settings={
+            "algorithm": SettingSchema(EnumType(("ffd", "bfd", "greedy")), "ffd"),
+            "seq_len": SettingSchema(IntType(1), required=True),
+            "format": SettingSchema(EnumType(("varlen", "thd", "segment_ids", "padded")), "varlen"),
+            "max_per_bin": SettingSchema(IntType(1), None),
+            "overlong": SettingSchema(EnumType(("error", "drop", "truncate", "split")), "error"),
+            "seed": SettingSchema(IntType(0), 0),
+        },
+    ),
+}
+
+# ---------------------------------------------------------------------- styles
+
+# Module kinds a style may be applied to (the planner knows each module's kind).
+ModuleKind = Literal["linear", "embedding", "conv1d", "norm", "any"]
+
+
+@dataclass(frozen=True)
+class StyleSchema:
+    doc: str
+    args: Mapping[str, SettingSchema] = field(default_factory=dict)
+    conversions: bool = False
+    applies_to: tuple[ModuleKind, ...] = ("any",)
+
+
+PLACEMENT = PlacementType()
+LOCAL_TRUE = SettingSchema(BoolType(), True, doc="hand plain local tensors to the code after the module")
+LOCAL_FALSE = SettingSchema(BoolType(), False, doc="hand plain local tensors to the code after the module")
+PARTS = SettingSchema(IntType(1), 1, doc="a fused projection of N equal parts; each part is sharded")
+
+STYLES: Mapping[str, StyleSchema] = {
+    "colwise": StyleSchema(
+        "Shard the weight's output features (ColwiseParallel); Embedding: shard the embedding dim.",
+        args={"input": SettingSchema(PLACEMENT, Placement("replicate")),
+              "output": SettingSchema(PLACEMENT, Placement("shard", -1)),
+              "local_output": LOCAL_TRUE, "parts": PARTS},
+        applies_to=("linear", "embedding"),
+    ),
+    "rowwise": StyleSchema(
+        "Shard the weight's input features (RowwiseParallel); Embedding: shard the vocabulary.",
+        args={"input": SettingSchema(PLACEMENT, Placement("shard", -1)),
+              "output": SettingSchema(PLACEMENT, Placement("replicate")),
+              "local_output": LOCAL_TRUE},
+        applies_to=("linear", "embedding"),
+    ),
+    "conv1d_colwise": StyleSchema(
+        "ColwiseParallel for GPT-2's transposed Conv1D (weight is [in, out]).",
+        args={"input": SettingSchema(PLACEMENT, Placement("replicate")),
+              "output": SettingSchema(PLACEMENT, Placement("shard", -1)),
+              "local_output": LOCAL_TRUE, "parts": PARTS},
+        applies_to=("conv1d",),
+    ),
+    "conv1d_rowwise": StyleSchema(
+        "RowwiseParallel for GPT-2's transposed Conv1D (weight is [in, out]).",
+        args={"input": SettingSchema(PLACEMENT, Placement("shard", -1)),
+              "output": SettingSchema(PLACEMENT, Placement("replicate")),
+              "local_output": LOCAL_TRUE},
+        applies_to=("conv1d",),
+    ),
+    "sequence_parallel": StyleSchema(
+        "Run a norm (or dropout) on sequence shards; its weight stays replicated.",
+        args={"dim": SettingSchema(IntType(None), 1, doc="the sequence dimension"),
+              "local_output": LOCAL_FALSE},
+        applies_to=("norm",),
+    ),
+    "prepare_input": StyleSchema(
+        "Convert a module's inputs: `shard(1) -> replicate`, or `name: shard(1) -> replicate`.",
+        args={"local_output": LOCAL_FALSE}, conversions=True,
+    ),
+    "prepare_output": StyleSchema(
+        "Convert a module's outputs: `replicate -> shard(1)`.",
+        args={"local_output": LOCAL_TRUE}, conversions=True,
+    ),
+    "replicate": StyleSchema(
+        "Keep the module's parameters replicated over the dimension (as DTensors).",
+        args={"input": SettingSchema(PLACEMENT, Placement("replicate")),
+              "output": SettingSchema(PLACEMENT, Placement("replicate")),
+              "local_output": LOCAL_TRUE},
+    ),
+}
