@@ -175,7 +175,7 @@ class _Checker:
                 value = parse_value(raw, f"--set {text}")
             except PlanRejected as e:
                 for d in e.diagnostics:
-                    self.error(span, "E302", f"`--set {text}`: {d.message}", d.hint)
+                    self.error(span, "E302", d.message, d.hint)
                 continue
             if name.startswith("mesh."):
                 self._mesh_override(Override(name[5:], value, text), span)
@@ -183,13 +183,13 @@ class _Checker:
                 declared = self.params[name]
                 if _kind_of(value) != _kind_of(declared.value):
                     self.error(span, "E302",
-                               f"`{name}` is {_kind_of(declared.value)} (line {declared.span.line}), "
-                               f"`--set {text}` gives {_kind_of(value)}")
+                               f"`{name}` is {_kind_of(declared.value)} (declared at line "
+                               f"{declared.span.line}), not {_kind_of(value)}")
                     continue
                 self.param_values[name] = (value, text)
             else:
                 candidates = [*self.params, *(f"mesh.{d.name}" for d in self._mesh_dims())]
-                self.error(span, "E209", f"`--set {text}`: the plan has no parameter `{name}`",
+                self.error(span, "E209", f"the plan has no parameter `{name}`",
                            did_you_mean(name, candidates)
                            or (f"parameters: {one_of(candidates)}" if candidates else "the plan declares no `param`"))
 
@@ -203,12 +203,12 @@ class _Checker:
             hint = did_you_mean(override.name, declared)
             if override.name in MESH_DIMS and not hint:
                 hint = f"declare `{override.name}` in the plan's `mesh` block to set it"
-            self.error(span, "E209", f"`--set {override.origin}`: the mesh declares no `{override.name}`", hint)
+            self.error(span, "E209", f"the mesh declares no `{override.name}`", hint)
             return
         try:
             SizeType().convert(override.value)
         except TypeProblem as p:
-            self.error(span, "E302", f"`--set {override.origin}`: {p.message}", p.hint)
+            self.error(span, "E302", p.message, p.hint)
             return
         self.mesh_overrides[override.name] = override
 
@@ -256,7 +256,7 @@ class _Checker:
             last_index = max(last_index, index)
             override = self.mesh_overrides.get(dim.name)
             value = override.value if override else dim.value
-            size = self.convert(SettingSchema(SizeType()), value, dim.span, f"mesh dimension `{dim.name}`")
+            size = self.convert(SettingSchema(SizeType()), value, dim.value.span, f"mesh dimension `{dim.name}`")
             if size is None and self._is_auto(value):
                 if dim.name == "ep":
                     self.error(dim.span, "E301", "`ep` cannot be `auto`",
@@ -495,7 +495,7 @@ class _Checker:
                     ok = False
                     self.error(arg.head(arg.name), "E405", f"argument `{arg.name}` is given twice")
                 else:
-                    args[arg.name] = self.convert(sch.args[arg.name], arg.value, arg.span,
+                    args[arg.name] = self.convert(sch.args[arg.name], arg.value, arg.value.span,
                                                   f"`{style.name}({arg.name} = …)`")
             elif isinstance(arg, ast.Conversion):
                 if not sch.conversions:
@@ -576,7 +576,7 @@ class _Body:
                             f"first set at line {seen[entry.key].span.line}")
                     continue
                 seen[entry.key] = entry
-                values[entry.key] = c.convert(settings[entry.key], entry.value, entry.span,
+                values[entry.key] = c.convert(settings[entry.key], entry.value, entry.value.span,
                                               f"`{entry.key}`")
             elif isinstance(entry, ast.Rule):
                 if not rules_allowed:

@@ -196,7 +196,9 @@ class SizeType(ValueType):
             return None
         if isinstance(value, ast.Int):
             return IntType(1).convert(value)
-        raise self.wrong(value)
+        from .errors import did_you_mean
+
+        raise self.wrong(value, did_you_mean(value.name, ["auto"]) if isinstance(value, ast.Name) else None)
 
 
 # --------------------------------------------------------------------- schemas

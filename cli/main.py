@@ -1,0 +1,68 @@
+"""`plan`: the command line. Parses arguments and dispatches; no logic of its own.
+
+Command modules are imported only when their command runs, so `plan check` never
+pays for importing torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+# command → (module in meshplan.cli, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "check": ("check", "check plan files without a model (fast; no torch import)"),
+    "fmt": ("fmt", "format plan files canonically, in place"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="plan",
+        description="meshplan: check, compile and explain PyTorch parallelism plans.",
+    )
+    parser.add_argument("--debug", action="store_true", help="show Python tracebacks of internal errors")
+    parser.add_argument("--version", action="version", version=f"meshplan {_version()}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (module, help_text) in COMMANDS.items():
+        command = sub.add_parser(name, help=help_text, description=help_text)
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                             help="show Python tracebacks of internal errors")
+        importlib.import_module(f"meshplan.cli.{module}").add_arguments(command)
+    return parser
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("meshplan")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    module = importlib.import_module(f"meshplan.cli.{COMMANDS[args.command][0]}")
+    from .console import Terminal
+
+    term = Terminal()
+    try:
+        code: int = module.run(args, term)
+        return code
+    except KeyboardInterrupt:
+        term.note("interrupted")
+        return 130
+    except Exception as e:  # an internal error: say so plainly, traceback on request
+        if getattr(args, "debug", False):
+            raise
+        term.note(f"plan {args.command}: internal error: {type(e).__name__}: {e}")
+        term.note("run again with --debug for the traceback, and please report it")
+        return 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())
