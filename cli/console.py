@@ -19,8 +19,8 @@ from meshplan.dsl.errors import PlanError, Span
 
 class Terminal:
     def __init__(self, stdout: TextIO | None = None, stderr: TextIO | None = None) -> None:
-        self.out = Console(file=stdout or sys.stdout, soft_wrap=True, highlight=False)
-        self.err = Console(file=stderr or sys.stderr, soft_wrap=True, highlight=False)
+        self.out = _console(stdout or sys.stdout)
+        self.err = _console(stderr or sys.stderr)
         self._sources: dict[str, list[str]] = {}
 
     def remember(self, file: str, text: str) -> None:
@@ -72,6 +72,13 @@ class Terminal:
         caret = Text(f"  {pad} | " + " " * (start - 1))
         caret.append("^" * width, style=colour)
         self.err.print(caret, markup=False)
+
+
+def _console(stream: TextIO) -> Console:
+    # Decided by the stream alone (not FORCE_COLOR & co.): piped output is plain text.
+    tty = stream.isatty()
+    return Console(file=stream, soft_wrap=True, highlight=False, force_terminal=tty,
+                   color_system="auto" if tty else None)
 
 
 def plural(n: int, word: str) -> str:

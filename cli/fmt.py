@@ -9,7 +9,7 @@ import tempfile
 from pathlib import Path
 
 from meshplan.dsl import format_plan, parse
-from meshplan.dsl.errors import PlanRejected
+from meshplan.dsl.errors import PlanError, PlanRejected
 
 from .check import read_plan
 from .console import Terminal
@@ -48,7 +48,7 @@ def run(args: argparse.Namespace, term: Terminal) -> int:
         if path == "-":
             text: str | None = sys.stdin.read()
             term.remember("<stdin>", text or "")
-            problems = []
+            problems: list[PlanError] = []
         else:
             text, problems = read_plan(path, term)
         if text is None:

@@ -389,10 +389,12 @@ class _Checker:
         if fsdp is None or tp is None or not tp.on:
             return
         tp_dims = set(self._expand(tp.on))
-        for name in fsdp.on:
+        section = next(s for s in self.plan.sections if s.kind == "fully_shard")
+        for ref in section.on:
+            name = ref.name
             shared = tp_dims & set(self._expand(name))
             if shared:
-                self.error(fsdp.span, "E509",
+                self.error(ref.span, "E509",
                            f"fully_shard on `{name}` overlaps tensor_parallel's `{tp.on}` "
                            f"(both use {one_of(sorted(shared, key=MESH_DIMS.index))})",
                            f"FSDP shards over data-parallel dimensions; tensor_parallel is at line {tp.span.line}")
@@ -577,7 +579,7 @@ class _Body:
                     continue
                 seen[entry.key] = entry
                 values[entry.key] = c.convert(settings[entry.key], entry.value, entry.value.span,
-                                              f"`{entry.key}`")
+                                              f"`{self.owner}.{entry.key}`")
             elif isinstance(entry, ast.Rule):
                 if not rules_allowed:
                     c.error(entry.span, "E411", f"`{self.owner}` takes no `PATTERN : STYLE` rules",

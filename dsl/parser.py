@@ -138,7 +138,8 @@ def _syntax_error(e: UnexpectedInput, file: str, text: str) -> PlanError:
         span = Span(file, line, column, line, column + width)
         return PlanError(span, "E101", f"unexpected {_token_text(token)}, expected {_expected(e.expected)}")
     if isinstance(e, UnexpectedCharacters):
-        char = text[e.pos_in_stream] if e.pos_in_stream < len(text) else ""
+        pos = e.pos_in_stream or 0
+        char = text[pos] if pos < len(text) else ""
         shown = repr(char)[1:-1] if char.isprintable() else f"U+{ord(char):04X}" if char else "?"
         hint = None
         if char in "\"'":
@@ -367,9 +368,9 @@ def _attach_list(nodes: tuple[N, ...], comments: list[_Comment]) -> tuple[list[N
 def _attach_inside(node: N, comments: list[_Comment]) -> N:
     if isinstance(node, ast.Mesh):
         dims, rest = _attach_list(node.dims, comments)
-        return replace(node, dims=tuple(dims), end_comments=tuple(c.text for c in rest))  # type: ignore[return-value]
+        return replace(node, dims=tuple(dims), end_comments=tuple(c.text for c in rest))
     if isinstance(node, ast.Section | ast.Item) and node.body is not None:
         entries, rest = _attach_list(node.body.entries, comments)
         body = replace(node.body, entries=tuple(entries), end_comments=tuple(c.text for c in rest))
-        return replace(node, body=body)  # type: ignore[return-value]
+        return replace(node, body=body)
     return node

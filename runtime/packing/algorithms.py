@@ -26,7 +26,6 @@ unknown algorithm or policy) raises `PackingError` with a one-line message.
 
 from __future__ import annotations
 
-import math
 import operator
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -318,13 +317,13 @@ def pack(
     room = np.ascontiguousarray(room, dtype=np.int64)
 
     if algorithm == "ffd":
-        order, offsets = _kernels.ffd(room, cap, per_bin, tie_seed)
+        order, offsets, packed_room = _kernels.ffd(room, cap, per_bin, tie_seed)
     elif algorithm == "bfd":
-        order, offsets = _kernels.bfd(room, cap, per_bin, tie_seed)
+        order, offsets, packed_room = _kernels.bfd(room, cap, per_bin, tie_seed)
     else:
-        order, offsets = _kernels.greedy(room, cap, per_bin)
+        order, offsets, packed_room = _kernels.greedy(room, cap, per_bin)
 
-    packed_lens = item_lens[order]
+    packed_lens = packed_room if multiple == 1 else item_lens[order]
     indices = order if src is None else src[order]
     packed_starts = np.zeros(order.shape[0], np.int64) if starts is None else starts[order]
     return PackResult(
@@ -348,8 +347,3 @@ def shuffle_bins(result: PackResult, epoch: int, seed: int = 0) -> IntArray:
     sequence; training in that order would be far from random."""
     rng = np.random.default_rng([_check_seed(seed), _check_epoch(epoch), 0xB1])
     return rng.permutation(result.n_bins).astype(np.int64)
-
-
-def trivial_bound(total_tokens: int, seq_len: int) -> int:
-    """ceil(total / seq_len): no packing can use fewer bins."""
-    return math.ceil(total_tokens / seq_len)
