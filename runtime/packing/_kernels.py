@@ -30,7 +30,7 @@ _MIX2 = np.uint64(0x94D049BB133111EB)
 
 
 @numba.njit(cache=True)
-def _splitmix64(x: int) -> int:  # pragma: no cover - compiled
+def _splitmix64(x: np.uint64) -> np.uint64:  # pragma: no cover - compiled
     # SplitMix64 finaliser: a fixed, documented bijection, so streams do not depend on the
     # numpy or numba version (np.random inside njit would).
     z = x + _GOLDEN
@@ -40,14 +40,14 @@ def _splitmix64(x: int) -> int:  # pragma: no cover - compiled
 
 
 @numba.njit(cache=True)
-def _below(state: int, bound: int) -> int:  # pragma: no cover - compiled
+def _below(state: np.uint64, bound: int) -> np.int64:  # pragma: no cover - compiled
     # Uniform-enough integer in [0, bound) for bound < 2**31: 31 random bits scaled down
     # (multiply-shift instead of modulo; the bias is below 2**-31 * bound).
     return np.int64(((state >> np.uint64(33)) * np.uint64(bound)) >> np.uint64(31))
 
 
 @numba.njit(cache=True)
-def mix_seed(a: int, b: int, c: int) -> int:  # pragma: no cover
+def mix_seed(a: int, b: int, c: int) -> np.uint64:  # pragma: no cover
     """Derive one 64-bit stream state from three integers (seed, epoch, bin)."""
     h = _splitmix64(np.uint64(a))
     h = _splitmix64(h ^ np.uint64(b))
@@ -56,8 +56,8 @@ def mix_seed(a: int, b: int, c: int) -> int:  # pragma: no cover
 
 @numba.njit(cache=True)
 def _shuffle_range(
-    values: NDArray[np.int64], lo: int, hi: int, state: int
-) -> int:  # pragma: no cover - compiled
+    values: NDArray[np.int64], lo: int, hi: int, state: np.uint64
+) -> np.uint64:  # pragma: no cover - compiled
     # Fisher-Yates over values[lo:hi]; returns the advanced stream state.
     for i in range(hi - 1, lo, -1):
         state = _splitmix64(state)

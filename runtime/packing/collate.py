@@ -103,7 +103,7 @@ class _Row:
         self.real = [int(t.numel()) for t in tensors]
         self.padded = [-(-n // multiple) * multiple for n in self.real]
         ids, labels, pos = [], [], []
-        for t, n, p in zip(tensors, self.real, self.padded):
+        for t, n, p in zip(tensors, self.real, self.padded, strict=True):
             pads = p - n
             ids += [t, torch.full((pads,), pad_id, dtype=torch.int64)]
             # The shift happens here, inside the sequence: the last real token and the
