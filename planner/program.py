@@ -1,0 +1,299 @@
+"""The Program: what a compiled plan is. Data, not code.
+
+A Program is the mesh plus an ordered list of steps. Each step is a frozen,
+keyword-only dataclass that validates itself in `__post_init__` and carries the span
+of the plan line it came from, so that even a failure at run time names that line.
+Programs round-trip through JSON (`to_json` / `from_json`, versioned) and can be
+emitted as a standalone Python function that uses only torch APIs (`to_python`).
+
+Step order is the compiler's business (see `planner.lower`), the runtime walks it as
+given: tensor parallel → context parallel → activation checkpointing → FSDP, children
+before parents.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any, ClassVar, Literal
+
+from meshplan.dsl.errors import NOWHERE, Span
+from meshplan.dsl.spec import MESH_DIMS
+
+SCHEMA_VERSION = 1
+DTYPES = ("bf16", "fp16", "fp32", "fp64")
+
+
+def _placement_ok(text: str) -> bool:
+    if text in ("replicate", "partial"):
+        return True
+    if text.startswith("shard(") and text.endswith(")"):
+        try:
+            int(text[6:-1])
+        except ValueError:
+            return False
+        return True
+    return False
+
+
+@dataclass(frozen=True, kw_only=True)
+class StyleCall:
+    """One ParallelStyle instance: a registered style name and its resolved arguments.
+
+    Placements are written as text (`shard(1)`), None for "leave as is".
+    `inputs`/`outputs` are the conversions of prepare_input / prepare_output:
+    (name or None, from, to).
+    """
+
+    style: str
+    input: str | None = None
+    output: str | None = None
+    local_output: bool = True
+    parts: int = 1
+    dim: int = 1
+    conversions: tuple[tuple[str | None, str | None, str | None], ...] = ()
+
+    def __post_init__(self) -> None:
+        for what, value in (("input", self.input), ("output", self.output)):
+            if value is not None and not _placement_ok(value):
+                raise ValueError(f"StyleCall {self.style}: {what} placement {value!r} is not a placement")
+        for name, src, dst in self.conversions:
+            for value in (src, dst):
+                if value is not None and not _placement_ok(value):
+                    raise ValueError(f"StyleCall {self.style}: conversion {name!r} has bad placement {value!r}")
+        if self.parts < 1:
+            raise ValueError(f"StyleCall {self.style}: parts must be ≥ 1, got {self.parts}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Step:
+    kind: ClassVar[str] = "step"
+    span: Span = field(default=NOWHERE, compare=False)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Parallelize(Step):
+    """`parallelize_module(model.get_submodule(fqn), mesh[mesh_dim], plan)`.
+
+    `plan` maps FQNs relative to `fqn` to styles; grouped per block as torchtitan
+    applies a layer plan, so one call covers one decoder layer.
+    """
+
+    kind: ClassVar[str] = "parallelize"
+    fqn: str
+    mesh_dim: str
+    plan: tuple[tuple[str, StyleCall], ...]
+
+    def __post_init__(self) -> None:
+        if not self.plan:
+            raise ValueError(f"Parallelize {self.fqn!r}: empty plan")
+        if not self.mesh_dim:
+            raise ValueError(f"Parallelize {self.fqn!r}: no mesh dimension")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Checkpoint(Step):
+    """Wrap `fqn` for activation checkpointing (full: whole module; selective: op policy)."""
+
+    kind: ClassVar[str] = "checkpoint"
+    fqn: str
+    mode: Literal["full", "selective"]
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("full", "selective"):
+            raise ValueError(f"Checkpoint {self.fqn!r}: mode {self.mode!r} is not full or selective")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ContextParallel(Step):
+    """Replace the attention of `fqns` by meshplan's context-parallel attention on `mesh_dim`."""
+
+    kind: ClassVar[str] = "context_parallel"
+    fqns: tuple[str, ...]
+    mesh_dim: str
+    load_balance: Literal["headtail", "none"]
+    rotate: Literal["allgather", "ring"]
+
+    def __post_init__(self) -> None:
+        if not self.fqns:
+            raise ValueError("ContextParallel: no attention modules")
+        if self.load_balance not in ("headtail", "none") or self.rotate not in ("allgather", "ring"):
+            raise ValueError(f"ContextParallel: bad load_balance/rotate {self.load_balance!r}/{self.rotate!r}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class MixedPrecision:
+    param: str | None = None
+    reduce: str | None = None
+    output: str | None = None
+    cast_forward_inputs: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("param", "reduce", "output"):
+            value = getattr(self, name)
+            if value is not None and value not in DTYPES:
+                raise ValueError(f"MixedPrecision: {name} dtype {value!r} is not one of {DTYPES}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Offload:
+    pin_memory: bool = True
+
+
+@dataclass(frozen=True, kw_only=True)
+class FullyShard(Step):
+    """`fully_shard([modules…], mesh=mesh[mesh_dims], …)`; fqns () is the root module."""
+
+    kind: ClassVar[str] = "fully_shard"
+    fqns: tuple[str, ...]
+    mesh_dims: tuple[str, ...]
+    reshard_after_forward: bool | int
+    mixed_precision: MixedPrecision | None = None
+    offload: Offload | None = None
+
+    def __post_init__(self) -> None:
+        if not 1 <= len(self.mesh_dims) <= 2:
+            raise ValueError(f"FullyShard {self.fqns}: 1 or 2 mesh dims (FSDP / HSDP), got {self.mesh_dims}")
+        if isinstance(self.reshard_after_forward, int) and not isinstance(self.reshard_after_forward, bool):
+            if self.reshard_after_forward < 2:
+                raise ValueError(f"FullyShard {self.fqns}: reshard_after_forward={self.reshard_after_forward}")
+
+
+STEP_TYPES: Mapping[str, type[Step]] = {
+    t.kind: t for t in (Parallelize, Checkpoint, ContextParallel, FullyShard)
+}
+
+
+@dataclass(frozen=True, kw_only=True)
+class MeshLayout:
+    """The device mesh: dimension names and sizes in canonical order, and submeshes."""
+
+    names: tuple[str, ...]
+    shape: tuple[int, ...]
+    submeshes: tuple[tuple[str, tuple[str, ...]], ...] = ()
+
+    def __post_init__(self) -> None:
+        if len(self.names) != len(self.shape):
+            raise ValueError(f"MeshLayout: names {self.names} and shape {self.shape} differ in length")
+        if any(n not in MESH_DIMS for n in self.names):
+            raise ValueError(f"MeshLayout: unknown dimension in {self.names}")
+        if any(s < 1 for s in self.shape):
+            raise ValueError(f"MeshLayout: sizes must be ≥ 1, got {self.shape}")
+        for name, dims in self.submeshes:
+            if any(d not in self.names for d in dims):
+                raise ValueError(f"MeshLayout: submesh {name!r} uses undeclared dimensions {dims}")
+
+    @property
+    def world_size(self) -> int:
+        size = 1
+        for name, n in zip(self.names, self.shape, strict=True):
+            if name != "ep":
+                size *= n
+        return size
+
+    def size(self, name: str) -> int:
+        """The size of a dimension or submesh (1 for an undeclared dimension)."""
+        sub = dict(self.submeshes).get(name)
+        if sub is not None:
+            out = 1
+            for d in sub:
+                out *= self.size(d)
+            return out
+        return self.shape[self.names.index(name)] if name in self.names else 1
+
+    def expand(self, name: str) -> tuple[str, ...]:
+        return dict(self.submeshes).get(name, (name,))
+
+
+@dataclass(frozen=True, kw_only=True)
+class Program:
+    plan: str
+    model: str
+    world_size: int
+    mesh: MeshLayout
+    steps: tuple[Step, ...]
+    source: str = ""  # the plan file
+
+    def __post_init__(self) -> None:
+        if self.world_size < 1:
+            raise ValueError(f"Program: world_size must be ≥ 1, got {self.world_size}")
+        if self.mesh.world_size != self.world_size:
+            raise ValueError(f"Program: mesh {dict(zip(self.mesh.names, self.mesh.shape, strict=True))} "
+                             f"has {self.mesh.world_size} ranks, world_size is {self.world_size}")
+
+    # ------------------------------------------------------------------ JSON
+
+    def to_json(self) -> str:
+        return json.dumps(_encode(self), indent=2)
+
+    @staticmethod
+    def from_json(text: str) -> Program:
+        data = json.loads(text)
+        version = data.get("schema_version")
+        if version != SCHEMA_VERSION:
+            raise ValueError(f"Program JSON has schema_version {version!r}; this meshplan reads {SCHEMA_VERSION}")
+        return _decode_program(data)
+
+
+def _encode_span(span: Span) -> dict[str, Any] | None:
+    if span == NOWHERE or span.line == 0:
+        return None
+    return {"file": span.file, "line": span.line, "column": span.column,
+            "end_line": span.end_line, "end_column": span.end_column}
+
+
+def _encode(obj: Any) -> Any:
+    if isinstance(obj, Program):
+        return {"schema_version": SCHEMA_VERSION, "plan": obj.plan, "model": obj.model,
+                "source": obj.source, "world_size": obj.world_size,
+                "mesh": {"names": list(obj.mesh.names), "shape": list(obj.mesh.shape),
+                         "submeshes": {n: list(d) for n, d in obj.mesh.submeshes}},
+                "steps": [_encode(s) for s in obj.steps]}
+    if isinstance(obj, Step):
+        out: dict[str, Any] = {"kind": obj.kind}
+        for f in fields(obj):
+            out[f.name] = _encode_span(obj.span) if f.name == "span" else _encode(getattr(obj, f.name))
+        return out
+    if isinstance(obj, StyleCall | MixedPrecision | Offload):
+        return {f.name: _encode(getattr(obj, f.name)) for f in fields(obj)}
+    if isinstance(obj, tuple):
+        return [_encode(x) for x in obj]
+    return obj
+
+
+def _tuples(value: Any) -> Any:
+    return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
+
+
+def _decode_step(data: Mapping[str, Any]) -> Step:
+    kind = data.get("kind")
+    cls = STEP_TYPES.get(str(kind))
+    if cls is None:
+        raise ValueError(f"Program JSON: unknown step kind {kind!r}")
+    kwargs: dict[str, Any] = {}
+    for f in fields(cls):
+        if f.name not in data:
+            continue
+        value = data[f.name]
+        if f.name == "span":
+            kwargs["span"] = Span(**value) if value else NOWHERE
+        elif f.name == "plan":
+            kwargs["plan"] = tuple((fqn, StyleCall(**{k: _tuples(v) for k, v in call.items()}))
+                                   for fqn, call in value)
+        elif f.name == "mixed_precision":
+            kwargs[f.name] = MixedPrecision(**value) if value else None
+        elif f.name == "offload":
+            kwargs[f.name] = Offload(**value) if value else None
+        else:
+            kwargs[f.name] = _tuples(value)
+    return cls(**kwargs)
+
+
+def _decode_program(data: Mapping[str, Any]) -> Program:
+    mesh = data["mesh"]
+    layout = MeshLayout(names=tuple(mesh["names"]), shape=tuple(mesh["shape"]),
+                        submeshes=tuple((n, tuple(d)) for n, d in mesh.get("submeshes", {}).items()))
+    return Program(plan=data["plan"], model=data["model"], source=data.get("source", ""),
+                   world_size=data["world_size"], mesh=layout,
+                   steps=tuple(_decode_step(s) for s in data["steps"]))
