@@ -94,6 +94,7 @@ CATALOGUE: dict[str, str] = {
     # W: accepted, but probably not what was meant
     "W101": "unused parameter",
     "W102": "dimension of size 1",
+    "W103": "model is not one the plan is written for",
 }
 
 

@@ -155,9 +155,9 @@ class FullyShard(Step):
     def __post_init__(self) -> None:
         if not 1 <= len(self.mesh_dims) <= 2:
             raise ValueError(f"FullyShard {self.fqns}: 1 or 2 mesh dims (FSDP / HSDP), got {self.mesh_dims}")
-        if isinstance(self.reshard_after_forward, int) and not isinstance(self.reshard_after_forward, bool):
-            if self.reshard_after_forward < 2:
-                raise ValueError(f"FullyShard {self.fqns}: reshard_after_forward={self.reshard_after_forward}")
+        value = self.reshard_after_forward
+        if isinstance(value, int) and not isinstance(value, bool) and value < 2:
+            raise ValueError(f"FullyShard {self.fqns}: reshard_after_forward={value} (an int must be ≥ 2)")
 
 
 STEP_TYPES: Mapping[str, type[Step]] = {

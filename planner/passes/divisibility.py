@@ -1,0 +1,154 @@
+"""Divisibility.
+
+Guarantees: every size a plan shards divides by the mesh dimension it is sharded
+over — output/input features of colwise/rowwise projections (per part for fused ones),
+the vocabulary of a vocabulary-parallel embedding or `lm_head`, the embedding width,
+attention heads and key/value heads behind q/k/v/o projections, the sequence length
+for sequence parallelism (tp) and context parallelism (2·cp with head-tail balancing),
+and the number of experts for expert parallelism. Errors name the model fact:
+"8 key/value heads cannot be split 16 ways".
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from meshplan.dsl.errors import Span
+from meshplan.dsl.spec import Placement, TPRuleSpec
+
+from .context import Context
+from .styles import fused_parts
+
+
+def _ways(n: int) -> str:
+    return f"{n} ways"
+
+
+class Divisibility:
+    name = "divisibility"
+
+    def apply(self, ctx: Context) -> None:
+        if ctx.mesh is None:
+            return
+        self.reported: set[tuple[Span, str]] = set()
+        tp = ctx.spec.tensor_parallel
+        if tp is not None and tp.on:
+            n = ctx.size(tp.on)
+            if n > 1:
+                for fqn, rule in ctx.tp_rules.items():
+                    self._module(ctx, fqn, rule, n)
+                self._sequence(ctx, tp.on, n)
+        self._context(ctx)
+        self._experts(ctx)
+
+    def _fail(self, ctx: Context, span: Span, message: str, hint: str | None = None,
+              related: tuple[tuple[Span, str], ...] = ()) -> None:
+        if (span, message) not in self.reported:
+            self.reported.add((span, message))
+            ctx.error(span, "E505", message, hint, related)
+
+    def _module(self, ctx: Context, fqn: str, rule: TPRuleSpec, n: int) -> None:
+        graph = ctx.graph
+        info = graph.module(fqn)
+        style = rule.style.name
+        a = info.attrs
+        span = rule.style.span
+        parent = graph.modules.get(fqn.rsplit(".", 1)[0]) if "." in fqn else None
+        heads = parent.attrs if parent is not None and parent.kind == "attention" else None
+        if info.kind in ("linear", "conv1d") and style in ("colwise", "conv1d_colwise"):
+            out = a.get("out_features")
+            parts = fused_parts(graph, fqn) or ((out,) if isinstance(out, int) else ())
+            for size in parts:
+                if size % n:
+                    self._fail(ctx, span, f"`{fqn}` has {size} output features{' per part' if len(parts) > 1 else ''}, "
+                               f"which cannot be split {_ways(n)}")
+                    return
+            if heads is not None and isinstance(out, int):
+                self._heads(ctx, fqn, span, heads, out, n, fused=len(parts) > 1)
+        elif info.kind in ("linear", "conv1d") and style in ("rowwise", "conv1d_rowwise"):
+            width = a.get("in_features")
+            if isinstance(width, int) and width % n:
+                self._fail(ctx, span, f"`{fqn}` has {width} input features, which cannot be split {_ways(n)}")
+                return
+            if heads is not None and isinstance(width, int):
+                self._heads(ctx, fqn, span, heads, width, n, fused=False)
+        elif info.kind == "embedding":
+            vocab, width = a.get("num_embeddings"), a.get("embedding_dim")
+            if style == "rowwise" and isinstance(vocab, int) and vocab % n:
+                self._fail(ctx, span, f"the vocabulary of `{fqn}` ({vocab} tokens) cannot be split {_ways(n)}",
+                           "pad the vocabulary to a multiple of the tp size, or leave the embedding replicated")
+            elif style == "colwise" and isinstance(width, int) and width % n:
+                self._fail(ctx, span, f"`{fqn}` embeds into {width} features, which cannot be split {_ways(n)}")
+
+    def _heads(self, ctx: Context, fqn: str, span: Span, attrs: Mapping[str, Any], size: int,
+               n: int, *, fused: bool) -> None:
+        """q/k/v/o projections split whole heads: the head counts must divide too."""
+        heads, kv, hd = attrs.get("num_heads"), attrs.get("num_kv_heads"), attrs.get("head_dim")
+        if not (isinstance(heads, int) and isinstance(kv, int) and isinstance(hd, int)):
+            return
+        checks: list[tuple[int, str]] = []
+        if fused:
+            checks = [(heads, "attention heads"), (kv, "key/value heads")]
+        elif size == kv * hd and kv != heads:
+            checks = [(kv, "key/value heads")]
+        elif size == heads * hd:
+            checks = [(heads, "attention heads")]
+        for count, what in checks:
+            if count % n:
+                hint = ("use a tp size that divides both head counts"
+                        if what == "key/value heads" else None)
+                self._fail(ctx, span, f"{count} {what} cannot be split {_ways(n)} (`{fqn}`)", hint)
+                return
+
+    def _sequence(self, ctx: Context, dim: str, n: int) -> None:
+        """Sequence parallelism (a style that shards dim 1 of activations) splits seq_len."""
+        sp_rules = [r for r in ctx.tp_rules.values() if _shards_sequence(r)]
+        found = ctx.seq_len
+        if not sp_rules or found is None:
+            return
+        seq_len, seq_span = found
+        if seq_len % n:
+            rule = sp_rules[0]
+            self._fail(ctx, rule.style.span,
+                       f"sequence length {seq_len} cannot be split {_ways(n)} for sequence parallelism on `{dim}`",
+                       f"use a seq_len that is a multiple of {n}", related=((seq_span, "seq_len set here"),))
+
+    def _context(self, ctx: Context) -> None:
+        cp = ctx.spec.context_parallel
+        found = ctx.seq_len
+        if cp is None or not cp.on or found is None:
+            return
+        n = ctx.size(cp.on)
+        if n <= 1:
+            return
+        seq_len, seq_span = found
+        chunks = 2 * n if cp.load_balance == "headtail" else n
+        if seq_len % chunks:
+            why = f"2·cp = {chunks} chunks (head-tail balancing)" if cp.load_balance == "headtail" else f"{n} chunks"
+            self._fail(ctx, cp.span, f"sequence length {seq_len} cannot be cut into {why}",
+                       f"use a seq_len that is a multiple of {chunks}", related=((seq_span, "seq_len set here"),))
+
+    def _experts(self, ctx: Context) -> None:
+        ep = ctx.spec.expert_parallel
+        if ep is None or not ep.on:
+            return
+        n = ctx.size(ep.on)
+        if n <= 1:
+            return
+        for fqn, pattern in ctx.ep_modules.items():
+            experts = ctx.graph.module(fqn).attrs.get("num_experts")
+            if isinstance(experts, int) and experts % n:
+                self._fail(ctx, pattern.span, f"{experts} experts (`{fqn}`) cannot be split {_ways(n)}")
+                return
+
+
+def _shards_sequence(rule: TPRuleSpec) -> bool:
+    style = rule.style
+    if style.name == "sequence_parallel":
+        return True
+    for key in ("input", "output"):
+        p = style.args.get(key)
+        if isinstance(p, Placement) and p.kind == "shard" and p.dim == 1:
+            return True
+    return any(c.source == Placement("shard", 1) or c.target == Placement("shard", 1) for c in style.conversions)

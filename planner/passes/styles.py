@@ -1,0 +1,123 @@
+"""Style/module compatibility.
+
+Guarantees: every tensor-parallel style sits on a module of a kind it is made for
+(colwise/rowwise on Linear and Embedding, the conv1d styles on GPT-2's transposed
+Conv1D, sequence_parallel on norms); a fused projection (q/k/v or gate/up packed in
+one weight) is sharded part by part (`parts = N`) — a plain colwise would give each
+rank a slice that mixes q with k, silently; fused parts must be equal; `shard(d)` in a
+style's input/output names a dimension the traced activation has; context-parallel
+patterns name attention modules. One error per rule, naming the first offender.
+"""
+
+from __future__ import annotations
+
+from meshplan.dsl.schema import STYLES
+from meshplan.dsl.spec import Placement, TPRuleSpec
+
+from ..graph import ModelGraph
+from .context import Context
+
+# Leaf names of fused projections and how many parts they pack.
+FUSED = {"qkv_proj": 3, "c_attn": 3, "query_key_value": 3, "W_pack": 3, "gate_up_proj": 2}
+_KIND_WORDS = {"linear": "a Linear", "embedding": "an Embedding", "conv1d": "a GPT-2 Conv1D",
+               "norm": "a norm"}
+
+
+def fused_parts(graph: ModelGraph, fqn: str) -> tuple[int, ...] | None:
+    """The output sizes of a fused projection's parts, or None for a plain module."""
+    leaf = fqn.rsplit(".", 1)[-1]
+    if leaf not in FUSED:
+        return None
+    info = graph.module(fqn)
+    out = info.attrs.get("out_features")
+    if not isinstance(out, int):
+        return None
+    parent = graph.modules.get(fqn.rsplit(".", 1)[0]) if "." in fqn else None
+    if FUSED[leaf] == 3 and parent is not None and parent.kind == "attention":
+        heads, kv, hd = (parent.attrs.get(k) for k in ("num_heads", "num_kv_heads", "head_dim"))
+        if isinstance(heads, int) and isinstance(kv, int) and isinstance(hd, int) and out == (heads + 2 * kv) * hd:
+            return (heads * hd, kv * hd, kv * hd)
+    n = FUSED[leaf]
+    return tuple([out // n] * n) if out % n == 0 else None
+
+
+class StyleFit:
+    name = "styles"
+
+    def apply(self, ctx: Context) -> None:
+        by_rule: dict[int, tuple[TPRuleSpec, list[str]]] = {}
+        for fqn, rule in ctx.tp_rules.items():
+            by_rule.setdefault(id(rule), (rule, []))[1].append(fqn)
+        for rule, fqns in by_rule.values():
+            for fqn in fqns:
+                if self._check(ctx, rule, fqn, len(fqns)):
+                    break  # one error per rule is enough
+        for fqn, pattern in ctx.cp_modules.items():
+            info = ctx.graph.module(fqn)
+            if info.kind != "attention":
+                ctx.error(pattern.span, "E504",
+                          f"`{fqn}` is {info.type} ({info.kind}), not an attention module",
+                          "context_parallel replaces attention; name the attention modules, e.g. "
+                          "`attention model.layers.*.self_attn`")
+                break
+
+    def _check(self, ctx: Context, rule: TPRuleSpec, fqn: str, count: int) -> bool:
+        style = rule.style
+        info = ctx.graph.module(fqn)
+        schema = STYLES[style.name]
+        more = f" (and {count - 1} more)" if count > 1 else ""
+        if "any" not in schema.applies_to and info.kind not in schema.applies_to:
+            made_for = " and ".join(_KIND_WORDS.get(k, k) for k in schema.applies_to)
+            hint = None
+            if info.kind == "conv1d" and style.name in ("colwise", "rowwise"):
+                hint = (f"Conv1D stores its weight as [in, out]; use `conv1d_{style.name}`"
+                        + (f"(parts = {FUSED[fqn.rsplit('.', 1)[-1]]})" if fqn.rsplit('.', 1)[-1] in FUSED else ""))
+            elif info.kind == "norm":
+                hint = "norms take `sequence_parallel`, or no rule (they stay replicated)"
+            elif style.name == "sequence_parallel":
+                hint = "sequence_parallel is for norms; projections take colwise or rowwise"
+            ctx.error(style.span, "E504",
+                      f"`{style.name}` is made for {made_for}; `{fqn}`{more} is {info.type}", hint)
+            return True
+        parts = fused_parts(ctx.graph, fqn) if style.name in ("colwise", "conv1d_colwise") else None
+        wanted = int(str(style.args.get("parts", 1)))
+        if parts is not None and wanted != len(parts):
+            ctx.error(style.span, "E504",
+                      f"`{fqn}`{more} is a fused projection of {len(parts)} parts "
+                      f"({' + '.join(map(str, parts))} features): a plain `{style.name}` would give each "
+                      "rank a slice that mixes them",
+                      f"use `{style.name}(parts = {len(parts)})`, which shards each part")
+            return True
+        if parts is not None and len(set(parts)) > 1:
+            ctx.error(style.span, "E504",
+                      f"`{fqn}`{more} packs parts of unequal size ({' + '.join(map(str, parts))}); "
+                      "`parts` shards equal parts only", "split the projection, or leave it replicated")
+            return True
+        if parts is None and wanted > 1:
+            out = info.attrs.get("out_features")
+            if not isinstance(out, int) or out % wanted:
+                ctx.error(style.span, "E504",
+                          f"`parts = {wanted}`: `{fqn}`{more} has {out} output features, not {wanted} equal parts")
+                return True
+        return self._placements(ctx, rule, fqn, more)
+
+    def _placements(self, ctx: Context, rule: TPRuleSpec, fqn: str, more: str) -> bool:
+        if not ctx.graph.traced or not ctx.graph.is_traced(fqn):
+            return False
+        call = ctx.graph.calls(fqn)
+        g = ctx.graph.dataflow
+        for what, args in (("input", call.inputs), ("output", call.outputs)):
+            placement = rule.style.args.get(what)
+            if not isinstance(placement, Placement) or placement.kind != "shard" or not args:
+                continue
+            shape = g.nodes[args[0].node].get("shape")
+            if shape is None:
+                continue
+            dim = placement.dim if placement.dim is not None else 0
+            if not -len(shape) <= dim < len(shape):
+                ctx.error(rule.style.span, "E504",
+                          f"`{what} = shard({dim})`: the {what} of `{fqn}`{more} has {len(shape)} "
+                          f"dimensions (traced as {list(shape)})",
+                          f"dimensions run from {-len(shape)} to {len(shape) - 1}")
+                return True
+        return False
