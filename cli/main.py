@@ -1,7 +1,7 @@
 """`plan`: the command line. Parses arguments and dispatches; no logic of its own.
 
-Command modules are imported only when their command runs, so `plan check` never
-pays for importing torch.
+Command modules are imported to declare their arguments; each keeps torch and the
+planner behind imports inside `run()`, so `plan check` never pays for importing torch.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from collections.abc import Sequence
 COMMANDS: dict[str, tuple[str, str]] = {
     "check": ("check", "check plan files without a model (fast; no torch import)"),
     "fmt": ("fmt", "format plan files canonically, in place"),
+    "compile": ("compile", "check a plan against a model and world size; emit the program"),
 }
 
 

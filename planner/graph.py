@@ -307,7 +307,9 @@ class ModelGraph:
 
 # --------------------------------------------------------------------------- module facts
 
-_PER_INDEX_ATTR = re.compile(r"(^|_)(layer_?(idx|id|index|number|num)|block_?(idx|id|index)|idx|index)$")
+_PER_INDEX_ATTR = re.compile(
+    r"(^|_)(layer_?(idx|id|index|number|num)|block_?(idx|id|index)|idx|index)$"
+)
 
 
 def _shape(t: torch.Tensor) -> tuple[int, ...]:
@@ -504,9 +506,7 @@ def _module_infos(
             type=type(module).__name__,
             kind=kind,
             params={n: _shape(p) for n, p in module.named_parameters(recurse=False)},
-            buffers={
-                n: _shape(b) for n, b in module.named_buffers(recurse=False) if b is not None
-            },
+            buffers={n: _shape(b) for n, b in module.named_buffers(recurse=False) if b is not None},
             attrs=attrs,
         )
     return infos
@@ -584,16 +584,14 @@ def _find_stacks(model: nn.Module, config: Any) -> tuple[Stack, ...]:
         groups: OrderedDict[Any, list[int]] = OrderedDict()
         config_values: dict[Any, tuple[tuple[str, Any], ...]] = {}
         for i, block in enumerate(blocks):
-            per_layer = (
-                _per_layer_values(config, i, len(blocks)) if len(blocks) == n_layers else ()
-            )
+            per_layer = _per_layer_values(config, i, len(blocks)) if len(blocks) == n_layers else ()
             key = (_block_structure(block), _block_settings(block), per_layer)
             groups.setdefault(key, []).append(i)
             config_values[key] = per_layer
         kinds = []
         labels = ["/".join(str(v) for _, v in config_values[key]) for key in groups]
         distinct = len(set(labels)) == len(labels) and all(labels)
-        for k, (key, layers) in enumerate(groups.items()):
+        for k, layers in enumerate(groups.values()):
             if distinct:
                 name = labels[k]
             elif len(groups) == 1:
@@ -701,10 +699,16 @@ def _tensor_facts(val: Any) -> dict[str, Any]:
     return {"shape": None, "dtype": None}
 
 
+def _children(spec: Any) -> list[Any]:
+    # TreeSpec exposes `children()` in recent torch and `children_specs` in older ones.
+    children = getattr(spec, "children", None)
+    return list(children() if callable(children) else spec.children_specs)
+
+
 def _leaf_names(spec: Any, prefix: str) -> list[str]:
     if spec.is_leaf():
         return [prefix]
-    children = spec.children() if callable(getattr(spec, "children", None)) else spec.children_specs
+    children = _children(spec)
     ctx = spec.context
     keys = (
         list(ctx)
@@ -725,18 +729,14 @@ def _leaf_names(spec: Any, prefix: str) -> list[str]:
 
 def _input_names(module: nn.Module | None, in_spec: Any) -> list[str] | None:
     try:
-        args_spec, kwargs_spec = (
-            in_spec.children() if callable(getattr(in_spec, "children", None)) else in_spec.children_specs
-        )
+        args_spec, kwargs_spec = _children(in_spec)
         positional: list[str] = []
         if module is not None:
             for p in inspect.signature(module.forward).parameters.values():
                 if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD):
                     positional.append(p.name)
         names: list[str] = []
-        arg_children = (
-            args_spec.children() if callable(getattr(args_spec, "children", None)) else args_spec.children_specs
-        )
+        arg_children = _children(args_spec)
         for i, child in enumerate(arg_children):
             base = positional[i] if i < len(positional) else f"args[{i}]"
             names += _leaf_names(child, base)
@@ -957,9 +957,7 @@ def _matches(full: nn.Module, reduced: nn.Module, stack: Stack, layers: tuple[in
     full_mods = dict(full.named_modules())
     red_mods = dict(reduced.named_modules())
     rename = _renamer(stack, layers)
-    outside_full = {
-        n for n in full_mods if not n.startswith(stack.fqn + ".")
-    }
+    outside_full = {n for n in full_mods if not n.startswith(stack.fqn + ".")}
     outside_red = {n for n in red_mods if not n.startswith(stack.fqn + ".")}
     if outside_full != outside_red:
         return False

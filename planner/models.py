@@ -113,7 +113,9 @@ class ModelSource:
     @property
     def can_reduce(self) -> bool:
         """Whether `build_meta_model` can build a copy with fewer layers."""
-        return self.config is not None and self.model_class is not None and self.num_layers is not None
+        return (
+            self.config is not None and self.model_class is not None and self.num_layers is not None
+        )
 
     @property
     def dtype(self) -> torch.dtype | None:
@@ -157,8 +159,7 @@ def _unknown_preset_message(spec: str, presets: list[str]) -> str:
     near = difflib.get_close_matches(key, presets, n=3, cutoff=0.5)
     near += [p for p in presets if key and (p.startswith(key) or key in p) and p not in near]
     head = (
-        f"unknown model '{spec}': not a preset, a directory with config.json, "
-        "or a module:factory"
+        f"unknown model '{spec}': not a preset, a directory with config.json, or a module:factory"
     )
     if near:
         return f"{head}; did you mean {', '.join(near[:4])}?"
@@ -187,7 +188,9 @@ def resolve_model(spec: str | nn.Module | ModelSource) -> ModelSource:
     if isinstance(spec, ModelSource):
         return spec
     if isinstance(spec, nn.Module):
-        return _from_module(spec, spec=type(spec).__name__, kind="module", origin="nn.Module object")
+        return _from_module(
+            spec, spec=type(spec).__name__, kind="module", origin="nn.Module object"
+        )
     if not isinstance(spec, str):
         raise ModelSpecError(
             f"a model spec must be a string or an nn.Module, not {type(spec).__name__}"
@@ -201,17 +204,13 @@ def resolve_model(spec: str | nn.Module | ModelSource) -> ModelSource:
     if path.is_file():
         if path.suffix == ".json":
             return _from_directory(text, path.parent, config_file=path)
-        raise ModelSpecError(
-            f"model '{text}' is a file; give the directory that holds config.json"
-        )
+        raise ModelSpecError(f"model '{text}' is a file; give the directory that holds config.json")
     if _FACTORY_RE.match(text):
         return _from_factory(text)
     if "/" in text or "\\" in text or text.startswith((".", "~")):
         raise ModelSpecError(f"model directory '{text}' does not exist")
     if ":" in text:
-        raise ModelSpecError(
-            f"model factory '{text}' must look like package.module:function"
-        )
+        raise ModelSpecError(f"model factory '{text}' must look like package.module:function")
     presets = list_presets()
     if text.lower() not in presets:
         raise ModelSpecError(_unknown_preset_message(text, presets))
@@ -284,9 +283,13 @@ def _from_values(
                 f"{where}: unknown model_type '{model_type}' "
                 f"(transformers {transformers.__version__} does not know it)"
             ) from None
-        raise ModelSpecError(f"{where}: transformers rejects the config: {_describe(exc)}") from None
+        raise ModelSpecError(
+            f"{where}: transformers rejects the config: {_describe(exc)}"
+        ) from None
     except Exception as exc:
-        raise ModelSpecError(f"{where}: transformers rejects the config: {_describe(exc)}") from None
+        raise ModelSpecError(
+            f"{where}: transformers rejects the config: {_describe(exc)}"
+        ) from None
     model_class = _architecture_class(values.get("architectures"), config, where)
     return ModelSource(
         spec=spec,
@@ -307,14 +310,16 @@ def _architecture_class(architectures: Any, config: Any, where: str) -> type[nn.
 
     if architectures is None:
         # No `architectures`: fall back to the causal-LM class registered for the config.
+        mapping: Any = transformers.AutoModelForCausalLM._model_mapping
         try:
-            cls = transformers.AutoModelForCausalLM._model_mapping[type(config)]
+            found: Any = mapping[type(config)]
         except (KeyError, AttributeError):
             raise ModelSpecError(
                 f"{where} has no 'architectures' and model_type '{config.model_type}' "
                 "has no causal-LM class in transformers"
             ) from None
-        return cls  # type: ignore[no-any-return]
+        cls_found: type[nn.Module] = found
+        return cls_found
     if (
         not isinstance(architectures, list)
         or not architectures
@@ -322,6 +327,7 @@ def _architecture_class(architectures: Any, config: Any, where: str) -> type[nn.
     ):
         raise ModelSpecError(f"{where}: 'architectures' must be a non-empty list of class names")
     name = architectures[0]
+    cls: Any
     try:
         cls = getattr(transformers, name)
     except (AttributeError, ImportError, RuntimeError):
@@ -370,11 +376,9 @@ def _from_factory(spec: str) -> ModelSource:
 
 
 def _from_module(module: nn.Module, *, spec: str, kind: SourceKind, origin: str) -> ModelSource:
-    config = getattr(module, "config", None)
+    config: Any = getattr(module, "config", None)
     is_transformers = _is_transformers_config(config)
-    values: dict[str, Any] = {}
-    if is_transformers:
-        values = config.to_dict()
+    values: dict[str, Any] = config.to_dict() if is_transformers else {}
     return ModelSource(
         spec=spec,
         kind=kind,

@@ -18,6 +18,7 @@ from meshplan.dsl.errors import Span
 from meshplan.dsl.spec import Placement, TPRuleSpec
 
 from .context import Context
+from .patterns import generic
 from .styles import fused_parts
 
 
@@ -42,11 +43,14 @@ class Divisibility:
         self._context(ctx)
         self._experts(ctx)
 
-    def _fail(self, ctx: Context, span: Span, message: str, hint: str | None = None,
+    def _fail(self, ctx: Context, span: Span, fact: str, fqn: str | None = None, hint: str | None = None,
               related: tuple[tuple[Span, str], ...] = ()) -> None:
-        if (span, message) not in self.reported:
-            self.reported.add((span, message))
-            ctx.error(span, "E505", message, hint, related)
+        """One error per plan line and fact, however many modules (layers) share it."""
+        if (span, fact) in self.reported:
+            return
+        self.reported.add((span, fact))
+        where = f" (`{generic(fqn)}`)" if fqn else ""
+        ctx.error(span, "E505", fact + where, hint, related)
 
     def _module(self, ctx: Context, fqn: str, rule: TPRuleSpec, n: int) -> None:
         graph = ctx.graph
@@ -61,25 +65,25 @@ class Divisibility:
             parts = fused_parts(graph, fqn) or ((out,) if isinstance(out, int) else ())
             for size in parts:
                 if size % n:
-                    self._fail(ctx, span, f"`{fqn}` has {size} output features{' per part' if len(parts) > 1 else ''}, "
-                               f"which cannot be split {_ways(n)}")
+                    self._fail(ctx, span, f"{size} output features{' per part' if len(parts) > 1 else ''} "
+                               f"cannot be split {_ways(n)}", fqn)
                     return
             if heads is not None and isinstance(out, int):
                 self._heads(ctx, fqn, span, heads, out, n, fused=len(parts) > 1)
         elif info.kind in ("linear", "conv1d") and style in ("rowwise", "conv1d_rowwise"):
             width = a.get("in_features")
             if isinstance(width, int) and width % n:
-                self._fail(ctx, span, f"`{fqn}` has {width} input features, which cannot be split {_ways(n)}")
+                self._fail(ctx, span, f"{width} input features cannot be split {_ways(n)}", fqn)
                 return
             if heads is not None and isinstance(width, int):
                 self._heads(ctx, fqn, span, heads, width, n, fused=False)
         elif info.kind == "embedding":
             vocab, width = a.get("num_embeddings"), a.get("embedding_dim")
             if style == "rowwise" and isinstance(vocab, int) and vocab % n:
-                self._fail(ctx, span, f"the vocabulary of `{fqn}` ({vocab} tokens) cannot be split {_ways(n)}",
+                self._fail(ctx, span, f"a vocabulary of {vocab} tokens cannot be split {_ways(n)}", fqn,
                            "pad the vocabulary to a multiple of the tp size, or leave the embedding replicated")
             elif style == "colwise" and isinstance(width, int) and width % n:
-                self._fail(ctx, span, f"`{fqn}` embeds into {width} features, which cannot be split {_ways(n)}")
+                self._fail(ctx, span, f"{width} embedding features cannot be split {_ways(n)}", fqn)
 
     def _heads(self, ctx: Context, fqn: str, span: Span, attrs: Mapping[str, Any], size: int,
                n: int, *, fused: bool) -> None:
@@ -98,7 +102,7 @@ class Divisibility:
             if count % n:
                 hint = ("use a tp size that divides both head counts"
                         if what == "key/value heads" else None)
-                self._fail(ctx, span, f"{count} {what} cannot be split {_ways(n)} (`{fqn}`)", hint)
+                self._fail(ctx, span, f"{count} {what} cannot be split {_ways(n)}", fqn, hint)
                 return
 
     def _sequence(self, ctx: Context, dim: str, n: int) -> None:
@@ -112,7 +116,7 @@ class Divisibility:
             rule = sp_rules[0]
             self._fail(ctx, rule.style.span,
                        f"sequence length {seq_len} cannot be split {_ways(n)} for sequence parallelism on `{dim}`",
-                       f"use a seq_len that is a multiple of {n}", related=((seq_span, "seq_len set here"),))
+                       hint=f"use a seq_len that is a multiple of {n}", related=((seq_span, "seq_len set here"),))
 
     def _context(self, ctx: Context) -> None:
         cp = ctx.spec.context_parallel
@@ -127,7 +131,7 @@ class Divisibility:
         if seq_len % chunks:
             why = f"2·cp = {chunks} chunks (head-tail balancing)" if cp.load_balance == "headtail" else f"{n} chunks"
             self._fail(ctx, cp.span, f"sequence length {seq_len} cannot be cut into {why}",
-                       f"use a seq_len that is a multiple of {chunks}", related=((seq_span, "seq_len set here"),))
+                       hint=f"use a seq_len that is a multiple of {chunks}", related=((seq_span, "seq_len set here"),))
 
     def _experts(self, ctx: Context) -> None:
         ep = ctx.spec.expert_parallel
@@ -139,7 +143,7 @@ class Divisibility:
         for fqn, pattern in ctx.ep_modules.items():
             experts = ctx.graph.module(fqn).attrs.get("num_experts")
             if isinstance(experts, int) and experts % n:
-                self._fail(ctx, pattern.span, f"{experts} experts (`{fqn}`) cannot be split {_ways(n)}")
+                self._fail(ctx, pattern.span, f"{experts} experts cannot be split {_ways(n)}", fqn)
                 return
 
 

@@ -22,14 +22,19 @@ from .context import Context, ResolvedUnit
 _INDEX = re.compile(r"(?<=\.)\d+(?=\.|$)")
 
 
+def generic(fqn: str) -> str:
+    """`model.layers.7.mlp` → `model.layers.*.mlp`: names a module of every block."""
+    return _INDEX.sub("*", fqn)
+
+
 def nearest(pattern: str, fqns: Sequence[str], n: int = 3) -> list[str]:
     """Real module names closest to a pattern that matched nothing.
 
     Layer indices are folded into `*` first, so `model.layers.*.attn` is compared with
     `model.layers.*.self_attn`, not with 80 near-identical names.
     """
-    generic = list(dict.fromkeys(_INDEX.sub("*", f) for f in fqns))
-    return difflib.get_close_matches(pattern, generic, n=n, cutoff=0.5)
+    names = list(dict.fromkeys(generic(f) for f in fqns))
+    return difflib.get_close_matches(pattern, names, n=n, cutoff=0.5)
 
 
 class ResolvePatterns:

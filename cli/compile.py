@@ -1,0 +1,97 @@
+"""`plan compile FILE --model M --world-size N`: check a plan against a model, emit the Program."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import Counter
+from pathlib import Path
+
+from meshplan.dsl.errors import PlanError, PlanRejected
+
+from .check import read_plan
+from .console import Terminal
+from .fmt import write_atomically
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("file", metavar="FILE", help="the plan")
+    add_model_arguments(p)
+    p.add_argument("-o", "--output", metavar="OUT", help="write the program here (atomically) instead of stdout")
+    p.add_argument("--emit", choices=("json", "python"), default="json",
+                   help="the program as JSON (default) or as a standalone torch script")
+    p.add_argument("--json", action="store_true", help="print diagnostics as a JSON list")
+
+
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """The arguments every model-aware command shares (compile, explain, run)."""
+    p.add_argument("--model", required=True, metavar="M",
+                   help="a preset (see plans/models), a Hugging Face directory with config.json, "
+                        "or package.module:factory (runs that code)")
+    p.add_argument("--world-size", type=_positive, required=True, metavar="N", help="number of ranks")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="NAME=VALUE",
+                   help="override a param (or a mesh dimension: mesh.DIM=N); repeatable")
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def compile_for_cli(args: argparse.Namespace, term: Terminal, command: str) -> tuple[object | None, int]:
+    """Compile as the CLI does: (Compiled, 0), or (None, exit code) after printing why."""
+    from meshplan.planner import compile_plan
+    from meshplan.planner.graph import GraphError
+    from meshplan.planner.models import ModelSpecError
+
+    if not Path(args.file).exists():
+        return None, term.usage_error(command, f"no such file: {args.file}")
+    text, problems = read_plan(args.file, term)
+    if text is None:
+        _report(term, problems, getattr(args, "json", False))
+        return None, 1
+    try:
+        return compile_plan(Path(args.file), args.model, args.world_size, args.overrides), 0
+    except PlanRejected as e:
+        _report(term, e.diagnostics, getattr(args, "json", False))
+        return None, 1
+    except (ModelSpecError, GraphError) as e:
+        return None, term.usage_error(command, f"--model {args.model}: {e}")
+
+
+def _report(term: Terminal, diagnostics: list[PlanError], as_json: bool) -> None:
+    if as_json:
+        term.print(json.dumps([d.to_json() for d in sorted(diagnostics, key=PlanError.sort_key)], indent=2))
+        return
+    term.diagnostics(diagnostics)
+    errors = sum(d.severity == "error" for d in diagnostics)
+    if errors:
+        term.note(f"plan rejected ({errors} error{'s' if errors != 1 else ''})")
+
+
+def run(args: argparse.Namespace, term: Terminal) -> int:
+    from meshplan.planner import Compiled
+
+    compiled, code = compile_for_cli(args, term, "compile")
+    if not isinstance(compiled, Compiled):
+        return code
+    program = compiled.program
+    text = program.to_json() + "\n" if args.emit == "json" else program.to_python()
+    if not args.json:
+        term.diagnostics(compiled.warnings)
+    if args.output:
+        write_atomically(Path(args.output), text)
+    else:
+        term.out.file.write(text)
+    mesh = " × ".join(f"{n} {s}" for n, s in zip(program.mesh.names, program.mesh.shape, strict=True))
+    kinds = Counter(step.kind for step in program.steps)
+    steps = ", ".join(f"{n} {k}" for k, n in kinds.items()) or "no steps"
+    term.note(f"compiled {program.source} for {program.model} on {program.world_size} ranks")
+    term.note(f"  mesh: {mesh}" + "".join(f"; {n} = {' × '.join(d)}" for n, d in program.mesh.submeshes))
+    term.note(f"  steps: {steps}" + (f" → {args.output}" if args.output else ""))
+    return 0
