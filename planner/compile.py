@@ -20,6 +20,7 @@ from .passes.checkpoints import Checkpoints
 from .passes.context import Context, Pass
 from .passes.divisibility import Divisibility
 from .passes.fsdp import FsdpStructure
+from .passes.layouts import Layouts
 from .passes.mesh import MeshArithmetic
 from .passes.patterns import ResolvePatterns
 from .passes.styles import StyleFit
@@ -36,6 +37,7 @@ PASSES: tuple[type[Pass], ...] = (
     ResolvePatterns,
     StyleFit,
     Divisibility,
+    Layouts,
     Checkpoints,
     FsdpStructure,
 )

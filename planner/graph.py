@@ -17,15 +17,20 @@ What a `ModelGraph` guarantees:
   block to the same fqn in its kind's traced block, so an 80-layer model costs what a
   one-layer model does.
 - `dataflow` is a `networkx.DiGraph` over the traced ATen nodes, in execution order.
-  Node id = fx node name; attributes: `op` ("aten.mm.default", "getitem", "placeholder",
-  "output"), `target`, `args`/`kwargs` (with `Ref(node_id)` for values), `shape`
-  (tuple, or None when the value is not one tensor; multi-output ops carry `shapes`),
-  `dtype`, `module` (innermost module fqn, in the full model's naming), `module_stack`
-  (fqns outer → inner, root excluded), `module_type`. Placeholders carry `kind`
-  ("parameter", "buffer", "constant", "input") and, for weights, `fqn`. Edges go
-  producer → consumer with `positions`: the argument paths (`(0,)`, `(1, 2)` for an
-  element of a list argument, `("dim",)` for a keyword) where the value is used.
-  Assertion ops (`aten._assert_*`), which compute nothing, are left out.
+  Node id = fx node name, except weights, whose id is their parameter/buffer fqn.
+  Attributes: `op` ("aten.mm.default", "getitem", "placeholder", "output"), `target`,
+  `args`/`kwargs` (with `Ref(node_id)` for values), `shape` (tuple, or None when the
+  value is not one tensor; multi-output ops carry `shapes`/`dtypes`), `dtype`,
+  `module` (innermost module fqn, in the full model's naming; "" at the root),
+  `module_stack` (fqns outer → inner, root excluded), `module_type`. Placeholders
+  carry `kind` ("parameter", "buffer", "constant", "input") and, for weights, `fqn`;
+  a tied tensor is one node, under the first fqn of its group, with `tied` = the
+  group. Edges go producer → consumer with `positions`: the argument paths (`(0,)`,
+  `(1, 2)` for an element of a list argument, `("dim",)` for a keyword) where the
+  value is used. Left out, because they compute nothing: assertion ops
+  (`aten._assert_*`) and casts to the dtype and device a tensor already has (those
+  return their input, so their uses are uses of the input: Llama's residual add reads
+  the layer input, not a node inside `input_layernorm`).
 - `calls(fqn)` gives a traced module's boundary: the values flowing in from outside
   (named by the module's forward arguments when known), the values flowing out, the
   weights used and the nodes inside.
@@ -45,9 +50,13 @@ recorded (`traced=False`, `trace_error`) and the module facts are still returned
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import io
+import logging
 import re
 import threading
+import warnings
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -184,7 +193,14 @@ class ModuleCall:
 
 @dataclass(eq=False)
 class ModelGraph:
-    """A model's module facts and traced dataflow (see the module docstring)."""
+    """A model's module facts and traced dataflow (see the module docstring).
+
+    `parameters` maps every parameter fqn (tied aliases included) to its shape;
+    `reduced` says whether a copy with one block per kind was traced, `traced_layers`
+    which blocks of each stack the trace holds (full-model indices); `config` is the
+    transformers config (None for plain modules); `batch`/`seq_len` the traced input.
+    Treat it as read-only: traces are shared through an in-process cache.
+    """
 
     name: str
     source: ModelSource
@@ -760,6 +776,52 @@ def _call_args(
     return tuple(out)
 
 
+_CASTS = {
+    "aten.to.dtype": 3,  # position of the `copy` argument
+    "aten.to.device": 4,
+    "aten.to.dtype_layout": None,
+    "aten.to.other": 3,
+    "aten.type_as.default": None,
+}
+
+
+def _is_noop_cast(node: fx.Node) -> bool:
+    """A dtype/device cast whose input already has that dtype and device."""
+    if node.op != "call_function" or str(node.target) not in _CASTS or not node.args:
+        return False
+    src = node.args[0]
+    if not isinstance(src, fx.Node):
+        return False
+    copy_at = _CASTS[str(node.target)]
+    if node.kwargs.get("copy") or (
+        copy_at is not None and len(node.args) > copy_at and node.args[copy_at]
+    ):
+        return False
+    out, inp = node.meta.get("val"), src.meta.get("val")
+    return (
+        isinstance(out, torch.Tensor)
+        and isinstance(inp, torch.Tensor)
+        and out.dtype == inp.dtype
+        and out.device == inp.device
+        and tuple(out.shape) == tuple(inp.shape)
+    )
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Silence torch.export's own reporting: on failure it prints the partial graph to
+    stderr and logs warnings; the caller turns the exception into one line instead."""
+    logger = logging.getLogger("torch")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        with contextlib.redirect_stderr(io.StringIO()), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(level)
+
+
 def _export(model: nn.Module, batch: int, seq_len: int) -> Any:
     try:
         device = next(iter(model.parameters())).device
@@ -784,7 +846,7 @@ def _export(model: nn.Module, batch: int, seq_len: int) -> Any:
     try:
         # Under no_grad a module's own `torch.no_grad()` (rotary embeddings) is a no-op,
         # so export inlines its ops instead of hiding them in a set-grad HOP subgraph.
-        with torch.no_grad():
+        with torch.no_grad(), _quiet():
             try:
                 return torch.export.export(
                     model, args, kwargs, strict=False, preserve_module_call_signature=preserve
@@ -813,12 +875,19 @@ def _raw_trace(model: nn.Module, batch: int, seq_len: int) -> _RawTrace:
         name = getattr(spec.arg, "name", None)
         if name is not None:
             placeholders[name] = (kinds.get(spec.kind, str(spec.kind).lower()), spec.target)
-    # Weights are identified by their fqn: that is their node id in the dataflow.
+    # Weights are identified by their fqn: that is their node id in the dataflow. A cast
+    # to the dtype a tensor already has returns that very tensor, so it is no node:
+    # its uses are uses of its input (otherwise Llama's residual add would seem to read
+    # a value inside input_layernorm, where `hidden_states.to(float32)` is traced).
     ids: dict[str, str] = {}
+    aliases: set[str] = set()
     for node in ep.graph.nodes:
         if node.op == "placeholder":
             kind, target = placeholders.get(node.name, ("input", None))
             ids[node.name] = target if target is not None and kind != "input" else node.name
+        elif _is_noop_cast(node):
+            ids[node.name] = ids[node.args[0].name]
+            aliases.add(node.name)
         else:
             ids[node.name] = node.name
 
@@ -837,7 +906,7 @@ def _raw_trace(model: nn.Module, batch: int, seq_len: int) -> _RawTrace:
     call_keys: dict[str, set[str]] = {}
     for node in ep.graph.nodes:
         op = _op_name(node)
-        if op.startswith(("aten._assert", "aten.sym_constrain_range")):
+        if node.name in aliases or op.startswith(("aten._assert", "aten.sym_constrain_range")):
             continue
         stack = node.meta.get("nn_module_stack") or {}
         paths = []
@@ -1069,7 +1138,12 @@ def build_graph(
 
     # Weight node ids are fqns in the traced model's naming: rename them, and every
     # reference to them, to the full model's naming.
-    weight_ids = {r["id"]: rename(r["id"]) for r in raw.nodes if "fqn" in r}
+    # A tied tensor is one placeholder, named by the first fqn of its group (export
+    # names it after whichever alias it met last, and leaves the other one unused).
+    canonical = {fqn: group[0] for group in tied for fqn in group}
+    weight_ids = {
+        r["id"]: canonical.get(rename(r["id"]), rename(r["id"])) for r in raw.nodes if "fqn" in r
+    }
 
     def node_id(name: str) -> str:
         return weight_ids.get(name, name)
@@ -1089,8 +1163,13 @@ def build_graph(
         attrs["module"] = rename(attrs["module"])
         attrs["module_stack"] = tuple(rename(m) for m in attrs["module_stack"])
         if "fqn" in attrs:
-            attrs["fqn"] = rename(attrs["fqn"])
-            attrs["target"] = attrs["fqn"]
+            if nid in dataflow:
+                continue  # the other name of a tied tensor
+            attrs["fqn"] = nid
+            attrs["target"] = nid
+            group = next((g for g in tied if nid in g), None)
+            if group is not None:
+                attrs["tied"] = group
         if weight_ids:
             attrs["args"] = refs(attrs["args"])
             attrs["kwargs"] = refs(attrs["kwargs"])

@@ -12,6 +12,9 @@ A spec names a model in one of four ways:
   the factory asks for a device explicitly;
 - (Python API only) an `nn.Module` object.
 
+An existing directory wins over a preset of the same name; preset names are
+case-insensitive.
+
 Guarantees:
 
 - `resolve_model` either returns a `ModelSource` or raises `ModelSpecError` (a

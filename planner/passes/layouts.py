@@ -1,0 +1,570 @@
+"""Layout propagation over the traced dataflow.
+
+Guarantees, for the tensor-parallel dimension: walking the traced ATen graph in order,
+with each ParallelStyle's contract applied at its module's boundary (input conversion,
+sharded weights, output layout) and op rules in between (`planner.layout`):
+- every styled module receives its activation in the layout its plan line declares —
+  a plain tensor in another layout would be misread by `from_local` (silently wrong), a
+  DTensor in another layout would be redistributed implicitly on every call;
+- ops between planned modules (residual adds, reshapes into heads, norms, rotary
+  embeddings, attention) see agreeing layouts, never reduce or slice over a sharded
+  dimension, and never consume an unreduced partial sum (E507);
+- plain tensors and DTensors are not mixed in one op;
+- a block of a stack hands the next block the layout it received itself;
+- the logits leave the model replicated, or as a DTensor sharded on the vocabulary
+  (loss parallel).
+Each error points at the plan line that made the offending value sharded, and names
+the consuming line where there is one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import replace
+from typing import Any
+
+from meshplan.dsl.errors import Span
+from meshplan.dsl.spec import Placement, TPRuleSpec
+
+from ..graph import ModelGraph, Ref
+from ..layout import (
+    ATTENTION,
+    ELEMENTWISE,
+    FACTORIES,
+    IDENTITY,
+    REDUCTIONS,
+    REPLICATE,
+    UNKNOWN,
+    Layout,
+    LayoutProblem,
+    broadcast,
+    keepdim,
+    map_reshape,
+    normalize,
+    op_name,
+    reduced_dims,
+)
+from .context import Context
+from .patterns import generic
+
+LEAF_KINDS = ("linear", "embedding", "conv1d")
+RESHAPES = {"view", "reshape", "_unsafe_view", "view_copy", "unsqueeze", "squeeze", "flatten", "unflatten",
+            "squeeze_copy", "unsqueeze_copy"}
+
+
+class Layouts:
+    name = "layouts"
+
+    def apply(self, ctx: Context) -> None:
+        tp = ctx.spec.tensor_parallel
+        if tp is None or ctx.mesh is None or ctx.size(tp.on) <= 1 or not ctx.graph.traced:
+            return
+        reported: set[tuple[Span | None, str]] = set()
+        for styled in _variants(ctx):
+            _Walk(ctx, styled, reported).run()
+
+
+def _variants(ctx: Context) -> Iterator[dict[str, TPRuleSpec]]:
+    """Rule assignments for the traced modules: one per distinct per-block rule set.
+
+    Only one block per kind is traced; when the plan gives blocks of one kind different
+    rules, the trace is walked once for each distinct set (the others at their first).
+    """
+    graph = ctx.graph
+    base: dict[str, TPRuleSpec] = {f: r for f, r in ctx.tp_rules.items() if graph.stack_of(f) is None}
+    choices: list[tuple[str, list[dict[str, TPRuleSpec]]]] = []
+    for stack in graph.stacks:
+        prefix = stack.fqn + "."
+        in_stack = [(f, r) for f, r in ctx.tp_rules.items() if f.startswith(prefix)]
+        for kind in stack.kinds:
+            maps: list[dict[str, TPRuleSpec]] = []
+            seen: list[dict[str, int]] = []
+            for index in kind.layers:
+                block = stack.block(index)
+                rel = {f[len(block):]: r for f, r in in_stack if f == block or f.startswith(block + ".")}
+                key = {k: id(v) for k, v in rel.items()}
+                if key not in seen:
+                    seen.append(key)
+                    maps.append(rel)
+            choices.append((stack.block(kind.representative), maps or [{}]))
+    default = dict(base)
+    for block, maps in choices:
+        default.update({block + rel: rule for rel, rule in maps[0].items()})
+    yield default
+    for block, maps in choices:
+        for alternative in maps[1:]:
+            variant = {f: r for f, r in default.items() if not (f == block or f.startswith(block + "."))}
+            variant.update({block + rel: rule for rel, rule in alternative.items()})
+            yield variant
+
+
+def _refs(value: Any) -> Iterator[str]:
+    if isinstance(value, Ref):
+        yield value.node
+    elif isinstance(value, list | tuple):
+        for v in value:
+            yield from _refs(v)
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _refs(v)
+
+
+def _declared(p: object, rank: int) -> Layout:
+    if not isinstance(p, Placement) or p.kind == "replicate":
+        return REPLICATE
+    if p.kind == "partial":
+        return Layout("partial")
+    return Layout("shard", normalize(p.dim or 0, rank) if rank else p.dim)
+
+
+class _Walk:
+    def __init__(self, ctx: Context, styled: dict[str, TPRuleSpec], reported: set[tuple[Span | None, str]]) -> None:
+        self.ctx = ctx
+        self.graph: ModelGraph = ctx.graph
+        self.g = ctx.graph.dataflow
+        self.styled = styled
+        self.reported = reported
+        self.layouts: dict[str, Layout | tuple[Layout, ...]] = {}
+        self.leaves = {f for f in styled if f in self.graph.modules and self.graph.modules[f].kind in LEAF_KINDS}
+
+    # ------------------------------------------------------------------ reporting
+
+    def report(self, span: Span | None, message: str, code: str = "E506", hint: str | None = None,
+               related: tuple[tuple[Span, str], ...] = ()) -> None:
+        key = (span, message)
+        if key in self.reported:
+            return
+        self.reported.add(key)
+        fallback = self.ctx.spec.tensor_parallel.span if self.ctx.spec.tensor_parallel else self.ctx.spec.span
+        self.ctx.error(span or fallback, code, message, hint,
+                       related=tuple((s, m) for s, m in related if s is not None and s != span))
+
+    def _attrs(self, node: str) -> dict[str, Any]:
+        attrs: dict[str, Any] = self.g.nodes[node]
+        return attrs
+
+    def _shape(self, node: str) -> tuple[int, ...]:
+        shape = self._attrs(node).get("shape")
+        return tuple(shape) if shape is not None else ()
+
+    # ------------------------------------------------------------------ the walk
+
+    def run(self) -> None:
+        for node, attrs in self.graph.ops():
+            op = attrs.get("op")
+            if op == "placeholder":
+                self.layouts[node] = REPLICATE
+                continue
+            stack = tuple(attrs.get("module_stack") or ())
+            leaf = next((m for m in reversed(stack) if m in self.leaves), None)
+            if leaf is not None:
+                self._leaf(node, leaf, stack)
+            elif op == "output":
+                self._final(node, attrs)
+            else:
+                self.layouts[node] = self._op(node, attrs, stack)
+        self._stacks()
+
+    def view(self, value: str, consumer_stack: tuple[str, ...]) -> Layout:
+        """The layout of `value` as seen by code in `consumer_stack` (module boundaries applied)."""
+        attrs = self._attrs(value)
+        layout = self.layouts.get(value, REPLICATE)
+        if isinstance(layout, tuple):
+            return UNKNOWN
+        if attrs.get("op") == "placeholder":
+            owner = str(attrs.get("fqn", "")).rsplit(".", 1)[0]
+            rule = self.styled.get(owner)
+            if rule is not None and rule.style.name in ("sequence_parallel", "replicate") and owner in consumer_stack:
+                return replace(REPLICATE, dtensor=True)  # these styles make their weights DTensors
+            return layout
+        producer_stack = tuple(attrs.get("module_stack") or ())
+        common = 0
+        while (common < len(producer_stack) and common < len(consumer_stack)
+               and producer_stack[common] == consumer_stack[common]):
+            common += 1
+        for module in reversed(producer_stack[common:]):
+            if module in self.styled and module not in self.leaves:
+                call = self.graph.calls(module)
+                signature = {a.node for a in call.outputs if a.name is not None}
+                if value not in signature:
+                    source = self._outside_source(value, module)
+                    if source is not None:
+                        return self.view(source, consumer_stack)
+                    continue
+                layout = self._convert_out(module, value, layout)
+        for module in consumer_stack[common:]:
+            if module in self.styled and module not in self.leaves:
+                layout = self._convert_in(module, value, layout)
+        return layout
+
+    def _outside_source(self, value: str, module: str) -> str | None:
+        """A value that leaks out of a module only because the trace aliased it (a no-op
+        `.to(dtype)` at the module's start): follow identity ops back to the outside."""
+        node = value
+        for _ in range(8):
+            attrs = self._attrs(node)
+            if op_name(str(attrs.get("op"))) not in IDENTITY:
+                return None
+            refs = list(_refs(attrs.get("args", ())))
+            if not refs:
+                return None
+            node = refs[0]
+            if module not in (self._attrs(node).get("module_stack") or ()):
+                return node
+        return None
+
+    # ------------------------------------------------------------------ contracts
+
+    def _check(self, module: str, rule: TPRuleSpec, what: str, actual: Layout, declared: Layout) -> None:
+        if actual.kind == "unknown" or actual.same_placement(declared):
+            return
+        name = rule.pattern.text
+        wanted = declared.describe().replace(" (plain tensor)", "")
+        related = ((actual.origin, "the value is made here"),) if actual.origin else ()
+        if actual.dtensor:
+            self.report(rule.span,
+                        f"`{name}` declares its {what} {wanted} but receives {actual.describe()}: DTensor "
+                        "would redistribute it implicitly on every call",
+                        hint="declare the conversion once where it happens (prepare_input on the "
+                             "enclosing module) or declare the layout the value really has",
+                        related=related)
+        else:
+            self.report(rule.span,
+                        f"`{name}` declares its {what} {wanted} but receives {actual.describe()}: each rank "
+                        "would take its own piece for the whole value — silently wrong",
+                        hint="convert it first (prepare_input), or declare the layout it has",
+                        related=related)
+
+    def _convert_in(self, module: str, value: str, layout: Layout) -> Layout:
+        rule = self.styled[module]
+        style = rule.style
+        call = self.graph.calls(module)
+        index = next((i for i, a in enumerate(call.inputs) if a.node == value), None)
+        if index is None:
+            return layout
+        rank = len(self._shape(value))
+        local = bool(style.args.get("local_output", False))
+        if style.name in ("sequence_parallel", "replicate"):
+            if index != 0:
+                return layout
+            want = (Layout("shard", normalize(int(str(style.args.get("dim", 1))), rank))
+                    if style.name == "sequence_parallel" else _declared(style.args.get("input"), rank))
+            self._check(module, rule, "input", layout, want)
+            return replace(want, dtensor=True, origin=layout.origin if want.kind != "replicate" else None)
+        if style.name == "prepare_input":
+            arg = call.inputs[index]
+            for position, conv in enumerate(style.conversions):
+                hit = conv.name == arg.name if conv.name is not None else position == index
+                if not hit or conv.source is None:
+                    continue
+                self._check(module, rule, f"input `{arg.name or index}`", layout, _declared(conv.source, rank))
+                target = conv.target or conv.source
+                out = _declared(target, rank)
+                return replace(out, dtensor=not local, origin=rule.span if out.kind != "replicate" else None)
+        return layout
+
+    def _convert_out(self, module: str, value: str, layout: Layout) -> Layout:
+        rule = self.styled[module]
+        style = rule.style
+        rank = len(self._shape(value))
+        local = bool(style.args.get("local_output", True))
+        if style.name == "sequence_parallel":
+            dim = normalize(int(str(style.args.get("dim", 1))), rank)
+            return Layout("shard", dim, dtensor=not local, origin=rule.span)
+        if style.name == "replicate":
+            out = _declared(style.args.get("output"), rank)
+            return replace(out, dtensor=not local, origin=rule.span if out.kind != "replicate" else None)
+        if style.name == "prepare_output":
+            call = self.graph.calls(module)
+            index = next((i for i, a in enumerate(call.outputs) if a.node == value), None)
+            for position, conv in enumerate(style.conversions):
+                if index is None or position != index or conv.source is None:
+                    continue
+                self._check(module, rule, f"output {index}", layout, _declared(conv.source, rank))
+                out = _declared(conv.target or conv.source, rank)
+                return replace(out, dtensor=not local, origin=rule.span if out.kind != "replicate" else None)
+        return layout
+
+    def _leaf(self, node: str, leaf: str, stack: tuple[str, ...]) -> None:
+        call = self.graph.calls(leaf)
+        if node not in {a.node for a in call.outputs}:
+            self.layouts[node] = UNKNOWN  # inside the module: its contract covers it
+            return
+        rule = self.styled[leaf]
+        style = rule.style
+        info = self.graph.module(leaf)
+        if call.inputs:
+            value = call.inputs[0].node
+            inner = stack[: stack.index(leaf) + 1]
+            actual = self.view(value, inner)
+            rank = len(self._shape(value))
+            declared = _declared(style.args.get("input"), rank)
+            self._check(leaf, rule, "input", actual, declared)
+        rank = len(self._shape(node))
+        local = bool(style.args.get("local_output", True))
+        out = _declared(style.args.get("output"), rank)
+        parts = int(str(style.args.get("parts", 1)))
+        if out.kind == "shard" and parts > 1 and info.kind != "embedding":
+            out = replace(out, parts=parts)
+        self.layouts[node] = replace(out, dtensor=not local, origin=rule.span if out.kind != "replicate" else None)
+
+    def _final(self, node: str, attrs: dict[str, Any]) -> None:
+        refs = list(_refs(attrs.get("args", ())))
+        if not refs:
+            return
+        logits = refs[0]
+        layout = self.view(logits, ())
+        rank = len(self._shape(logits))
+        if layout.kind == "partial":
+            self.report(layout.origin, "the model's output (logits) is a partial sum that is never reduced",
+                        "E507", "give the last projection a `replicate` or `shard(-1)` output")
+        elif layout.kind == "shard" and not layout.dtensor:
+            self.report(layout.origin,
+                        f"the logits leave the model {layout.describe()}: the loss would see only each "
+                        "rank's piece",
+                        hint="keep them as a DTensor (`local_output = false`, loss parallel) or gather them "
+                             "(`output = replicate`)")
+        elif layout.kind == "shard" and layout.dim != rank - 1:
+            self.report(layout.origin,
+                        f"the logits leave the model {layout.describe()}: loss parallel needs them sharded "
+                        "on the vocabulary (shard(-1)) or replicated")
+
+    def _stacks(self) -> None:
+        for stack in self.graph.stacks:
+            traced = [stack.block(k.representative) for k in stack.kinds]
+            if not all(self.graph.is_traced(b) for b in traced):
+                continue
+            kinds = {k.name: stack.block(k.representative) for k in stack.kinds}
+            transitions = {(stack.kind_of(i).name, stack.kind_of(i + 1).name) for i in range(stack.length - 1)}
+            for a, b in sorted(transitions):
+                out_call, in_call = self.graph.calls(kinds[a]), self.graph.calls(kinds[b])
+                if not out_call.outputs or not in_call.inputs:
+                    continue
+                parent = tuple(self._attrs(out_call.outputs[0].node).get("module_stack") or ())
+                parent = parent[: parent.index(kinds[a])] if kinds[a] in parent else parent
+                out = self.view(out_call.outputs[0].node, parent)
+                entry_stack = (*parent, kinds[b])
+                first = self.view(in_call.inputs[0].node, entry_stack)
+                if out.kind == "unknown" or first.kind == "unknown" or (
+                        out.same_placement(first) and out.dtensor == first.dtensor):
+                    continue
+                self.report(out.origin or first.origin,
+                            f"`{generic(kinds[a])}` hands the next block {out.describe()}, but the block "
+                            f"receives {first.describe()} from before the stack: block 1 would get a layout "
+                            "block 0 was not planned for",
+                            hint="make each block end in the layout it starts with (e.g. rowwise output "
+                                 "shard(1) after a shard(1) input)",
+                            related=((first.origin, "the layout entering the stack"),) if first.origin else ())
+
+    # ------------------------------------------------------------------ op rules
+
+    def _op(self, node: str, attrs: dict[str, Any], stack: tuple[str, ...]) -> Layout | tuple[Layout, ...]:
+        name = op_name(str(attrs.get("op")))
+        if name in FACTORIES:
+            return REPLICATE
+        args = list(attrs.get("args", ()))
+        kwargs = dict(attrs.get("kwargs", {}))
+        refs = list(_refs(args)) + list(_refs(kwargs))
+        if name == "getitem":
+            source = self.layouts.get(refs[0], REPLICATE) if refs else REPLICATE
+            if isinstance(source, tuple):
+                index = args[1] if len(args) > 1 and isinstance(args[1], int) else 0
+                return source[index] if index < len(source) else UNKNOWN
+            return self.view(refs[0], stack) if refs else REPLICATE
+        inputs = [(r, self.view(r, stack), self._shape(r)) for r in refs]
+        if all(lay.kind == "replicate" and not lay.dtensor for _, lay, _ in inputs):
+            return REPLICATE
+        if any(lay.kind == "unknown" and not lay.dtensor for _, lay, _ in inputs):
+            return UNKNOWN
+        module = generic(str(attrs.get("module") or "the model"))
+        tensors = [(lay, s) for _, lay, s in inputs if s]
+        kinds = {lay.dtensor for lay, _ in tensors}
+        if len(kinds) > 1:
+            origin = next((lay.origin for lay, _ in tensors if lay.origin), None)
+            self.report(origin, f"`{name}` in `{module}` mixes a DTensor with a plain tensor: torch refuses "
+                                "mixed operands", hint="make both sides plain (local_output = true) or both DTensors")
+            return UNKNOWN
+        if True in kinds:
+            # DTensors know their layout: torch redistributes as needed. Track simple cases.
+            first = tensors[0][0]
+            if name in IDENTITY or name in ELEMENTWISE:
+                return first
+            return replace(UNKNOWN, dtensor=True)
+        self._weights(name, module, inputs)
+        out_shape = tuple(attrs.get("shape") or ())
+        try:
+            return self._local(name, attrs, args, kwargs, inputs, out_shape)
+        except LayoutProblem as p:
+            origin = next((lay.origin for _, lay, _ in inputs if lay.kind != "replicate" and lay.origin), None)
+            self.report(origin, f"{p.message} (in `{module}`)", p.code, p.hint)
+            return UNKNOWN
+
+    def _weights(self, name: str, module: str, inputs: list[tuple[str, Layout, tuple[int, ...]]]) -> None:
+        """A plain replicated weight applied to a sharded activation it does not span gets,
+        on each rank, the gradient of that rank's piece only; nothing sums them."""
+        sharded = [(lay, s) for _, lay, s in inputs if lay.kind == "shard" and not lay.dtensor and lay.dim is not None]
+        if not sharded:
+            return
+        layout, shape = sharded[0]
+        assert layout.dim is not None
+        for ref, weight, wshape in inputs:
+            attrs = self._attrs(ref)
+            if attrs.get("kind") != "parameter" or weight.dtensor:
+                continue
+            aligned = layout.dim - (len(shape) - len(wshape))
+            if 0 <= aligned < len(wshape) and wshape[aligned] != 1:
+                continue  # the weight spans the sharded dimension itself
+            owner = generic(str(attrs.get("fqn", ref)).rsplit(".", 1)[0])
+            self.report(layout.origin,
+                        f"`{owner}`'s weight is applied to a value {layout.describe()}: each rank's gradient "
+                        "would cover only its own piece and nothing sums them, so the replicas drift apart",
+                        hint=f"give `{owner}` a rule (`sequence_parallel` for a norm) so its weight becomes "
+                             "a replicated DTensor")
+            return
+
+    def _local(self, name: str, attrs: dict[str, Any], args: list[Any], kwargs: dict[str, Any],
+               inputs: list[tuple[str, Layout, tuple[int, ...]]], out: tuple[int, ...]) -> Layout | tuple[Layout, ...]:
+        _, first, in_shape = inputs[0]
+        if name in IDENTITY:
+            return first
+        if name in ELEMENTWISE:
+            return broadcast(name, [(lay, s) for _, lay, s in inputs], out)
+        sharded = [(lay, s) for _, lay, s in inputs if lay.kind != "replicate"]
+        layout = sharded[0][0]
+        if name in RESHAPES and first.kind == "shard":
+            return map_reshape(first, in_shape, out)
+        if name in RESHAPES and first.kind == "partial":
+            return first
+        if name == "expand" and first.kind == "shard" and first.dim is not None:
+            return replace(first, dim=first.dim + len(out) - len(in_shape))
+        if name in ("transpose", "swapaxes") and first.dim is not None:
+            a, b = (normalize(int(x), len(in_shape)) for x in args[1:3])
+            d = first.dim
+            return replace(first, dim=b if d == a else a if d == b else d)
+        if name == "t" and first.dim is not None:
+            return replace(first, dim=1 - first.dim)
+        if name == "permute" and first.dim is not None:
+            order = [normalize(int(x), len(in_shape)) for x in args[1]]
+            return replace(first, dim=order.index(first.dim))
+        if first.kind == "partial" and name not in ("linear", "mm", "matmul", "bmm"):
+            raise LayoutProblem(f"`{name}` is applied to a partial sum that was never reduced", "E507",
+                                "reduce it first: give the producing rowwise a `replicate` or `shard(…)` output")
+        if name == "select" and first.dim is not None:
+            dim = normalize(int(args[1]), len(in_shape))
+            if dim == first.dim:
+                raise LayoutProblem(f"`select` picks one index of sharded dim {dim}")
+            return replace(first, dim=first.dim - (dim < first.dim))
+        if name in ("slice", "narrow") and first.dim is not None:
+            dim = normalize(int(args[1]) if len(args) > 1 else 0, len(in_shape))
+            if dim == first.dim and tuple(out) != tuple(in_shape):
+                raise LayoutProblem(f"`{name}` cuts sharded dim {dim} at fixed offsets: each rank would cut "
+                                    "its own piece at offsets meant for the whole",
+                                    hint="a fused projection must be split by parts: shard it with "
+                                         "`parts = N` and keep the code splitting into N equal chunks")
+            return first
+        if name in ("split", "split_with_sizes", "chunk", "unbind", "tensor_split") and first.dim is not None:
+            return self._split(name, args, first, in_shape, out, attrs)
+        if name in ("cat", "concat", "stack") and first.dim is not None:
+            dim = normalize(int(args[1]) if len(args) > 1 else 0, len(in_shape) + (name == "stack"))
+            layouts = [lay for _, lay, _ in inputs]
+            if any(not lay.same_placement(first) for lay in layouts):
+                raise LayoutProblem(f"`{name}` joins values of different layouts")
+            if name != "stack" and dim == first.dim:
+                raise LayoutProblem(f"`{name}` joins along sharded dim {dim}")
+            return replace(first, dim=first.dim + (name == "stack" and dim <= first.dim))
+        if name in REDUCTIONS:
+            dims = reduced_dims(name, args, kwargs, len(in_shape))
+            if first.kind == "shard" and first.dim is not None:
+                if dims is None or first.dim in dims:
+                    raise LayoutProblem(f"`{name}` reduces over sharded dim {first.dim}: every rank would "
+                                        "normalise or sum over its own piece only",
+                                        hint="gather the value first (rowwise output = replicate or shard(1) "
+                                             "of the sequence), or shard another dimension")
+                if keepdim(name, args, kwargs):
+                    return first
+                return replace(first, dim=first.dim - sum(1 for d in dims if d < first.dim))
+        if name in ("linear", "mm", "matmul", "bmm", "addmm", "baddbmm"):
+            return self._contract(name, inputs, out)
+        if name in ATTENTION:
+            q, k, v = (lay for _, lay, _ in inputs[:3])
+            for other in (k, v):
+                if not other.same_placement(q):
+                    raise LayoutProblem("attention gets query, key and value in different layouts")
+            rank = len(in_shape)
+            if q.kind == "shard" and q.dim == rank - 3:
+                return q  # heads: each rank attends with its own heads
+            raise LayoutProblem(f"attention over a query {q.describe()}: "
+                                + ("each rank would attend only to its own tokens" if q.dim == rank - 2
+                                   else "the scores need whole heads"),
+                                hint="hand attention whole sequences (prepare_input shard(1) -> replicate) "
+                                     "and shard heads with colwise q/k/v")
+        if name == "embedding":
+            ids = inputs[1][1] if len(inputs) > 1 else REPLICATE
+            weight = inputs[0][1]
+            if weight.kind != "replicate":
+                raise LayoutProblem("an embedding table without a rule is sharded")
+            return ids
+        raise LayoutProblem(f"no layout rule for `{name}` on {layout.describe()}",
+                            hint="keep the value replicated around this op, or report the op to meshplan")
+
+    def _split(self, name: str, args: list[Any], first: Layout, in_shape: tuple[int, ...],
+               out: tuple[int, ...], attrs: dict[str, Any]) -> tuple[Layout, ...]:
+        assert first.dim is not None
+        shapes = attrs.get("shapes") or []
+        count = len(shapes) if shapes else (int(args[1]) if name == "chunk" and len(args) > 1 else 1)
+        dim_arg = args[2] if len(args) > 2 else (args[1] if name == "unbind" and len(args) > 1 else 0)
+        dim = normalize(int(dim_arg) if isinstance(dim_arg, int) else 0, len(in_shape))
+        if name == "unbind":
+            if dim == first.dim:
+                raise LayoutProblem(f"`unbind` splits sharded dim {dim} into single indices")
+            return tuple(replace(first, dim=first.dim - (dim < first.dim)) for _ in range(max(count, 1)))
+        if dim != first.dim:
+            return tuple(first for _ in range(max(count, 1)))
+        sizes = {tuple(s)[dim] for s in shapes if s} if shapes else set()
+        if first.parts > 1 and count == first.parts and len(sizes) <= 1:
+            return tuple(replace(first, parts=1) for _ in range(count))
+        raise LayoutProblem(f"`{name}` cuts sharded dim {dim} into pieces of fixed size",
+                            hint="a fused projection is split by parts: use `parts = N` on its style"
+                                 if first.parts == 1 else None)
+
+    def _contract(self, name: str, inputs: list[tuple[str, Layout, tuple[int, ...]]],
+                  out: tuple[int, ...]) -> Layout:
+        (_, a, sa), (_, b, sb) = inputs[0], inputs[1]
+        if name == "linear":
+            # x @ W.T with a weight that no rule sharded (replicated).
+            if b.kind != "replicate":
+                raise LayoutProblem("a projection's weight is sharded but the projection has no rule")
+            if a.kind == "partial":
+                if len(inputs) > 2:
+                    raise LayoutProblem("a projection with a bias gets a partial sum: the bias would be "
+                                        "added once per rank", "E507")
+                return a
+            if a.dim == len(sa) - 1:
+                raise LayoutProblem("a projection with no rule gets its input sharded over the features it "
+                                    "contracts: each rank holds part of the features, the weight all of them",
+                                    hint="give the projection `rowwise`")
+            return replace(a, dim=a.dim)
+        if name in ("addmm", "baddbmm"):
+            (_, a, sa), (_, b, sb) = inputs[1], inputs[2]
+        ra, rb = len(sa), len(sb)
+        a_con, b_con = ra - 1, rb - 2
+        if a.kind == "partial" or b.kind == "partial":
+            other = b if a.kind == "partial" else a
+            if other.kind != "replicate":
+                raise LayoutProblem(f"`{name}` multiplies a partial sum by a sharded value", "E507")
+            return a if a.kind == "partial" else b
+        if a.kind == "shard" and b.kind == "shard":
+            if a.dim == a_con and b.dim == b_con:
+                return Layout("partial", origin=a.origin)
+            if a.dim is not None and a.dim < ra - 2 and a.dim - ra == (b.dim or 0) - rb:
+                return replace(a, dim=a.dim + len(out) - ra)  # same batch dim
+            raise LayoutProblem(f"`{name}` multiplies values sharded on unrelated dimensions")
+        if a.kind == "shard" and a.dim is not None:
+            if a.dim == a_con:
+                raise LayoutProblem(f"`{name}` contracts a dimension that only one operand has sharded")
+            return replace(a, dim=a.dim + len(out) - ra)
+        if b.kind == "shard" and b.dim is not None:
+            if b.dim == b_con:
+                raise LayoutProblem(f"`{name}` contracts a dimension that only one operand has sharded")
+            return replace(b, dim=b.dim + len(out) - rb)
+        return REPLICATE
