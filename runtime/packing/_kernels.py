@@ -1,13 +1,21 @@
 """Numba kernels: the hot loops of the packing pipeline.
 
 What every kernel here guarantees, given what the callers in this package ensure first
-(`lens` is int64 with 1 <= lens[i] <= cap, cap < 2**31, max_per_bin >= 1):
+(`lens` is int64 with lens[i] >= 0, cap < 2**31, max_per_bin >= 1):
 
-- the packing kernels return a CSR layout `(order, offsets)`: bin b holds the item
-  positions `order[offsets[b]:offsets[b + 1]]`; every position 0..n-1 appears exactly
-  once, no bin is empty, no bin's lengths sum above `cap`, no bin holds more than
-  `max_per_bin` items; bins are numbered in the order they were opened;
+- an item's length is `lens[i]`, except that above `cap` it is `cap` when `over` is
+  CLIP (truncation) and 0 when `over` is SKIP; an item of length 0 is left out (dropped),
+  so the overlong policies cost no extra pass or array;
+- the packing kernels fill a CSR layout: bin b holds the item positions
+  `out[offsets[b]:offsets[b + 1]]`, `out_len[j]` is the length of item `out[j]`; every
+  item of length >= 1 appears exactly once, no other does; no bin is empty, no bin's
+  lengths sum above `cap`, no bin holds more than `max_per_bin` items; bins are numbered
+  in the order they were opened;
 - results are pure functions of the arguments (the seed included): no global RNG state;
+- the large arrays (one or two words per item) are allocated by the caller, with numpy:
+  numpy asks Linux for transparent huge pages on large arrays, while an array allocated
+  inside a numba function is faulted in 4 KiB pages, which at 16M items costs about as
+  much as the packing itself;
 - every kernel is compiled with `cache=True`, so the JIT cost is paid once per machine and
   later processes load the machine code from `__pycache__`.
 
@@ -23,6 +31,9 @@ from __future__ import annotations
 import numba
 import numpy as np
 from numpy.typing import NDArray
+
+CLIP = 0  # lengths above cap count as cap (overlong="truncate")
+SKIP = 1  # lengths above cap count as 0, i.e. dropped (overlong="drop")
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _MIX1 = np.uint64(0xBF58476D1CE4E5B9)
@@ -55,8 +66,16 @@ def mix_seed(a: int, b: int, c: int) -> np.uint64:  # pragma: no cover
 
 
 @numba.njit(cache=True)
+def _length(lens: NDArray[np.int64], i: int, cap: int, over: int) -> int:  # pragma: no cover
+    x = lens[i]
+    if x > cap:
+        return cap if over == CLIP else 0
+    return x
+
+
+@numba.njit(cache=True)
 def _shuffle_range(
-    values: NDArray[np.int64], lo: int, hi: int, state: np.uint64
+    values: NDArray[np.int32] | NDArray[np.int64], lo: int, hi: int, state: np.uint64
 ) -> np.uint64:  # pragma: no cover - compiled
     # Fisher-Yates over values[lo:hi]; returns the advanced stream state.
     for i in range(hi - 1, lo, -1):
@@ -70,24 +89,23 @@ def _shuffle_range(
 
 @numba.njit(cache=True)
 def _sort_desc(
-    lens: NDArray[np.int64], cap: int, seed: int
-) -> tuple[NDArray[np.int64], NDArray[np.int64], NDArray[np.int64]]:  # pragma: no cover
+    lens: NDArray[np.int64], cap: int, over: int, seed: int, order: NDArray[np.int32]
+) -> tuple[NDArray[np.int64], NDArray[np.int64]]:  # pragma: no cover
     # Counting sort by decreasing length: O(n + cap) instead of O(n log n). Equal lengths
     # keep input order when seed < 0, otherwise they are shuffled with the seed, so that
     # neighbours in the dataset (often near-duplicates) do not all land in the same bins.
     n = lens.shape[0]
     count = np.zeros(cap + 1, np.int64)
     for i in range(n):
-        count[lens[i]] += 1
+        count[_length(lens, i, cap, over)] += 1
     start = np.zeros(cap + 2, np.int64)
     pos = 0
-    for length in range(cap, 0, -1):
+    for length in range(cap, -1, -1):  # length 0 last: items the caller drops
         start[length] = pos
         pos += count[length]
     fill = start.copy()
-    order = np.empty(n, np.int64)
     for i in range(n):
-        length = lens[i]
+        length = _length(lens, i, cap, over)
         order[fill[length]] = i
         fill[length] += 1
     if seed >= 0:
@@ -95,11 +113,13 @@ def _sort_desc(
         for length in range(cap, 0, -1):
             if count[length] > 1:
                 state = _shuffle_range(order, start[length], start[length] + count[length], state)
-    return order, start, count
+    return start, count
 
 
 @numba.njit(cache=True)
-def _tree_set(tree: NDArray[np.int32], size: int, leaf: int, value: int) -> None:  # pragma: no cover
+def _tree_set(
+    tree: NDArray[np.int32], size: int, leaf: int, value: int
+) -> None:  # pragma: no cover
     # Point update of a max tree; stops as soon as an ancestor's maximum is unchanged.
     i = size + leaf
     tree[i] = value
@@ -113,7 +133,9 @@ def _tree_set(tree: NDArray[np.int32], size: int, leaf: int, value: int) -> None
 
 
 @numba.njit(cache=True)
-def _first_fit_from(tree: NDArray[np.int32], size: int, lo: int, need: int) -> int:  # pragma: no cover
+def _first_fit_from(
+    tree: NDArray[np.int32], size: int, lo: int, need: int
+) -> int:  # pragma: no cover
     # Leftmost leaf >= lo whose value is >= need; the caller ensures one exists (tree[1] >=
     # need and every leaf left of lo is < need). Climb until a right sibling qualifies, then
     # descend to its leftmost qualifying leaf.
@@ -149,22 +171,22 @@ def _grow(a: NDArray[np.int64], n: int) -> NDArray[np.int64]:  # pragma: no cove
 
 @numba.njit(cache=True)
 def _csr(
-    order: NDArray[np.int64],
+    order: NDArray[np.int32],
     start: NDArray[np.int64],
     count: NDArray[np.int64],
     bin_of: NDArray[np.int32],
     counts: NDArray[np.int64],
     n_bins: int,
-) -> tuple[NDArray[np.int64], NDArray[np.int64], NDArray[np.int64]]:  # pragma: no cover
+    out: NDArray[np.int64],
+    out_len: NDArray[np.int64],
+) -> NDArray[np.int64]:  # pragma: no cover
     # Group the sorted items by bin with one stable scatter; inside a bin items keep the
     # sorted (decreasing length) order. The lengths are written per length class, which
-    # saves a random gather of 8 bytes per item later.
+    # saves a random gather of 8 bytes per item later. Returns the bin offsets.
     offsets = np.zeros(n_bins + 1, np.int64)
     for b in range(n_bins):
         offsets[b + 1] = offsets[b] + counts[b]
     fill = offsets[:-1].copy()
-    out = np.empty(order.shape[0], np.int64)
-    out_len = np.empty(order.shape[0], np.int64)
     for length in range(start.shape[0] - 2, 0, -1):
         for t in range(start[length], start[length] + count[length]):
             b = bin_of[t]
@@ -172,20 +194,28 @@ def _csr(
             out[p] = order[t]
             out_len[p] = length
             fill[b] = p + 1
-    return out, offsets, out_len
+    return offsets
 
 
 @numba.njit(cache=True)
 def ffd(
-    lens: NDArray[np.int64], cap: int, max_per_bin: int, seed: int
-) -> tuple[NDArray[np.int64], NDArray[np.int64], NDArray[np.int64]]:  # pragma: no cover
+    lens: NDArray[np.int64],
+    cap: int,
+    over: int,
+    max_per_bin: int,
+    seed: int,
+    order: NDArray[np.int32],
+    bin_of: NDArray[np.int32],
+    out: NDArray[np.int64],
+    out_len: NDArray[np.int64],
+) -> NDArray[np.int64]:  # pragma: no cover
     """First-fit decreasing over all items; exact FFD (each item goes to the first bin,
     in opening order, with room), computed in O(n + cap + runs * log bins)."""
     n = lens.shape[0]
-    order, start, count = _sort_desc(lens, cap, seed)
+    start, count = _sort_desc(lens, cap, over, seed, order)
     total = 0
-    for i in range(n):
-        total += lens[i]
+    for length in range(1, cap + 1):
+        total += length * count[length]
     # First fit leaves at most one bin half empty, so it opens < 2 * total / cap + 1 bins;
     # the tree still grows if max_per_bin closes bins early.
     size = 1
@@ -195,7 +225,6 @@ def ffd(
     tree = np.zeros(2 * size, np.int32)  # leaf b: room in bin b, 0 once closed
     rem = np.empty(size, np.int64)
     cnt = np.empty(size, np.int64)
-    bin_of = np.empty(n, np.int32)
     n_bins = 0
     for length in range(cap, 0, -1):
         j = start[length]
@@ -229,11 +258,13 @@ def ffd(
             rem[b] -= k * length
             cnt[b] += k
             _tree_set(tree, size, b, rem[b] if cnt[b] < max_per_bin else 0)
-    return _csr(order, start, count, bin_of, cnt, n_bins)
+    return _csr(order, start, count, bin_of, cnt, n_bins, out, out_len)
 
 
 @numba.njit(cache=True)
-def _count_add(tree: NDArray[np.int64], size: int, leaf: int, delta: int) -> None:  # pragma: no cover
+def _count_add(
+    tree: NDArray[np.int64], size: int, leaf: int, delta: int
+) -> None:  # pragma: no cover
     i = size + leaf
     while i >= 1:
         tree[i] += delta
@@ -259,12 +290,19 @@ def _first_at_least(tree: NDArray[np.int64], size: int, lo: int) -> int:  # prag
 
 @numba.njit(cache=True)
 def bfd(
-    lens: NDArray[np.int64], cap: int, max_per_bin: int, seed: int
-) -> tuple[NDArray[np.int64], NDArray[np.int64], NDArray[np.int64]]:  # pragma: no cover
+    lens: NDArray[np.int64],
+    cap: int,
+    over: int,
+    max_per_bin: int,
+    seed: int,
+    order: NDArray[np.int32],
+    bin_of: NDArray[np.int32],
+    out: NDArray[np.int64],
+    out_len: NDArray[np.int64],
+) -> NDArray[np.int64]:  # pragma: no cover
     """Best-fit decreasing: each item goes to an open bin with the least room that still
     fits it (ties: the bin that reached that room last), in O(n + cap + runs * log cap)."""
-    n = lens.shape[0]
-    order, start, count = _sort_desc(lens, cap, seed)
+    start, count = _sort_desc(lens, cap, over, seed, order)
     smallest = 1
     for length in range(1, cap + 1):
         if count[length] > 0:
@@ -278,7 +316,6 @@ def bfd(
     nxt = np.empty(1024, np.int64)
     rem = np.empty(1024, np.int64)
     cnt = np.empty(1024, np.int64)
-    bin_of = np.empty(n, np.int32)
     n_bins = 0
     for length in range(cap, 0, -1):
         j = start[length]
@@ -312,31 +349,45 @@ def bfd(
                 nxt[b] = head[rem[b]]
                 head[rem[b]] = b
                 _count_add(tree, size, rem[b], 1)
-    return _csr(order, start, count, bin_of, cnt, n_bins)
+    return _csr(order, start, count, bin_of, cnt, n_bins, out, out_len)
 
 
 @numba.njit(cache=True)
 def greedy(
-    lens: NDArray[np.int64], cap: int, max_per_bin: int
-) -> tuple[NDArray[np.int64], NDArray[np.int64], NDArray[np.int64]]:  # pragma: no cover
-    """Order-preserving next fit: a bin is closed as soon as the next item does not fit."""
+    lens: NDArray[np.int64],
+    cap: int,
+    over: int,
+    max_per_bin: int,
+    offsets: NDArray[np.int64],
+    out: NDArray[np.int64],
+    out_len: NDArray[np.int64],
+) -> tuple[int, int]:  # pragma: no cover
+    """Order-preserving next fit: a bin is closed as soon as the next item does not fit.
+    Fills the caller's buffers; returns (number of bins, number of items placed)."""
     n = lens.shape[0]
-    offsets = np.empty(n + 1, np.int64)
     offsets[0] = 0
     n_bins = 0
     used = 0
     items = 0
+    m = 0
     for i in range(n):
-        if items > 0 and (used + lens[i] > cap or items == max_per_bin):
+        length = _length(lens, i, cap, over)
+        if length == 0:
+            continue
+        if items > 0 and (used + length > cap or items == max_per_bin):
             n_bins += 1
-            offsets[n_bins] = i
+            offsets[n_bins] = m
             used = 0
             items = 0
-        used += lens[i]
+        out[m] = i
+        out_len[m] = length
+        m += 1
+        used += length
         items += 1
-    n_bins += 1
-    offsets[n_bins] = n
-    return np.arange(n, dtype=np.int64), offsets[: n_bins + 1].copy(), lens.copy()
+    if m > 0:
+        n_bins += 1
+        offsets[n_bins] = m
+    return n_bins, m
 
 
 @numba.njit(cache=True)

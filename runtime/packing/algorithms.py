@@ -26,25 +26,20 @@ unknown algorithm or policy) raises `PackingError` with a one-line message.
 
 from __future__ import annotations
 
-import operator
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
 from . import _kernels
+from ._checks import MAX_ITEMS, MAX_SEQ_LEN, check_epoch, check_seed, positive_int, validate_lengths
+from .bounds import lower_bound_l2, lower_bound_trivial
 from .errors import PackingError
 
-Algorithm = Literal["ffd", "bfd", "greedy"]
-Overlong = Literal["error", "drop", "truncate", "split"]
 ALGORITHMS: tuple[str, ...] = ("ffd", "bfd", "greedy")
 OVERLONG_POLICIES: tuple[str, ...] = ("error", "drop", "truncate", "split")
-
-# Bin ids are stored as int32 inside the kernels and rooms in an int32 tree.
-_MAX_ITEMS = 2**31 - 1
-_MAX_SEQ_LEN = 2**31 - 1
 
 IntArray = NDArray[np.int64]
 
@@ -59,8 +54,12 @@ class PackResult:
     """Bins of a packing, as CSR arrays over packed items (see the module docstring).
 
     `indices[j]`, `starts[j]`, `lengths[j]`: source sequence id, first token and number of
-    tokens of packed item j; items `offsets[b]:offsets[b + 1]` form bin b. The arrays are
-    read-only. `n_input` counts the sequences given to `pack`.
+    tokens of packed item j; items `offsets[b]:offsets[b + 1]` form bin b; inside a bin,
+    items come in packing order (decreasing length for ffd/bfd: see `bin_items` for the
+    shuffled training order). `n_input` counts the sequences given to `pack`; `dropped`
+    lists the ids left out by overlong="drop"; `n_truncated` / `n_split` count the
+    sequences truncated / split; every item reserved its length rounded up to
+    `pad_multiple`. The arrays are read-only.
     """
 
     indices: IntArray
@@ -128,23 +127,29 @@ class PackResult:
         lo, hi = int(self.offsets[b]), int(self.offsets[b + 1])
         return self.indices[lo:hi], self.starts[lo:hi], self.lengths[lo:hi]
 
+    def _per_bin_sum(self, values: IntArray) -> IntArray:
+        if self.n_bins == 0:
+            return _readonly(np.zeros(0, np.int64))
+        # reduceat is exact here because no bin is empty.
+        return _readonly(np.add.reduceat(values, self.offsets[:-1]).astype(np.int64))
+
     @cached_property
     def bin_tokens(self) -> IntArray:
         """Real tokens per bin."""
-        return _readonly(np.add.reduceat(self.lengths, self.offsets[:-1]).astype(np.int64))
+        return self._per_bin_sum(self.lengths)
 
     @cached_property
     def bin_attention(self) -> IntArray:
         """Attention cost per bin: the sum of its items' squared lengths (causal attention
         over a packed bin costs in proportion to this, not to seq_len**2)."""
-        return _readonly(np.add.reduceat(self.lengths**2, self.offsets[:-1]).astype(np.int64))
+        return self._per_bin_sum(self.lengths**2)
 
     def epoch_order(self, epoch: int, seed: int = 0) -> tuple[IntArray, IntArray]:
         """The whole training order of one epoch as CSR `(positions, offsets)`: bins in the
         order of `shuffle_bins(self, epoch, seed)`, each bin's items shuffled (see
         `bin_items`). `positions` index the item arrays (`indices`, `starts`, `lengths`)."""
         return _kernels.shuffled_items(
-            self.offsets, shuffle_bins(self, epoch, seed), _check_seed(seed), _check_epoch(epoch)
+            self.offsets, shuffle_bins(self, epoch, seed), check_seed(seed), check_epoch(epoch)
         )
 
     def bin_items(self, b: int, epoch: int, seed: int = 0) -> IntArray:
@@ -154,9 +159,19 @@ class PackResult:
         if not 0 <= b < self.n_bins:
             raise IndexError(f"bin {b} out of range for {self.n_bins} bins")
         pos, _ = _kernels.shuffled_items(
-            self.offsets, np.array([b], np.int64), _check_seed(seed), _check_epoch(epoch)
+            self.offsets, np.array([b], np.int64), check_seed(seed), check_epoch(epoch)
         )
         return pos
+
+    @cached_property
+    def l2_bound(self) -> int:
+        """Martello–Toth L2 lower bound on the bins any packing of these items needs."""
+        return lower_bound_l2(self.lengths, self.seq_len) if self.n_sequences else 0
+
+    @property
+    def gap_to_l2(self) -> int:
+        """Bins above the L2 bound (0: provably optimal)."""
+        return self.n_bins - self.l2_bound
 
     def summary(self) -> dict[str, Any]:
         """Plain figures for reports (JSON-serialisable)."""
@@ -172,79 +187,49 @@ class PackResult:
             "n_dropped": self.n_dropped,
             "n_truncated": self.n_truncated,
             "n_split": self.n_split,
+            "l1_bound": lower_bound_trivial(self.lengths, self.seq_len) if self.n_sequences else 0,
+            "l2_bound": self.l2_bound,
+            "gap_to_l2": self.gap_to_l2,
         }
 
 
-def _check_seed(seed: int) -> int:
-    try:
-        value = operator.index(seed)
-    except TypeError:
-        raise PackingError(f"seed must be an integer, got {seed!r}") from None
-    if value < 0 or value >= 2**63:
-        raise PackingError(f"seed must be in [0, 2**63), got {value}")
-    return value
+@dataclass(frozen=True)
+class _Items:
+    """What the kernels pack: items 0..n-1 are the input sequences, read through the
+    kernels' `over` rule (CLIP: truncate, SKIP: drop); items n.. are the extra pieces of
+    split sequences, with their source id and first token."""
+
+    lens: IntArray
+    over: int
+    extra_src: IntArray
+    extra_start: IntArray
+    dropped: IntArray
+    n_truncated: int
+    n_split: int
 
 
-def _check_epoch(epoch: int) -> int:
-    try:
-        value = operator.index(epoch)
-    except TypeError:
-        raise PackingError(f"epoch must be an integer, got {epoch!r}") from None
-    if value < 0 or value >= 2**63:
-        raise PackingError(f"epoch must be in [0, 2**63), got {value}")
-    return value
+def _split_in_order(lens: IntArray, seq_len: int, n_over: int) -> _Items:
+    # For greedy, which keeps dataset order: every sequence's pieces are consecutive items.
+    # Items are numbered n.. so that all of them go through the piece map in `pack`.
+    pieces = (lens + (seq_len - 1)) // seq_len
+    src = np.repeat(np.arange(lens.shape[0], dtype=np.int64), pieces)
+    first = np.cumsum(pieces) - pieces
+    starts = (np.arange(src.shape[0], dtype=np.int64) - np.repeat(first, pieces)) * seq_len
+    item_lens = np.concatenate(
+        [np.zeros(lens.shape[0], np.int64), np.minimum(lens[src] - starts, seq_len)]
+    )
+    empty = np.zeros(0, np.int64)
+    return _Items(item_lens, _kernels.CLIP, src, starts, empty, 0, n_over)
 
 
-def _positive_int(name: str, value: object, upper: int) -> int:
-    if isinstance(value, bool):
-        raise PackingError(f"{name} must be an integer, got {value!r}")
-    try:
-        v = operator.index(value)  # type: ignore[arg-type]
-    except TypeError:
-        raise PackingError(f"{name} must be an integer, got {value!r}") from None
-    if v < 1:
-        raise PackingError(f"{name} must be >= 1, got {v}")
-    if v > upper:
-        raise PackingError(f"{name} must be <= {upper}, got {v}")
-    return v
-
-
-def validate_lengths(lengths: ArrayLike, what: str = "lengths") -> IntArray:
-    """`lengths` as a 1-D int64 array of positive values, or `PackingError`."""
-    try:
-        arr = np.asarray(lengths)
-    except (ValueError, TypeError, OverflowError) as e:
-        raise PackingError(f"{what} must be a 1-D array of integers: {e}") from None
-    if arr.ndim != 1:
-        raise PackingError(f"{what} must be 1-D, got shape {arr.shape}")
-    if arr.shape[0] == 0:
-        raise PackingError(f"{what} is empty: nothing to pack")
-    if arr.dtype == np.bool_ or not np.issubdtype(arr.dtype, np.integer):
-        raise PackingError(f"{what} must be integers, got a {arr.dtype} array")
-    if arr.shape[0] > _MAX_ITEMS:
-        raise PackingError(f"{what}: at most {_MAX_ITEMS} sequences, got {arr.shape[0]}")
-    if arr.dtype == np.uint64 and int(arr.max()) >= 2**63:
-        raise PackingError(f"{what}: a length does not fit in int64 ({int(arr.max())})")
-    out = arr.astype(np.int64, copy=False)
-    low = int(out.min())
-    if low < 1:
-        bad = np.flatnonzero(out < 1)
-        raise PackingError(
-            f"{what} must be >= 1: {bad.shape[0]} are not (first at index {int(bad[0])}: "
-            f"{int(out[bad[0]])})"
-        )
-    return out
-
-
-def _apply_overlong(
-    lens: IntArray, seq_len: int, policy: str
-) -> tuple[IntArray, IntArray | None, IntArray | None, IntArray, int, int]:
-    """Item lengths, item -> source id (None: identity), item starts (None: zeros),
-    dropped ids, number truncated, number split."""
+def _apply_overlong(lens: IntArray, seq_len: int, policy: str, ordered: bool) -> _Items:
+    # Items keep the input positions, so that the kernels' output order already is
+    # `indices`, and truncate/drop happen inside the kernels: no id map, no copy of the
+    # lengths on the hot path.
     empty = np.zeros(0, np.int64)
     longest = int(lens.max())
     if longest <= seq_len:
-        return lens, None, None, empty, 0, 0
+        return _Items(lens, _kernels.CLIP, empty, empty, empty, 0, 0)
     over = lens > seq_len
     n_over = int(np.count_nonzero(over))
     if policy == "error":
@@ -254,22 +239,53 @@ def _apply_overlong(
             "overlong='drop', 'truncate' or 'split'"
         )
     if policy == "drop":
-        keep = np.flatnonzero(~over)
-        if keep.shape[0] == 0:
+        if n_over == lens.shape[0]:
             raise PackingError(
-                f"all {lens.shape[0]} sequences are longer than seq_len={seq_len}: "
-                "nothing left to pack after overlong='drop'"
+                f"all {n_over} sequences are longer than seq_len={seq_len}: "
+                "nothing left to pack with overlong='drop'"
             )
-        return lens[keep], keep, None, np.flatnonzero(over), 0, 0
+        return _Items(lens, _kernels.SKIP, empty, empty, np.flatnonzero(over), 0, 0)
     if policy == "truncate":
-        return np.minimum(lens, seq_len), None, None, empty, n_over, 0
-    # split: sequence i becomes ceil(len_i / seq_len) consecutive pieces.
-    pieces = (lens + (seq_len - 1)) // seq_len
-    src = np.repeat(np.arange(lens.shape[0], dtype=np.int64), pieces)
-    first = np.cumsum(pieces) - pieces  # item index of each sequence's first piece
-    starts = (np.arange(src.shape[0], dtype=np.int64) - first[src]) * seq_len
-    item_lens = np.minimum(lens[src] - starts, seq_len)
-    return item_lens, src, starts, empty, 0, n_over
+        return _Items(lens, _kernels.CLIP, empty, empty, empty, n_over, 0)
+    if ordered:
+        return _split_in_order(lens, seq_len, n_over)
+    # split: sequence i keeps its first seq_len tokens as item i (CLIP); its further
+    # pieces, ceil(len_i / seq_len) - 1 of them, become items n, n+1, ...
+    long_ids = np.flatnonzero(over)
+    long_lens = lens[long_ids]
+    extra = (long_lens - 1) // seq_len  # pieces beyond the first
+    src = np.repeat(long_ids, extra)
+    first = np.cumsum(extra) - extra
+    piece = np.arange(src.shape[0], dtype=np.int64) - np.repeat(first, extra) + 1
+    starts = piece * seq_len
+    item_lens = np.empty(lens.shape[0] + src.shape[0], np.int64)
+    item_lens[: lens.shape[0]] = lens
+    np.minimum(np.repeat(long_lens, extra) - starts, seq_len, out=item_lens[lens.shape[0] :])
+    return _Items(item_lens, _kernels.CLIP, src, starts, empty, 0, n_over)
+
+
+def _run_kernel(
+    algorithm: str, room: IntArray, cap: int, over: int, per_bin: int, tie_seed: int
+) -> tuple[IntArray, IntArray, IntArray]:
+    """(item positions in bin order, bin offsets, their lengths) from one kernel."""
+    n = room.shape[0]
+    # The per-item buffers come from numpy, which maps them with huge pages (see _kernels).
+    out = np.empty(n, np.int64)
+    out_len = np.empty(n, np.int64)
+    if algorithm == "greedy":
+        offsets_buf = np.empty(n + 1, np.int64)
+        n_bins, m = _kernels.greedy(room, cap, over, per_bin, offsets_buf, out, out_len)
+        offsets = offsets_buf[: n_bins + 1].copy()
+    else:
+        kernel = _kernels.ffd if algorithm == "ffd" else _kernels.bfd
+        order = np.empty(n, np.int32)
+        bin_of = np.empty(n, np.int32)
+        offsets = kernel(room, cap, over, per_bin, tie_seed, order, bin_of, out, out_len)
+        del order, bin_of
+        m = int(offsets[-1])
+    if m < n:  # dropped items: do not keep the unused tail alive
+        out, out_len = out[:m].copy(), out_len[:m].copy()
+    return out, offsets, out_len
 
 
 def pack(
@@ -284,6 +300,9 @@ def pack(
 ) -> PackResult:
     """Pack sequences of the given lengths into bins of at most `seq_len` tokens.
 
+    lengths: 1-D integer array-like, one length (>= 1) per sequence; seq_len: bin capacity
+    in tokens, 1 <= seq_len <= 2**24.
+
     algorithm: `"ffd"` (first-fit decreasing over the whole dataset; the default),
       `"bfd"` (best-fit decreasing) or `"greedy"` (order-preserving next fit).
     max_per_bin: at most this many items per bin (None: no limit).
@@ -291,52 +310,64 @@ def pack(
       `"truncate"` or `"split"` (see the module docstring).
     seed: breaks ties between equal lengths for ffd/bfd (a seeded shuffle, so dataset
       neighbours are not packed together systematically); None keeps dataset order.
-      It does not change the number of bins of ffd. greedy ignores it.
+      Equal lengths are interchangeable, so it never changes the bins' sizes, only which
+      of the equal-length sequences fill them. greedy ignores it.
     pad_multiple: every item reserves its length rounded up to this multiple; use
       `2 * cp_size` under context parallelism so that the per-sequence padding the
       collators add always fits. `seq_len` must be a multiple of it.
     """
-    cap = _positive_int("seq_len", seq_len, _MAX_SEQ_LEN)
+    cap = positive_int("seq_len", seq_len, MAX_SEQ_LEN)
     if algorithm not in ALGORITHMS:
-        raise PackingError(f"unknown algorithm {algorithm!r}; choose one of {', '.join(ALGORITHMS)}")
+        raise PackingError(
+            f"unknown algorithm {algorithm!r}; choose one of {', '.join(ALGORITHMS)}"
+        )
     if overlong not in OVERLONG_POLICIES:
         raise PackingError(
             f"unknown overlong policy {overlong!r}; choose one of {', '.join(OVERLONG_POLICIES)}"
         )
-    per_bin = _MAX_ITEMS if max_per_bin is None else _positive_int("max_per_bin", max_per_bin, _MAX_ITEMS)
-    multiple = _positive_int("pad_multiple", pad_multiple, cap)
+    per_bin = (
+        MAX_ITEMS if max_per_bin is None else positive_int("max_per_bin", max_per_bin, MAX_ITEMS)
+    )
+    multiple = positive_int("pad_multiple", pad_multiple, cap)
     if cap % multiple:
         raise PackingError(f"seq_len={cap} must be a multiple of pad_multiple={multiple}")
-    tie_seed = -1 if seed is None else _check_seed(seed)
+    tie_seed = -1 if seed is None else check_seed(seed)
     lens = validate_lengths(lengths)
 
-    item_lens, src, starts, dropped, n_trunc, n_split = _apply_overlong(lens, cap, overlong)
-    if src is not None and src.shape[0] > _MAX_ITEMS:
-        raise PackingError(f"splitting makes {src.shape[0]} pieces, more than {_MAX_ITEMS}")
-    room = item_lens if multiple == 1 else -(-item_lens // multiple) * multiple
-    room = np.ascontiguousarray(room, dtype=np.int64)
+    items = _apply_overlong(lens, cap, overlong, ordered=algorithm == "greedy")
+    if items.lens.shape[0] > MAX_ITEMS:
+        raise PackingError(f"splitting makes {items.lens.shape[0]} pieces, more than {MAX_ITEMS}")
+    room = np.ascontiguousarray(items.lens)
+    if not room.flags.writeable:  # numba compiles read-only arrays as another type
+        room = room.copy()
+    if multiple > 1:
+        # Rounding up may push a length of exactly seq_len - r above seq_len: clip first.
+        room = -(-np.minimum(room, cap) // multiple) * multiple
+        if items.over == _kernels.SKIP:
+            room[items.dropped] = 0
 
-    if algorithm == "ffd":
-        order, offsets, packed_room = _kernels.ffd(room, cap, per_bin, tie_seed)
-    elif algorithm == "bfd":
-        order, offsets, packed_room = _kernels.bfd(room, cap, per_bin, tie_seed)
-    else:
-        order, offsets, packed_room = _kernels.greedy(room, cap, per_bin)
-
-    packed_lens = packed_room if multiple == 1 else item_lens[order]
-    indices = order if src is None else src[order]
-    packed_starts = np.zeros(order.shape[0], np.int64) if starts is None else starts[order]
+    order, offsets, packed_room = _run_kernel(algorithm, room, cap, items.over, per_bin, tie_seed)
+    packed_lens = packed_room if multiple == 1 else np.minimum(items.lens[order], cap)
+    n = lens.shape[0]
+    starts = np.zeros(order.shape[0], np.int64)
+    if items.extra_src.shape[0]:
+        # Map split pieces (items >= n) back to their source sequence and first token.
+        # `order` is the kernel's fresh array: rewrite it in place.
+        piece = np.flatnonzero(order >= n)
+        extra = order[piece] - n
+        order[piece] = items.extra_src[extra]
+        starts[piece] = items.extra_start[extra]
     return PackResult(
-        indices=indices,
+        indices=order,
         offsets=offsets,
         lengths=packed_lens,
-        starts=packed_starts,
+        starts=starts,
         seq_len=cap,
         algorithm=algorithm,
-        n_input=int(lens.shape[0]),
-        dropped=dropped,
-        n_truncated=n_trunc,
-        n_split=n_split,
+        n_input=int(n),
+        dropped=items.dropped,
+        n_truncated=items.n_truncated,
+        n_split=items.n_split,
         pad_multiple=multiple,
     )
 
@@ -345,5 +376,5 @@ def shuffle_bins(result: PackResult, epoch: int, seed: int = 0) -> IntArray:
     """A permutation of the bin ids: the bin order of `epoch`, a pure function of
     (seed, epoch, number of bins). Bins come out of packing sorted by their longest
     sequence; training in that order would be far from random."""
-    rng = np.random.default_rng([_check_seed(seed), _check_epoch(epoch), 0xB1])
+    rng = np.random.default_rng([check_seed(seed), check_epoch(epoch), 0xB1])
     return rng.permutation(result.n_bins).astype(np.int64)

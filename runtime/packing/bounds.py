@@ -20,12 +20,12 @@ from __future__ import annotations
 import numpy as np
 from numpy.typing import ArrayLike
 
-from .algorithms import _positive_int, validate_lengths
+from ._checks import MAX_SEQ_LEN, positive_int, validate_lengths
 from .errors import PackingError
 
 
 def _histogram(lengths: ArrayLike, seq_len: int) -> tuple[np.ndarray, int]:
-    cap = _positive_int("seq_len", seq_len, 2**31 - 1)
+    cap = positive_int("seq_len", seq_len, MAX_SEQ_LEN)
     lens = validate_lengths(lengths)
     longest = int(lens.max())
     if longest > cap:

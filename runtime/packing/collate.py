@@ -85,12 +85,14 @@ def _int(name: str, value: object, low: int) -> int:
     return v
 
 
-def _check_cp(cp_size: int, seq_len: int | None) -> int:
+def _check_cp(cp_size: int, length: int | None, name: str = "seq_len") -> int:
+    """The per-sequence padding multiple: 2 * cp_size, or 1 without context parallelism;
+    `length` (the row length `name`) must be a multiple of it."""
     multiple = 2 * _int("cp_size", cp_size, 1)
-    multiple = 1 if multiple == 2 else multiple  # cp_size 1: no per-sequence padding
-    if seq_len is not None and _int("seq_len", seq_len, 1) % multiple:
+    multiple = 1 if multiple == 2 else multiple
+    if length is not None and _int(name, length, 1) % multiple:
         raise PackingError(
-            f"seq_len={seq_len} must be a multiple of 2*cp_size={multiple} under context parallelism"
+            f"{name}={length} must be a multiple of 2*cp_size={multiple} under context parallelism"
         )
     return multiple
 
@@ -127,9 +129,15 @@ class _Row:
                 f"bin holds {self.tokens} tokens (with per-sequence padding), more than seq_len={seq_len}"
             )
         if extra:
-            self.input_ids = torch.cat([self.input_ids, torch.full((extra,), self.pad_id, dtype=torch.int64)])
-            self.labels = torch.cat([self.labels, torch.full((extra,), IGNORE_INDEX, dtype=torch.int64)])
-            self.position_ids = torch.cat([self.position_ids, torch.arange(extra, dtype=torch.int64)])
+            self.input_ids = torch.cat(
+                [self.input_ids, torch.full((extra,), self.pad_id, dtype=torch.int64)]
+            )
+            self.labels = torch.cat(
+                [self.labels, torch.full((extra,), IGNORE_INDEX, dtype=torch.int64)]
+            )
+            self.position_ids = torch.cat(
+                [self.position_ids, torch.arange(extra, dtype=torch.int64)]
+            )
         return extra
 
 
@@ -207,7 +215,7 @@ def collate_padded(
 ) -> Batch:
     """One row per sequence, right-padded to the longest (rounded up to 2 * cp_size when
     cp_size > 1) or to `max_len`."""
-    multiple = _check_cp(cp_size, max_len)
+    multiple = _check_cp(cp_size, max_len, "max_len")
     tensors = [_as_tensor(s, i) for i, s in enumerate(seqs)]
     longest = max((int(t.numel()) for t in tensors), default=0)
     width = -(-longest // multiple) * multiple if max_len is None else max_len

@@ -39,7 +39,8 @@ import numpy as np
 from numpy.typing import NDArray
 
 from . import _kernels
-from .algorithms import PackResult, _check_epoch, _check_seed, shuffle_bins
+from ._checks import check_epoch, check_seed
+from .algorithms import PackResult, shuffle_bins
 from .errors import PackingError
 
 
@@ -131,7 +132,7 @@ class PackedSampler:
         self.micro_batch = _int_arg("micro_batch", micro_batch, 1)
         self.window = _int_arg("window", window, 1)
         self.drop_remainder = bool(drop_remainder)
-        self.seed = _check_seed(seed)
+        self.seed = check_seed(seed)
         self._epoch = 0
         self._step = 0
         group = self.dp_size * self.micro_batch
@@ -145,8 +146,13 @@ class PackedSampler:
                 )
         else:
             self.steps_per_epoch = -(-n_bins // group)
-        weight = 1.0 / result.seq_len if attention_weight is None else float(attention_weight)
-        if not weight >= 0.0:
+        try:
+            weight = 1.0 / result.seq_len if attention_weight is None else float(attention_weight)
+        except (TypeError, ValueError):
+            raise PackingError(
+                f"attention_weight must be a number, got {attention_weight!r}"
+            ) from None
+        if not weight >= 0.0:  # also rejects NaN
             raise PackingError(f"attention_weight must be >= 0, got {attention_weight!r}")
         self._tokens = result.bin_tokens
         self._attention = result.bin_attention
@@ -167,7 +173,7 @@ class PackedSampler:
         """Select the epoch to iterate. Setting the current epoch again keeps the progress
         made in it, so `load_state_dict` followed by the usual `set_epoch(epoch)` at the
         top of the epoch loop resumes where the state says."""
-        e = _check_epoch(epoch)
+        e = check_epoch(epoch)
         if e != self._epoch:
             self._epoch = e
             self._step = 0
@@ -186,7 +192,7 @@ class PackedSampler:
     def schedule(self, epoch: int | None = None) -> NDArray[np.int64]:
         """The global schedule of an epoch: bin ids [steps, dp_size, micro_batch], -1 for
         an empty padding bin. The same on every rank."""
-        e = self._epoch if epoch is None else _check_epoch(epoch)
+        e = self._epoch if epoch is None else check_epoch(epoch)
         if self._schedule_cache is not None and self._schedule_cache[0] == e:
             return self._schedule_cache[1]
         plan = _kernels.deal_steps(
@@ -203,8 +209,9 @@ class PackedSampler:
         plan = self.schedule()
         while self._step < self.steps_per_epoch:
             bins = plan[self._step, self.dp_rank]
+            # A writable copy: numba compiles read-only arrays as a type of their own.
             pos, sub = _kernels.shuffled_items(
-                self.result.offsets, np.ascontiguousarray(bins), self.seed, self._epoch
+                self.result.offsets, np.array(bins), self.seed, self._epoch
             )
             self._step += 1
             yield [pos[sub[i] : sub[i + 1]] for i in range(bins.shape[0])]
@@ -232,7 +239,7 @@ class PackedSampler:
 
     def remainder(self, epoch: int | None = None) -> Remainder:
         """The remainder policy's effect in an epoch (default: the current one)."""
-        e = self._epoch if epoch is None else _check_epoch(epoch)
+        e = self._epoch if epoch is None else check_epoch(epoch)
         group = self.dp_size * self.micro_batch
         n_bins = self.result.n_bins
         used = self.steps_per_epoch * group
@@ -269,17 +276,21 @@ class PackedSampler:
         """Resume from `state_dict()`. The layout must match: under another dp_size or
         another packing, the remaining steps would repeat or skip sequences."""
         try:
-            epoch = _check_epoch(state["epoch"])
-            seed = _check_seed(state["seed"])
+            epoch = check_epoch(state["epoch"])
+            seed = check_seed(state["seed"])
             steps = _int_arg("steps_consumed", state["steps_consumed"], 0)
-            layout = {k: state[k] for k in ("dp_size", "micro_batch", "window", "drop_remainder", "n_bins")}
+            layout = {
+                k: state[k]
+                for k in ("dp_size", "micro_batch", "window", "drop_remainder", "n_bins")
+            }
         except KeyError as e:
             raise PackingError(f"sampler state is missing {e.args[0]!r}") from None
         mine = {k: v for k, v in self.state_dict().items() if k in layout}
         diff = [f"{k}={layout[k]!r} (now {mine[k]!r})" for k in layout if layout[k] != mine[k]]
         if diff:
             raise PackingError(
-                "cannot resume: the sampler state was saved under another layout: " + ", ".join(diff)
+                "cannot resume: the sampler state was saved under another layout: "
+                + ", ".join(diff)
             )
         if steps > self.steps_per_epoch:
             raise PackingError(
