@@ -41,6 +41,20 @@ def fused_parts(graph: ModelGraph, fqn: str) -> tuple[int, ...] | None:
     return tuple([out // n] * n) if out % n == 0 else None
 
 
+def weight_placement(graph: ModelGraph, module: str, rule: TPRuleSpec | None) -> str:
+    """How a style lays out a module's weight: `shard(0)`, `shard(1)` or `replicate`."""
+    if rule is None or module not in graph.modules:
+        return "replicate"
+    kind, style = graph.modules[module].kind, rule.style.name
+    if kind == "embedding":
+        return {"rowwise": "shard(0)", "colwise": "shard(1)"}.get(style, "replicate")
+    if kind == "linear":
+        return {"colwise": "shard(0)", "rowwise": "shard(1)"}.get(style, "replicate")
+    if kind == "conv1d":
+        return {"conv1d_colwise": "shard(1)", "conv1d_rowwise": "shard(0)"}.get(style, "replicate")
+    return "replicate"
+
+
 class StyleFit:
     name = "styles"
 
@@ -52,6 +66,7 @@ class StyleFit:
             for fqn in fqns:
                 if self._check(ctx, rule, fqn, len(fqns)):
                     break  # one error per rule is enough
+        self._tied(ctx)
         for fqn, pattern in ctx.cp_modules.items():
             info = ctx.graph.module(fqn)
             if info.kind != "attention":
@@ -60,6 +75,27 @@ class StyleFit:
                           "context_parallel replaces attention; name the attention modules, e.g. "
                           "`attention model.layers.*.self_attn`")
                 break
+
+    @staticmethod
+    def _tied(ctx: Context) -> None:
+        """One tensor under two names must be sharded the same way under both."""
+        for group in ctx.graph.tied:
+            seen: list[tuple[str, str, TPRuleSpec | None]] = []
+            for name in group:
+                module = name.rsplit(".", 1)[0]
+                rule = ctx.tp_rules.get(module)
+                seen.append((name, weight_placement(ctx.graph, module, rule), rule))
+            (n1, p1, r1), *rest = seen
+            for n2, p2, r2 in rest:
+                if p1 != p2:
+                    span = (r2 or r1).span if (r2 or r1) else ctx.spec.span
+                    other = r1 if r2 is not None else None
+                    ctx.error(span, "E504",
+                              f"`{n1}` and `{n2}` are one tied tensor, but the plan shards it as {p1} "
+                              f"under one name and {p2} under the other",
+                              "shard both the same way (rowwise embedding with colwise lm_head both split "
+                              "the vocabulary), or neither",
+                              related=((other.span, "the other rule"),) if other else ())
 
     def _check(self, ctx: Context, rule: TPRuleSpec, fqn: str, count: int) -> bool:
         style = rule.style
