@@ -88,7 +88,8 @@ class StyleFit:
             (n1, p1, r1), *rest = seen
             for n2, p2, r2 in rest:
                 if p1 != p2:
-                    span = (r2 or r1).span if (r2 or r1) else ctx.spec.span
+                    chosen = r2 or r1
+                    span = chosen.span if chosen is not None else ctx.spec.span
                     other = r1 if r2 is not None else None
                     ctx.error(span, "E504",
                               f"`{n1}` and `{n2}` are one tied tensor, but the plan shards it as {p1} "
