@@ -11,6 +11,7 @@ tensor-parallel one. What needs the model or the world size is the planner's.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -40,6 +41,8 @@ from .spec import (
     TPRuleSpec,
     UnitSpec,
 )
+
+_IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 @dataclass(frozen=True)
@@ -83,6 +86,8 @@ def _kind_of(value: ast.Value) -> str:
         return "an integer"
     if isinstance(value, ast.Bool):
         return "a boolean"
+    if isinstance(value, ast.Str):
+        return "a string"
     return "a name"
 
 
@@ -163,7 +168,7 @@ class _Checker:
             name, sep, raw = text.partition("=")
             name, raw = name.strip(), raw.strip()
             span = _set_span(text)
-            if not sep or not name or not raw:
+            if not sep or not name or not raw or name == "mesh." or name.endswith("."):
                 self.error(span, "E304", f"`--set {text}` is not NAME=VALUE",
                            "write e.g. `--set tp=4` or `--set mesh.dp_shard=8`")
                 continue
@@ -188,10 +193,17 @@ class _Checker:
                     continue
                 self.param_values[name] = (value, text)
             else:
-                candidates = [*self.params, *(f"mesh.{d.name}" for d in self._mesh_dims())]
-                self.error(span, "E209", f"the plan has no parameter `{name}`",
-                           did_you_mean(name, candidates)
-                           or (f"parameters: {one_of(candidates)}" if candidates else "the plan declares no `param`"))
+                dims = [d.name for d in self._mesh_dims()]
+                if name in dims:
+                    hint: str | None = f"`{name}` is a mesh dimension: write `--set mesh.{name}={raw}`"
+                else:
+                    hint = did_you_mean(name, [*self.params, *(f"mesh.{d}" for d in dims)])
+                    if hint is None:
+                        hint = (f"parameters are {one_of(self.params)}" if self.params
+                                else "the plan declares no `param`")
+                        if dims:
+                            hint += f"; mesh dimensions are set as `--set mesh.DIM=N` ({one_of(dims)})"
+                self.error(span, "E209", f"the plan has no parameter `{name}`", hint)
 
     def _mesh_dims(self) -> tuple[ast.MeshDim, ...]:
         mesh = self.plan.mesh
@@ -208,7 +220,7 @@ class _Checker:
         try:
             SizeType().convert(override.value)
         except TypeProblem as p:
-            self.error(span, "E302", p.message, p.hint)
+            self.error(span, "E302", f"mesh dimension `{override.name}`: {p.message}", p.hint)
             return
         self.mesh_overrides[override.name] = override
 
@@ -441,7 +453,8 @@ class _Checker:
                                         values["cast_forward_inputs"], item.span)
             elif item.keyword == "offload":
                 offload = OffloadSpec(values["pin_memory"], item.span)
-        if root is None:
+        written = any(getattr(e, "keyword", getattr(e, "key", None)) == "root" for e in (s.body.entries if s.body else ()))
+        if root is None and not written:
             self.error(s.head(s.kind), "E412", "`fully_shard` has no `root`",
                        "add `root` to the section: the whole model must be wrapped last")
         return "fully_shard", FullyShardSpec(on, tuple(units), root, mp, offload, s.span)
@@ -567,6 +580,9 @@ class _Body:
                     if entry.key in items:
                         c.error(key_span, "E411", f"`{entry.key}` is not a setting of `{self.owner}`",
                                 f"write `{entry.key} …` without `=`")
+                    elif rules_allowed:
+                        c.error(key_span, "E203", f"`{self.owner}` takes rules, not settings",
+                                f"a rule is written `PATTERN : STYLE`, e.g. `{entry.key} : {schema.shown(entry.value)}`")
                     else:
                         c.error(key_span, "E203", f"`{self.owner}` has no setting `{entry.key}`",
                                 did_you_mean(entry.key, [*settings, *items])
@@ -586,8 +602,11 @@ class _Body:
                             "rules belong in `tensor_parallel on DIM { … }`")
                     continue
                 self.rules.append(entry)
+            elif rules_allowed and entry.body is None and len(entry.patterns) == 1 and entry.keyword not in items:
+                c.error(entry.span, "E101", f"`{entry.keyword} {entry.patterns[0].text}` is missing the `:` of a rule",
+                        f"write `{entry.keyword} : {entry.patterns[0].text}`")
             else:
-                self._item(entry, items, settings, seen_items)
+                self._item(entry, items, settings, seen_items, rules_allowed)
         for key, setting in settings.items():
             if key not in seen:
                 if setting.required:
@@ -597,17 +616,20 @@ class _Body:
         return values
 
     def _item(self, item: ast.Item, items: Mapping[str, schema.ItemSchema],
-              settings: Mapping[str, SettingSchema], seen: dict[str, ast.Item]) -> None:
+              settings: Mapping[str, SettingSchema], seen: dict[str, ast.Item], rules_allowed: bool) -> None:
         c = self.checker
         key_span = item.head(item.keyword)
         sch = items.get(item.keyword)
         if sch is None:
-            if item.keyword in settings:
+            if rules_allowed:
+                c.error(key_span, "E101", f"`{item.keyword}` is not a rule",
+                        f"a rule is written `PATTERN : STYLE`, e.g. `{item.keyword} : colwise`")
+            elif item.keyword in settings:
                 c.error(key_span, "E411", f"`{item.keyword}` needs a value",
                         f"write `{item.keyword} = …`")
             else:
                 c.error(key_span, "E210", f"`{self.owner}` has no item `{item.keyword}`",
-                        did_you_mean(item.keyword, [*items, *settings])
+                        did_you_mean(item.keyword, [*items, *settings]) if _IDENT.fullmatch(item.keyword) else None
                         or (f"items are {one_of(items)}" if items else f"`{self.owner}` takes settings only"))
             return
         if not sch.repeat and item.keyword in seen:

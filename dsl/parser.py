@@ -49,6 +49,7 @@ def _parser() -> Lark:
 
 def parse(text: str, file: str = "<plan>") -> ast.Plan:
     """Parse plan text. Raises PlanRejected (never a lark exception)."""
+    text = text.removeprefix("\ufeff")  # a byte-order mark some editors write
     tree = _lark_parse(text, file, "start")
     builder = _Builder(file)
     plan = builder.transform(tree)
@@ -84,8 +85,10 @@ def parse_value(text: str, origin: str) -> ast.Value:
 
 def _lark_parse(text: str, file: str, start: str) -> lark.Tree[Any]:
     if "\x00" in text:
-        line = text[: text.index("\x00")].count("\n") + 1
-        raise PlanRejected([PlanError(Span.point(file, line, 1), "E102", "NUL byte in plan text")])
+        before = text[: text.index("\x00")]
+        line = before.count("\n") + 1
+        column = len(before) - (before.rfind("\n") + 1) + 1
+        raise PlanRejected([PlanError(Span.point(file, line, column), "E102", "NUL byte in plan text")])
     try:
         # A final line end makes every statement end the same way.
         return _parser().parse(text + "\n" if start == "start" else text, start=start)
@@ -104,7 +107,9 @@ def _describe(name: str) -> str:
 
 
 def _expected(names: set[str]) -> str:
-    words = sorted({_describe(n) for n in names})
+    if {"WORD", "INT", "STRING"} <= names:
+        names = (set(names) - {"WORD", "INT", "STRING"}) | {"VALUE"}
+    words = sorted({"a value" if n == "VALUE" else _describe(n) for n in names})
     if len(words) > 6:
         words = [*words[:6], "…"]
     return ", ".join(words)
@@ -119,24 +124,65 @@ def _token_text(token: Token) -> str:
 
 
 def _syntax_error(e: UnexpectedInput, file: str, text: str) -> PlanError:
+    error = _syntax_error_bare(e, file, text)
+    lines = text.split("\n")
+    at_top = 0 < error.span.line <= len(lines) and not lines[error.span.line - 1][:1].isspace()
+    # An unclosed brace shows up later, at a statement that looks out of place.
+    hint = error.hint or (_unclosed_brace(text, error.span.line, error.span.column)
+                          if error.code == "E103" or at_top else None)
+    return PlanError(error.span, error.code, error.message, hint)
+
+
+def _unclosed_brace(text: str, line: int, column: int) -> str | None:
+    """Name the `{` still open before an error, the usual cause of a confusing one."""
+    open_lines: list[int] = []
+    lines = text.split("\n")[: max(line, 0)]
+    if lines:
+        lines[-1] = lines[-1][: max(column - 1, 0)]
+    for number, content in enumerate(lines, start=1):
+        in_string = False
+        for ch in content:
+            if ch == '"':
+                in_string = not in_string
+            elif in_string:
+                continue
+            elif ch == "#":
+                break
+            elif ch == "{":
+                open_lines.append(number)
+            elif ch == "}" and open_lines:
+                open_lines.pop()
+    if open_lines:
+        return f"the `{{` opened at line {open_lines[-1]} is not closed"
+    return None
+
+
+def _syntax_error_bare(e: UnexpectedInput, file: str, text: str) -> PlanError:
     line = getattr(e, "line", 0) or 0
     column = getattr(e, "column", 0) or 0
     if isinstance(e, UnexpectedToken):
+        expected = e.accepts or e.expected
         token = e.token
         if token.type == "$END" or line <= 0:
             last = text.rstrip("\n").split("\n")
             line, column = len(last), len(last[-1]) + 1
             return PlanError(
                 Span.point(file, line, column), "E103",
-                f"unexpected end of file, expected {_expected(e.expected)}",
+                f"unexpected end of file, expected {_expected(expected)}",
             )
         if token.type == "_NL":
             # Point at the end of the line rather than at the line break's next line.
             end = Span.point(file, token.line or line, token.column or column)
-            return PlanError(end, "E101", f"unexpected end of line, expected {_expected(e.expected)}")
+            return PlanError(end, "E101", f"unexpected end of line, expected {_expected(expected)}")
         width = max(1, len(str(token.value).split("\n")[0]))
         span = Span(file, line, column, line, column + width)
-        return PlanError(span, "E101", f"unexpected {_token_text(token)}, expected {_expected(e.expected)}")
+        hint = None
+        before = text.split("\n")[line - 1][: column - 1] if 0 < line <= text.count("\n") + 1 else ""
+        if token.type == "COMMA" and " on " in f" {before}" and "(" not in before:
+            hint = "several dimensions are written `on (A, B)`"
+        elif token.type == "WORD" and "COLON" in expected:
+            hint = "a rule is written `PATTERN : STYLE`"
+        return PlanError(span, "E101", f"unexpected {_token_text(token)}, expected {_expected(expected)}", hint)
     if isinstance(e, UnexpectedCharacters):
         pos = e.pos_in_stream or 0
         char = text[pos] if pos < len(text) else ""
@@ -206,7 +252,14 @@ class _Builder(Transformer[Token, Any]):
 
     # -- values
     def int_value(self, meta: Any, t: Token) -> ast.Int:
-        return ast.Int(value=int(t), span=_span(self.file, meta))
+        text = str(t)
+        # Beyond 64 bits no size or count makes sense (and Python's int() has a digit limit).
+        if len(text.lstrip("-")) > 19 or not -(2**63) <= int(text) < 2**63:
+            self.errors.append(PlanError(_span(self.file, meta), "E303",
+                                         f"integer `{text[:24]}{'…' if len(text) > 24 else ''}` is out of range",
+                                         "integers must fit in 64 bits"))
+            return ast.Int(value=0, span=_span(self.file, meta))
+        return ast.Int(value=int(text), span=_span(self.file, meta))
 
     def string_value(self, meta: Any, t: Token) -> ast.Str:
         return ast.Str(value=str(t)[1:-1], span=_span(self.file, meta))
@@ -251,7 +304,7 @@ class _Builder(Transformer[Token, Any]):
     def item(self, meta: Any, t: Token, *rest: Any) -> ast.Item:
         patterns = next((r for r in rest if isinstance(r, tuple)), ())
         body = next((r for r in rest if isinstance(r, ast.Body)), None)
-        return ast.Item(keyword=self._name(t, "an item name"), patterns=patterns, body=body,
+        return ast.Item(keyword=str(t), patterns=patterns, body=body,
                         span=_span(self.file, meta))
 
     def body(self, meta: Any, *entries: ast.Entry) -> ast.Body:

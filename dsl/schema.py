@@ -173,7 +173,7 @@ class PlacementType(ValueType):
 class ReshardType(ValueType):
     """FSDP's reshard_after_forward: true, false, auto, or a smaller world to reshard to."""
 
-    description = "`true`, `false`, `auto` or a positive integer"
+    description = "`true`, `false`, `auto` or an integer ≥ 2"
 
     def convert(self, value: ast.Value) -> bool | int | str:
         if isinstance(value, ast.Bool):

@@ -107,6 +107,7 @@ def test_check_several_files_one_bad(workdir: Path, capsys: pytest.CaptureFixtur
         "bad.plan:3:9: error[E103]: unexpected end of file, expected `}`, a name or pattern\n"
         "  3 |   tp = 2\n"
         "    |         ^\n"
+        "  hint: the `{` opened at line 2 is not closed\n"
         "2 files checked, 1 rejected (1 error)\n"
     )
 
@@ -132,7 +133,7 @@ def test_check_overrides(workdir: Path, capsys: pytest.CaptureFixture[str]) -> N
     assert err == (
         "--set tp=four: error[E302]: `tp` is an integer (declared at line 5), not a name\n"
         "--set tq=2: error[E209]: the plan has no parameter `tq`\n"
-        "  hint: parameters: `tp`, `seq_len`, `mesh.pp`, `mesh.dp_replicate`, `mesh.dp_shard`, `mesh.cp` or `mesh.tp`\n"
+        "  hint: parameters are `tp` or `seq_len`; mesh dimensions are set as `--set mesh.DIM=N` (`pp`, `dp_replicate`, `dp_shard`, `cp` or `tp`)\n"
         "--set x: error[E304]: `--set x` is not NAME=VALUE\n"
         "  hint: write e.g. `--set tp=4` or `--set mesh.dp_shard=8`\n"
         "1 file checked, 1 rejected (3 errors)\n"

@@ -66,7 +66,8 @@ CASES = [
           seq_len = 4096
         """,
         [
-            E("E103", 7, 17, "unexpected end of file, expected `}`, a name or pattern"),
+            E("E103", 7, 17, "unexpected end of file, expected `}`, a name or pattern",
+              "the `{` opened at line 6 is not closed"),
         ],
     ),
     Case(
@@ -81,7 +82,8 @@ CASES = [
           unit model.layers.* {
         """,
         [
-            E("E103", 7, 24, "unexpected end of file, expected `}`, a name or pattern"),
+            E("E103", 7, 24, "unexpected end of file, expected `}`, a name or pattern",
+              "the `{` opened at line 7 is not closed"),
         ],
     ),
     Case(
@@ -113,7 +115,7 @@ CASES = [
         }
         """,
         [
-            E("E101", 7, 13, "unexpected `=`, expected a name or pattern, a string, an integer"),
+            E("E101", 7, 13, "unexpected `=`, expected a value"),
         ],
     ),
     Case(
@@ -211,7 +213,7 @@ CASES = [
         }
         """,
         [
-            E("E101", 9, 1, "unexpected `}`, expected a name or pattern"),
+            E("E101", 9, 1, "unexpected `}`, expected `mesh`, `param`, `plan`, `submesh`, a name or pattern, end of file"),
         ],
     ),
     Case(
@@ -1308,7 +1310,7 @@ CASES = [
         }
         """,
         [
-            E("E302", 0, 0, "expected a positive integer or `auto`, found `many`"),
+            E("E302", 0, 0, "mesh dimension `dp_shard`: expected a positive integer or `auto`, found `many`"),
         ],
         overrides=("mesh.dp_shard=many",),
     ),
@@ -1386,3 +1388,45 @@ def test_a_valid_plan_has_no_diagnostics() -> None:
         """)
     assert diagnose(text) == []
     assert diagnose(text, ["tp=4", "mesh.dp_shard=8"]) == []
+
+
+# Cases found by fuzzing the language: each once gave a traceback, a wrong position or
+# a misleading message.
+MESH = "plan p for M\nmesh {\n  dp_shard = auto\n  tp = 2\n}\n"
+FUZZ_CASES: list[tuple[str, str, tuple[str, ...], list[E]]] = [
+    ("integer-beyond-64-bits", "plan p for M\nparam n = " + "9" * 4301 + "\n", (),
+     [E("E303", 2, 11, "integer `999999999999999999999999…` is out of range", "integers must fit in 64 bits")]),
+    ("rule-missing-colon", MESH + "tensor_parallel on tp {\n  model.norm sequence_parallel\n}\n", (),
+     [E("E101", 7, 3, "`model.norm sequence_parallel` is missing the `:` of a rule",
+        "write `model.norm : sequence_parallel`")]),
+    ("rule-written-as-setting", MESH + "tensor_parallel on tp {\n  lm_head = colwise\n}\n", (),
+     [E("E203", 7, 3, "`tensor_parallel` takes rules, not settings",
+        "a rule is written `PATTERN : STYLE`, e.g. `lm_head : colwise`")]),
+    ("value-followed-by-junk", "plan p for M\nparam tp = 4 8\n", (),
+     [E("E101", 2, 14, "unexpected `8`, expected end of line")]),
+    ("byte-order-mark", "\ufeffplan p for M\nmesh {\n  dp_shard = auto\n}\n", (), []),
+    ("nul-byte-column", "plan p for M\nmesh {\n  tp = 2\x00\n}\n", (),
+     [E("E102", 3, 9, "NUL byte in plan text")]),
+    ("malformed-root-no-false-missing-root",
+     "plan p for M\nmesh {\n  dp_shard = auto\n}\nfully_shard on dp_shard {\n  root model\n}\n", (),
+     [E("E411", 6, 8, "`root` takes no module patterns")]),
+    ("on-list-without-parens", MESH + "fully_shard on dp_shard, tp {\n  root\n}\n", (),
+     [E("E101", 6, 24, "unexpected `,`, expected `{`, a name or pattern, end of line",
+        "several dimensions are written `on (A, B)`")]),
+    ("unclosed-block-blamed-on-next-statement",
+     MESH + "packing {\n  seq_len = 4096\n\nfully_shard on dp_shard {\n  root\n}\n", (),
+     [E("E101", 9, 16, "unexpected `dp_shard`, expected `,`, `{`, `}`, end of line",
+        "the `{` opened at line 6 is not closed")]),
+    ("set-string-for-integer", "plan p for M\nparam n = 1\nmesh {\n  tp = n\n}\n", ('n="4"',),
+     [E("E302", 0, 0, "`n` is an integer (declared at line 2), not a string")]),
+    ("set-mesh-without-dimension", MESH, ("mesh.=4",),
+     [E("E304", 0, 0, "`--set mesh.=4` is not NAME=VALUE", "write e.g. `--set tp=4` or `--set mesh.dp_shard=8`")]),
+    ("set-dimension-as-param", MESH, ("tp=4",),
+     [E("E209", 0, 0, "the plan has no parameter `tp`", "`tp` is a mesh dimension: write `--set mesh.tp=4`")]),
+]
+
+
+@pytest.mark.parametrize("name,text,overrides,expected", FUZZ_CASES, ids=[c[0] for c in FUZZ_CASES])
+def test_fuzz_findings(name: str, text: str, overrides: tuple[str, ...], expected: list[E]) -> None:
+    found = [d for d in diagnose(text, overrides) if d.severity == "error"]
+    assert [E(d.code, d.span.line, d.span.column, d.message, d.hint) for d in found] == expected
