@@ -1,0 +1,155 @@
+"""Apply a Program to a model: one function per step kind, walked in program order.
+
+Before any collective, every rank checks the world size and that each module a step
+names exists. A failing step is re-raised as `StepError` naming the plan line the step
+came from. Step order is the compiler's (see planner/lower.py); nothing is reordered
+here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+
+from meshplan.planner.program import (
+    Checkpoint,
+    ContextParallel,
+    FullyShard,
+    MixedPrecision,
+    Parallelize,
+    Program,
+    Step,
+)
+
+from .mesh import build_mesh, submesh
+from .styles import make_style, rescale_split_sizes, selective_checkpoint_context
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp64": torch.float64}
+
+
+class StepError(RuntimeError):
+    """A step failed; the message starts with the plan line it came from."""
+
+
+@dataclass
+class Applied:
+    model: nn.Module
+    mesh: DeviceMesh
+    program: Program
+
+
+def apply(program: Program, model: nn.Module, *, mesh: DeviceMesh | None = None,
+          device_type: str = "cpu") -> Applied:
+    """Parallelise `model` in place as `program` says; returns the model and the mesh."""
+    _check_modules(program, model)
+    mesh = mesh if mesh is not None else build_mesh(program.mesh, device_type)
+    for step in program.steps:
+        try:
+            STEPS[type(step)](step, model, mesh)
+        except StepError:
+            raise
+        except Exception as e:
+            raise StepError(f"{_where(step)}: {step.kind} failed: {type(e).__name__}: {e}") from e
+    return Applied(model, mesh, program)
+
+
+def _where(step: Step) -> str:
+    return str(step.span) if step.span.line else f"<{step.kind} step>"
+
+
+def _module(model: nn.Module, fqn: str) -> nn.Module:
+    return model if not fqn else model.get_submodule(fqn)
+
+
+def _check_modules(program: Program, model: nn.Module) -> None:
+    names = {name for name, _ in model.named_modules()}
+    for step in program.steps:
+        fqns: tuple[str, ...] = ()
+        if isinstance(step, Parallelize):
+            fqns = (step.fqn, *(f"{step.fqn}.{r}".strip(".") for r, _ in step.plan if r))
+        elif isinstance(step, Checkpoint):
+            fqns = (step.fqn,)
+        elif isinstance(step, ContextParallel | FullyShard):
+            fqns = step.fqns
+        missing = [f for f in fqns if f and f not in names]
+        if missing:
+            raise StepError(f"{_where(step)}: the model has no module `{missing[0]}`: was the program "
+                            f"compiled for another model than {type(model).__name__}?")
+
+
+def _parallelize(step: Step, model: nn.Module, mesh: DeviceMesh) -> None:
+    from torch.distributed.tensor.parallel import parallelize_module
+
+    assert isinstance(step, Parallelize)
+    root = _module(model, step.fqn)
+    tp_mesh = submesh(mesh, (step.mesh_dim,))
+    own = [call for rel, call in step.plan if rel == ""]
+    if own:  # a style on the block module itself
+        parallelize_module(root, tp_mesh, make_style(**_kwargs(own[0])))
+    plan = {rel: make_style(**_kwargs(call)) for rel, call in step.plan if rel}
+    if plan:
+        parallelize_module(root, tp_mesh, plan)
+    for rel, call in step.plan:
+        if call.parts > 1 and call.style == "conv1d_colwise" and "." in rel:
+            parent = root.get_submodule(rel.rsplit(".", 1)[0])
+            rescale_split_sizes(parent, root.get_submodule(rel), call.parts, tp_mesh.size())
+
+
+def _kwargs(call: Any) -> dict[str, Any]:
+    return {"style": call.style, "input": call.input, "output": call.output, "local_output": call.local_output,
+            "parts": call.parts, "dim": call.dim, "conversions": call.conversions}
+
+
+def _checkpoint(step: Step, model: nn.Module, mesh: DeviceMesh) -> None:
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    assert isinstance(step, Checkpoint)
+    parent_name, _, child = step.fqn.rpartition(".")
+    parent = _module(model, parent_name)
+    module = parent.get_submodule(child)
+    if step.mode == "full":
+        wrapped = checkpoint_wrapper(module, preserve_rng_state=False)
+    else:
+        wrapped = checkpoint_wrapper(module, preserve_rng_state=False, context_fn=selective_checkpoint_context)
+    parent.register_module(child, wrapped)
+
+
+def _context_parallel(step: Step, model: nn.Module, mesh: DeviceMesh) -> None:
+    raise StepError(f"{_where(step)}: context parallelism is compiled and checked, but this runtime "
+                    "cannot run it yet; compile with cp = 1")
+
+
+def mixed_precision_policy(mp: MixedPrecision | None) -> Any:
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    if mp is None:
+        return MixedPrecisionPolicy()
+    return MixedPrecisionPolicy(
+        param_dtype=DTYPES.get(mp.param or ""), reduce_dtype=DTYPES.get(mp.reduce or ""),
+        output_dtype=DTYPES.get(mp.output or ""), cast_forward_inputs=mp.cast_forward_inputs,
+    )
+
+
+def _fully_shard(step: Step, model: nn.Module, mesh: DeviceMesh) -> None:
+    from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
+
+    assert isinstance(step, FullyShard)
+    modules = [_module(model, f) for f in step.fqns] if step.fqns else [model]
+    target: nn.Module | list[nn.Module] = modules[0] if len(modules) == 1 else modules
+    offload = CPUOffloadPolicy(pin_memory=step.offload.pin_memory) if step.offload else OffloadPolicy()
+    fully_shard(target, mesh=submesh(mesh, step.mesh_dims),
+                reshard_after_forward=step.reshard_after_forward,
+                mp_policy=mixed_precision_policy(step.mixed_precision), offload_policy=offload)
+
+
+STEPS: dict[type[Step], Callable[[Step, nn.Module, DeviceMesh], None]] = {
+    Parallelize: _parallelize,
+    Checkpoint: _checkpoint,
+    ContextParallel: _context_parallel,
+    FullyShard: _fully_shard,
+}
