@@ -222,6 +222,12 @@ class Program:
             raise ValueError(f"Program: mesh {dict(zip(self.mesh.names, self.mesh.shape, strict=True))} "
                              f"has {self.mesh.world_size} ranks, world_size is {self.world_size}")
 
+    def to_python(self) -> str:
+        """A standalone script (torch only) that makes exactly the runtime's calls."""
+        from .emit import to_python
+
+        return to_python(self)
+
     # ------------------------------------------------------------------ JSON
 
     def to_json(self) -> str:

@@ -76,7 +76,7 @@ def test_module_facts_tiny_llama() -> None:
 def test_fused_and_transposed_projections() -> None:
     phi = graph("tiny-phi3")
     qkv = phi.module("model.layers.0.self_attn.qkv_proj")
-    assert qkv.attrs["out_features"] == (4 + 2 + 2) * 16
+    assert qkv.attrs["out_features"] == (4 + 4 + 4) * 16
     assert phi.module("model.layers.0.mlp.gate_up_proj").attrs["out_features"] == 2 * 128
     gpt2 = graph("tiny-gpt2")
     c_attn = gpt2.module("transformer.h.1.attn.c_attn")
