@@ -1,0 +1,101 @@
+"""Compile time against tracing the whole model, side by side in one run.
+
+    python bench/compile.py [--quick]
+
+Each measurement runs in a fresh subprocess (no shared cache), after the same imports
+(torch, transformers, the model's class) so that both sides pay the same fixed cost
+outside the clock:
+- `compile_plan(plans/llama.plan, llama-3.1-70b, 512)`: build the graph (one traced
+  block), run every pass, lower;
+- `torch.export.export` of the whole 70B model on the meta device: what tracing every
+  layer would cost;
+- the same compile for llama-3.1-405b at 16384 ranks (tp 8);
+- and, for reference, `plan compile` end to end as a command (process start and
+  imports included) and `import torch, transformers` alone.
+Goal: compile ≤ 0.25 × the full trace, and 405B at 16384 ranks in the same order of
+time as 70B. Prints a table and writes bench/results/compile.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+FULL_TRACE = """
+import time, torch
+from meshplan.planner.models import build_meta_model, resolve_model
+src = resolve_model({model!r})
+t = time.perf_counter()
+model = build_meta_model(src)
+ids = torch.zeros(2, 48, dtype=torch.long, device="meta")
+with torch.no_grad():
+    torch.export.export(model, (), {{"input_ids": ids, "use_cache": False}}, strict=False)
+print(time.perf_counter() - t)
+"""
+
+COMPILE = """
+import time
+from meshplan.planner import compile_plan
+from meshplan.planner.models import resolve_model
+resolve_model({model!r})  # imports the model class: paid by both sides, outside the clock
+t = time.perf_counter()
+compile_plan({plan!r}, {model!r}, {world}, {overrides!r})
+print(time.perf_counter() - t)
+"""
+
+
+def in_process(code: str) -> float:
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, capture_output=True, text=True)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def timed(cmd: list[str]) -> float:
+    start = time.perf_counter()
+    subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="trace llama-3.2-1b instead of the 70B (smoke test)")
+    args = parser.parse_args()
+    big = "llama-3.2-1b" if args.quick else "llama-3.1-70b"
+    plan = str(ROOT / "plans" / "llama.plan")
+    compile_cmd = [sys.executable, "-m", "meshplan.cli.main", "compile", plan, "--model", big,
+                   "--world-size", "512", "-o", "/dev/null"]
+    rows = []
+    t_compile = in_process(COMPILE.format(plan=plan, model=big, world=512, overrides=[]))
+    rows.append(("compile_plan (llama.plan)", big, 512, t_compile))
+    t_trace = in_process(FULL_TRACE.format(model=big))
+    rows.append(("torch.export, every layer", big, 0, t_trace))
+    t_405 = in_process(COMPILE.format(plan=plan, model="llama-3.1-405b", world=16384, overrides=["tp=8"]))
+    rows.append(("compile_plan (llama.plan)", "llama-3.1-405b", 16384, t_405))
+    t_cli = timed(compile_cmd)
+    rows.append(("plan compile, whole command", big, 512, t_cli))
+    t_import = timed([sys.executable, "-c", "import torch, transformers"])
+    rows.append(("import torch, transformers", "", 0, t_import))
+
+    print(f"{'what':32} {'model':16} {'ranks':>6} {'seconds':>9}")
+    for what, model, ranks, seconds in rows:
+        print(f"{what:32} {model:16} {ranks or '':>6} {seconds:9.2f}")
+    ratio = t_compile / t_trace
+    print(f"\ncompile / full trace = {ratio:.3f} (goal ≤ 0.25)")
+    print(f"405B@16384 / {big}@512 compile = {t_405 / t_compile:.2f}")
+    out = ROOT / "bench" / "results" / "compile.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({
+        "model": big, "compile_s": t_compile, "cli_compile_s": t_cli, "import_torch_transformers_s": t_import,
+        "full_trace_s": t_trace, "compile_405b_16384_s": t_405, "compile_over_trace": ratio,
+        "compile_405b_over_70b": t_405 / t_compile,
+    }, indent=2) + "\n")
+    print(f"wrote {out.relative_to(ROOT)}")
+
+
+if __name__ == "__main__":
+    main()
