@@ -16,6 +16,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "check": ("check", "check plan files without a model (fast; no torch import)"),
     "fmt": ("fmt", "format plan files canonically, in place"),
     "compile": ("compile", "check a plan against a model and world size; emit the program"),
+    "pack": ("pack", "pack a sequence-length distribution; report efficiency and rank balance"),
 }
 
 
