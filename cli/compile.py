@@ -12,6 +12,7 @@ from meshplan.dsl.errors import PlanError, PlanRejected
 from .check import read_plan
 from .console import Terminal
 from .fmt import write_atomically
+from .options import positive_int
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -28,19 +29,10 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, metavar="M",
                    help="a preset (see plans/models), a Hugging Face directory with config.json, "
                         "or package.module:factory (runs that code)")
-    p.add_argument("--world-size", type=_positive, required=True, metavar="N", help="number of ranks")
+    p.add_argument("--world-size", type=positive_int, required=True, metavar="N", help="number of ranks")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="NAME=VALUE",
                    help="override a param (or a mesh dimension: mesh.DIM=N); repeatable")
 
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
 
 
 def compile_for_cli(args: argparse.Namespace, term: Terminal, command: str) -> tuple[object | None, int]:

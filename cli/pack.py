@@ -10,6 +10,7 @@ from pathlib import Path
 from rich.table import Table
 
 from .console import Terminal
+from .options import positive_int
 
 ALGORITHMS = ("ffd", "bfd", "greedy")
 
@@ -18,25 +19,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("lengths", metavar="LENGTHS",
                    help="a .npy array of lengths, a JSON histogram {\"counts\": [...]} (counts[i] sequences "
                         "of length i+1), or a JSONL of token-id lists")
-    p.add_argument("--seq-len", type=_positive, required=True, metavar="N", help="tokens per bin")
+    p.add_argument("--seq-len", type=positive_int, required=True, metavar="N", help="tokens per bin")
     p.add_argument("--algorithm", choices=ALGORITHMS, default="ffd")
-    p.add_argument("--dp", type=_positive, default=1, metavar="K", help="data-parallel ranks to deal bins to")
+    p.add_argument("--dp", type=positive_int, default=1, metavar="K", help="data-parallel ranks to deal bins to")
     p.add_argument("--overlong", choices=("error", "drop", "truncate", "split"), default="error",
                    help="what to do with sequences longer than --seq-len")
-    p.add_argument("--window", type=_positive, default=16, metavar="W",
+    p.add_argument("--window", type=positive_int, default=16, metavar="W",
                    help="balance ranks over windows of W steps (bins are dealt heaviest first)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print the figures as JSON")
 
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
 
 
 def run(args: argparse.Namespace, term: Terminal) -> int:
