@@ -186,6 +186,13 @@ class _Checker:
                 self._mesh_override(Override(name[5:], value, text), span)
             elif name in self.params:
                 declared = self.params[name]
+                shadowed = [d.name for d in self._mesh_dims()
+                            if isinstance(d.value, ast.Name) and d.value.name == name
+                            and any(t.split("=", 1)[0].strip() == f"mesh.{d.name}" for t in texts)]
+                if shadowed:
+                    self.error(span, "E304", f"`--set {text}` and `--set mesh.{shadowed[0]}=…` both set "
+                               f"mesh dimension `{shadowed[0]}`", "give only one of them")
+                    continue
                 if _kind_of(value) != _kind_of(declared.value):
                     self.error(span, "E302",
                                f"`{name}` is {_kind_of(declared.value)} (declared at line "
@@ -267,6 +274,8 @@ class _Checker:
                            "declare dimensions in the order " + ", ".join(MESH_DIMS))
             last_index = max(last_index, index)
             override = self.mesh_overrides.get(dim.name)
+            if isinstance(dim.value, ast.Name) and dim.value.name in self.params:
+                self.used_params.add(dim.value.name)  # used by the text, even when overridden
             value = override.value if override else dim.value
             size = self.convert(SettingSchema(SizeType()), value, dim.value.span, f"mesh dimension `{dim.name}`")
             if size is None and self._is_auto(value):

@@ -1430,3 +1430,11 @@ FUZZ_CASES: list[tuple[str, str, tuple[str, ...], list[E]]] = [
 def test_fuzz_findings(name: str, text: str, overrides: tuple[str, ...], expected: list[E]) -> None:
     found = [d for d in diagnose(text, overrides) if d.severity == "error"]
     assert [E(d.code, d.span.line, d.span.column, d.message, d.hint) for d in found] == expected
+
+
+def test_param_and_mesh_override_of_one_dimension_conflict() -> None:
+    text = "plan p for M\nparam tp = 2\nmesh {\n  dp_shard = auto\n  tp = tp\n}\n"
+    found = diagnose(text, ("tp=4", "mesh.tp=8"))
+    assert [(d.code, d.message) for d in found] == [
+        ("E304", "`--set tp=4` and `--set mesh.tp=…` both set mesh dimension `tp`"),
+    ]
