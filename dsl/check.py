@@ -114,7 +114,8 @@ class _Checker:
         mesh = self._mesh()
         sections = self._sections()
         for name, param in self.params.items():
-            if name not in self.used_params:
+            # `seq_len` is also read by the planner: the sequence length SP/CP must divide.
+            if name not in self.used_params and name != "seq_len":
                 self.diagnostics.append(PlanError(param.head(f"param {name}"), "W101",
                                                   f"parameter `{name}` is never used",
                                                   severity="warning"))
@@ -125,6 +126,8 @@ class _Checker:
             params={n: self._python(v) for n, (v, _) in self.param_values.items()},
             mesh=mesh,
             span=self.plan.span,
+            header_span=header.span if header else self.plan.span,
+            param_spans={n: p.span for n, p in self.params.items()},
             **sections,
         )
 
@@ -388,6 +391,13 @@ class _Checker:
         names = []
         for ref in section.on:
             if ref.name in self.dims or ref.name in self.submeshes:
+                dims = self._expand(ref.name)
+                if sch.dimension is not None and dims != (sch.dimension,):
+                    self.error(ref.span, "E411", f"`{section.kind}` runs on `{sch.dimension}`, not on "
+                               f"`{ref.name}`" + (f" ({' × '.join(dims)})" if dims != (ref.name,) else ""),
+                               f"write `{section.kind} on {sch.dimension}`"
+                               + (f" and declare `{sch.dimension}` in the mesh" if sch.dimension not in self.dims else ""))
+                    continue
                 names.append(ref.name)
                 continue
             if not self.dims:

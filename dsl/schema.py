@@ -233,6 +233,8 @@ class SectionSchema:
     rules: bool = False
     # May the section appear more than once (with different patterns)?
     repeat: bool = False
+    # The one mesh dimension the section's `on` must name (directly or as a submesh of it).
+    dimension: str | None = None
 
 
 RESHARD = SettingSchema(ReshardType(), "auto",
@@ -243,7 +245,7 @@ DTYPE = DtypeType()
 SECTIONS: Mapping[str, SectionSchema] = {
     "tensor_parallel": SectionSchema(
         "Tensor (and sequence) parallelism: `PATTERN : STYLE` rules on one mesh dimension.",
-        on="one", rules=True,
+        on="one", rules=True, dimension="tp",
     ),
     "activation_checkpoint": SectionSchema(
         "Recompute the matched modules' activations in backward.",
@@ -280,7 +282,7 @@ SECTIONS: Mapping[str, SectionSchema] = {
     ),
     "context_parallel": SectionSchema(
         "Split the sequence over one mesh dimension inside attention.",
-        on="one",
+        on="one", dimension="cp",
         items={"attention": ItemSchema("Attention modules computed context-parallel.",
                                        patterns="required", repeat=True)},
         settings={
@@ -292,13 +294,13 @@ SECTIONS: Mapping[str, SectionSchema] = {
     ),
     "expert_parallel": SectionSchema(
         "Shard MoE experts over the expert mesh dimension.",
-        on="one",
+        on="one", dimension="ep",
         items={"experts": ItemSchema("MoE expert modules.", patterns="required", repeat=True)},
         settings={"dispatch": SettingSchema(EnumType(("alltoall", "allgather")), "alltoall")},
     ),
     "pipeline": SectionSchema(
         "Pipeline parallelism over one mesh dimension.",
-        on="one",
+        on="one", dimension="pp",
         items={"split": ItemSchema("A stage begins at each matched module.", patterns="required",
                                    repeat=True)},
         settings={

@@ -214,3 +214,5 @@ class PlanSpec:
     pipeline: PipelineSpec | None = None
     packing: PackingSpec | None = None
     span: Span = field(default=NOWHERE, compare=False)
+    header_span: Span = field(default=NOWHERE, compare=False)
+    param_spans: Mapping[str, Span] = field(default_factory=dict, compare=False)

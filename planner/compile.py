@@ -18,6 +18,7 @@ from meshplan.dsl.errors import PlanError, PlanRejected
 
 from .passes.checkpoints import Checkpoints
 from .passes.context import Context, Pass
+from .passes.coverage import Coverage
 from .passes.divisibility import Divisibility
 from .passes.fsdp import FsdpStructure
 from .passes.layouts import Layouts
@@ -34,6 +35,7 @@ if TYPE_CHECKING:
 # In order: later passes rely on what earlier ones established (ctx.mesh, matches).
 PASSES: tuple[type[Pass], ...] = (
     MeshArithmetic,
+    Coverage,
     ResolvePatterns,
     StyleFit,
     Divisibility,
@@ -62,7 +64,7 @@ def compile_plan(plan: str | Path, model: str | nn.Module | ModelGraph, world_si
     ctx = Context(spec=spec, graph=graph, world_size=world_size)
     arch = graph.source.architecture
     if spec.archs and arch and arch not in spec.archs:
-        ctx.warn(spec.span, "W103", f"plan `{spec.name}` is written for {', '.join(spec.archs)}; "
+        ctx.warn(spec.header_span, "W103", f"plan `{spec.name}` is written for {', '.join(spec.archs)}; "
                  f"the model is {arch}")
     for pass_type in PASSES:
         pass_type().apply(ctx)

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar, Literal
 
 from meshplan.dsl.errors import NOWHERE, Span
+from meshplan.dsl.schema import STYLES
 from meshplan.dsl.spec import MESH_DIMS
 
 SCHEMA_VERSION = 1
@@ -55,6 +56,8 @@ class StyleCall:
     conversions: tuple[tuple[str | None, str | None, str | None], ...] = ()
 
     def __post_init__(self) -> None:
+        if self.style not in STYLES:
+            raise ValueError(f"StyleCall: unknown style {self.style!r}; styles are {', '.join(STYLES)}")
         for what, value in (("input", self.input), ("output", self.output)):
             if value is not None and not _placement_ok(value):
                 raise ValueError(f"StyleCall {self.style}: {what} placement {value!r} is not a placement")
@@ -118,6 +121,8 @@ class ContextParallel(Step):
     def __post_init__(self) -> None:
         if not self.fqns:
             raise ValueError("ContextParallel: no attention modules")
+        if not self.mesh_dim:
+            raise ValueError("ContextParallel: no mesh dimension")
         if self.load_balance not in ("headtail", "none") or self.rotate not in ("allgather", "ring"):
             raise ValueError(f"ContextParallel: bad load_balance/rotate {self.load_balance!r}/{self.rotate!r}")
 
@@ -156,6 +161,9 @@ class FullyShard(Step):
         if not 1 <= len(self.mesh_dims) <= 2:
             raise ValueError(f"FullyShard {self.fqns}: 1 or 2 mesh dims (FSDP / HSDP), got {self.mesh_dims}")
         value = self.reshard_after_forward
+        if not isinstance(value, bool | int):
+            raise ValueError(f"FullyShard {self.fqns}: reshard_after_forward must be a bool or an int, "
+                             f"got {value!r} (`auto` is resolved by the compiler)")
         if isinstance(value, int) and not isinstance(value, bool) and value < 2:
             raise ValueError(f"FullyShard {self.fqns}: reshard_after_forward={value} (an int must be ≥ 2)")
 
@@ -178,9 +186,13 @@ class MeshLayout:
             raise ValueError(f"MeshLayout: names {self.names} and shape {self.shape} differ in length")
         if any(n not in MESH_DIMS for n in self.names):
             raise ValueError(f"MeshLayout: unknown dimension in {self.names}")
+        if list(self.names) != sorted(set(self.names), key=MESH_DIMS.index):
+            raise ValueError(f"MeshLayout: dimensions {self.names} repeat or are out of the order {MESH_DIMS}")
         if any(s < 1 for s in self.shape):
             raise ValueError(f"MeshLayout: sizes must be ≥ 1, got {self.shape}")
         for name, dims in self.submeshes:
+            if name in MESH_DIMS:
+                raise ValueError(f"MeshLayout: submesh {name!r} has the name of a mesh dimension")
             if any(d not in self.names for d in dims):
                 raise ValueError(f"MeshLayout: submesh {name!r} uses undeclared dimensions {dims}")
 
@@ -221,6 +233,13 @@ class Program:
         if self.mesh.world_size != self.world_size:
             raise ValueError(f"Program: mesh {dict(zip(self.mesh.names, self.mesh.shape, strict=True))} "
                              f"has {self.mesh.world_size} ranks, world_size is {self.world_size}")
+        known = set(self.mesh.names) | {n for n, _ in self.mesh.submeshes}
+        for step in self.steps:
+            dims = getattr(step, "mesh_dims", None) or (getattr(step, "mesh_dim", None),)
+            missing = [d for d in dims if d is not None and d not in known]
+            if missing:
+                raise ValueError(f"Program: a {step.kind} step uses mesh dimension {missing[0]!r}, which the "
+                                 f"mesh ({', '.join(sorted(known))}) does not have")
 
     def to_python(self) -> str:
         """A standalone script (torch only) that makes exactly the runtime's calls."""
@@ -235,11 +254,22 @@ class Program:
 
     @staticmethod
     def from_json(text: str) -> Program:
-        data = json.loads(text)
+        """Parse a Program; any malformed input is a ValueError saying what is wrong."""
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"Program JSON is not JSON: {e}") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"Program JSON must be an object, not {type(data).__name__}")
         version = data.get("schema_version")
         if version != SCHEMA_VERSION:
             raise ValueError(f"Program JSON has schema_version {version!r}; this meshplan reads {SCHEMA_VERSION}")
-        return _decode_program(data)
+        try:
+            return _decode_program(data)
+        except KeyError as e:
+            raise ValueError(f"Program JSON lacks the field {e.args[0]!r}") from None
+        except (TypeError, AttributeError) as e:
+            raise ValueError(f"Program JSON is malformed: {e}") from None
 
 
 def _encode_span(span: Span) -> dict[str, Any] | None:
@@ -277,6 +307,9 @@ def _decode_step(data: Mapping[str, Any]) -> Step:
     cls = STEP_TYPES.get(str(kind))
     if cls is None:
         raise ValueError(f"Program JSON: unknown step kind {kind!r}")
+    extra = sorted(set(data) - {f.name for f in fields(cls)} - {"kind"})
+    if extra:
+        raise ValueError(f"Program JSON is malformed: a {kind} step has unknown fields {', '.join(extra)}")
     kwargs: dict[str, Any] = {}
     for f in fields(cls):
         if f.name not in data:

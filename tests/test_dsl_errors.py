@@ -1007,6 +1007,7 @@ CASES = [
         }
         """,
         [
+            E("E411", 6, 21, "`tensor_parallel` runs on `tp`, not on `dp_shard`", "write `tensor_parallel on tp`"),
             E("E411", 6, 31, "`tensor_parallel` runs on one mesh dimension"),
         ],
     ),
@@ -1113,9 +1114,9 @@ CASES = [
         plan p for M
         mesh {
           dp_shard = auto
-          tp = 2
+          cp = 2
         }
-        context_parallel on tp {
+        context_parallel on cp {
           attention model.layers.*.self_attn
           load_balance headtail
         }
@@ -1223,13 +1224,13 @@ CASES = [
         "unused-param",
         """\
         plan p for M
-        param seq_len = 4096
+        param width = 4096
         mesh {
           tp = 2
         }
         """,
         [
-            E("W101", 2, 1, "parameter `seq_len` is never used"),
+            E("W101", 2, 1, "parameter `width` is never used"),
         ],
     ),
     Case(

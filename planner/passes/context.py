@@ -58,7 +58,7 @@ class Context:
             return self.spec.packing.seq_len, self.spec.packing.span
         value = self.spec.params.get("seq_len")
         if isinstance(value, int) and not isinstance(value, bool):
-            return value, self.spec.span
+            return value, self.spec.param_spans.get("seq_len", self.spec.header_span)
         return None
 
 

@@ -63,13 +63,22 @@ class FsdpStructure:
                           + ", ".join(sorted({n.rsplit('.', 1)[0] for n in (n1, n2)}))
                           + "`) or leave them to `root`",
                           related=((u1.spec.span, "the other unit"),))
+        if ctx.mesh is not None:
+            ranks = ctx.size(fsdp.on[-1])
+            for unit in fsdp.units + ((fsdp.root,) if fsdp.root else ()):
+                n = unit.reshard_after_forward
+                if isinstance(n, int) and not isinstance(n, bool) and (ranks % n or n >= ranks):
+                    ctx.error(unit.span, "E505", f"`reshard_after_forward = {n}` must be a divisor of the "
+                              f"{ranks} ranks FSDP shards over (`{fsdp.on[-1]}`), smaller than it",
+                              "keep parameters resharded over a subgroup, e.g. the ranks of one node")
         if ctx.mesh is not None and len(fsdp.on) == 2:
             replicate = ctx.mesh.expand(fsdp.on[0])
             if "dp_shard" in replicate or "cp" in replicate:
+                sharding = ", ".join(f"`{d}`" for d in replicate if d in ("dp_shard", "cp"))
                 ctx.error(fsdp.span, "E509",
-                          f"HSDP replicates over the first name; `{fsdp.on[0]}` includes "
-                          + ", ".join(d for d in replicate if d in ("dp_shard", "cp")),
-                          "write `fully_shard on (dp_replicate, SHARD_DIMS)`")
+                          f"HSDP replicates parameters over its first mesh name, `{fsdp.on[0]}`, which holds the "
+                          f"sharding dimension {sharding}",
+                          f"swap them: `fully_shard on (dp_replicate, {fsdp.on[0]})`")
 
     def _coverage(self, ctx: Context) -> None:
         if ctx.mesh is None:

@@ -59,6 +59,8 @@ class Layouts:
         tp = ctx.spec.tensor_parallel
         if tp is None or ctx.mesh is None or ctx.size(tp.on) <= 1 or not ctx.graph.traced:
             return
+        if ctx.failed:
+            return  # layouts of a plan with unresolved rules would only echo those errors
         reported: set[tuple[Span | None, str]] = set()
         for styled in _variants(ctx):
             _Walk(ctx, styled, reported).run()
@@ -250,7 +252,7 @@ class _Walk:
             want = (Layout("shard", normalize(int(str(style.args.get("dim", 1))), rank))
                     if style.name == "sequence_parallel" else _declared(style.args.get("input"), rank))
             self._check(module, rule, "input", layout, want)
-            return replace(want, dtensor=True, origin=layout.origin if want.kind != "replicate" else None)
+            return replace(want, dtensor=True, origin=rule.span)
         if style.name == "prepare_input":
             arg = call.inputs[index]
             for position, conv in enumerate(style.conversions):
@@ -260,7 +262,8 @@ class _Walk:
                 self._check(module, rule, f"input `{arg.name or index}`", layout, _declared(conv.source, rank))
                 target = conv.target or conv.source
                 out = _declared(target, rank)
-                return replace(out, dtensor=not local, origin=rule.span if out.kind != "replicate" else None)
+                return replace(out, dtensor=not local,
+                               origin=rule.span if out.kind != "replicate" or not local else None)
         return layout
 
     def _convert_out(self, module: str, value: str, layout: Layout) -> Layout:
@@ -273,7 +276,8 @@ class _Walk:
             return Layout("shard", dim, dtensor=not local, origin=rule.span)
         if style.name == "replicate":
             out = _declared(style.args.get("output"), rank)
-            return replace(out, dtensor=not local, origin=rule.span if out.kind != "replicate" else None)
+            return replace(out, dtensor=not local,
+                           origin=rule.span if out.kind != "replicate" or not local else None)
         if style.name == "prepare_output":
             call = self.graph.calls(module)
             index = next((i for i, a in enumerate(call.outputs) if a.node == value), None)
@@ -282,7 +286,8 @@ class _Walk:
                     continue
                 self._check(module, rule, f"output {index}", layout, _declared(conv.source, rank))
                 out = _declared(conv.target or conv.source, rank)
-                return replace(out, dtensor=not local, origin=rule.span if out.kind != "replicate" else None)
+                return replace(out, dtensor=not local,
+                               origin=rule.span if out.kind != "replicate" or not local else None)
         return layout
 
     def _leaf(self, node: str, leaf: str, stack: tuple[str, ...]) -> None:
@@ -306,7 +311,8 @@ class _Walk:
         parts = int(str(style.args.get("parts", 1)))
         if out.kind == "shard" and parts > 1 and info.kind != "embedding":
             out = replace(out, parts=parts)
-        self.layouts[node] = replace(out, dtensor=not local, origin=rule.span if out.kind != "replicate" else None)
+        self.layouts[node] = replace(out, dtensor=not local,
+                                     origin=rule.span if out.kind != "replicate" or not local else None)
 
     def _final(self, node: str, attrs: dict[str, Any]) -> None:
         refs = list(_refs(attrs.get("args", ())))
@@ -380,9 +386,12 @@ class _Walk:
         tensors = [(lay, s) for _, lay, s in inputs if s]
         kinds = {lay.dtensor for lay, _ in tensors}
         if len(kinds) > 1:
-            origin = next((lay.origin for lay, _ in tensors if lay.origin), None)
-            self.report(origin, f"`{name}` in `{module}` mixes a DTensor with a plain tensor: torch refuses "
-                                "mixed operands", hint="make both sides plain (local_output = true) or both DTensors")
+            dt = next((lay.origin for lay, _ in tensors if lay.dtensor and lay.origin), None)
+            plain = next((lay.origin for lay, _ in tensors if not lay.dtensor and lay.origin), None)
+            self.report(dt or plain, f"`{name}` in `{module}` mixes a DTensor (made by this line) with a plain "
+                                     "tensor: torch refuses mixed operands",
+                        hint="hand plain tensors on (`local_output = true`) or make both sides DTensors",
+                        related=((plain, "the plain tensor comes from here"),) if plain and dt else ())
             return UNKNOWN
         if True in kinds:
             # DTensors know their layout: torch redistributes as needed. Track simple cases.
@@ -415,11 +424,14 @@ class _Walk:
             if 0 <= aligned < len(wshape) and wshape[aligned] != 1:
                 continue  # the weight spans the sharded dimension itself
             owner = generic(str(attrs.get("fqn", ref)).rsplit(".", 1)[0])
+            sequence = layout.dim == 1 and len(shape) == 3
+            fix = ("`sequence_parallel`" if sequence else
+                   f"`replicate(input = shard({layout.dim}), output = shard({layout.dim}))`")
             self.report(layout.origin,
                         f"`{owner}`'s weight is applied to a value {layout.describe()}: each rank's gradient "
                         "would cover only its own piece and nothing sums them, so the replicas drift apart",
-                        hint=f"give `{owner}` a rule (`sequence_parallel` for a norm) so its weight becomes "
-                             "a replicated DTensor")
+                        hint=f"give `{owner}` the rule {fix}: its weight becomes a replicated DTensor whose "
+                             "gradient is summed")
             return
 
     def _local(self, name: str, attrs: dict[str, Any], args: list[Any], kwargs: dict[str, Any],

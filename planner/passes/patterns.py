@@ -42,6 +42,7 @@ class ResolvePatterns:
 
     def apply(self, ctx: Context) -> None:
         self.fqns = ctx.graph.fqns()
+        self.overlaps: set[tuple[Span, Span]] = set()
         spec = ctx.spec
         if spec.tensor_parallel is not None:
             owner: dict[str, Span] = {}
@@ -76,9 +77,13 @@ class ResolvePatterns:
             ctx.error(pattern.span, "E502", f"`{pattern.text}` matches no module of {ctx.graph.name}", hint)
         return found
 
-    @staticmethod
-    def _overlap(ctx: Context, fqn: str, span: Span, first: Span, what: str) -> None:
-        ctx.error(span, "E503", f"`{fqn}` is matched by two {what} (lines {first.line} and {span.line})",
+    def _overlap(self, ctx: Context, fqn: str, span: Span, first: Span, what: str) -> None:
+        """One error per pair of lines, naming a module of every block they share."""
+        key = (span, first)
+        if key in self.overlaps:
+            return
+        self.overlaps.add(key)
+        ctx.error(span, "E503", f"`{generic(fqn)}` is matched by two {what} (lines {first.line} and {span.line})",
                   "make the patterns disjoint, e.g. with `{a,b}` alternatives",
                   related=((first, "first matched here"),))
 

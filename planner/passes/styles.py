@@ -67,6 +67,12 @@ class StyleFit:
                 if self._check(ctx, rule, fqn, len(fqns)):
                     break  # one error per rule is enough
         self._tied(ctx)
+        for fqn, pattern in ctx.ep_modules.items():
+            info = ctx.graph.module(fqn)
+            if info.kind not in ("experts", "moe"):
+                ctx.error(pattern.span, "E504", f"`{fqn}` is {info.type} ({info.kind}), not a block of experts",
+                          "name the experts module, e.g. `experts model.layers.*.mlp.experts`")
+                break
         for fqn, pattern in ctx.cp_modules.items():
             info = ctx.graph.module(fqn)
             if info.kind != "attention":
@@ -89,7 +95,7 @@ class StyleFit:
             for n2, p2, r2 in rest:
                 if p1 != p2:
                     chosen = r2 or r1
-                    span = chosen.span if chosen is not None else ctx.spec.span
+                    span = chosen.span if chosen is not None else ctx.spec.header_span
                     other = r1 if r2 is not None else None
                     ctx.error(span, "E504",
                               f"`{n1}` and `{n2}` are one tied tensor, but the plan shards it as {p1} "
@@ -130,6 +136,10 @@ class StyleFit:
                       f"`{fqn}`{more} packs parts of unequal size ({' + '.join(map(str, parts))}); "
                       "`parts` shards equal parts only", "split the projection, or leave it replicated")
             return True
+        if parts is None and wanted > 1 and info.kind not in ("linear", "conv1d"):
+            ctx.error(style.span, "E504", f"`parts = {wanted}`: `{fqn}`{more} is {info.type}; `parts` splits "
+                      "fused Linear or Conv1D projections")
+            return True
         if parts is None and wanted > 1:
             out = info.attrs.get("out_features")
             if not isinstance(out, int) or out % wanted:
@@ -143,6 +153,28 @@ class StyleFit:
             return False
         call = ctx.graph.calls(fqn)
         g = ctx.graph.dataflow
+        style = rule.style
+        if style.conversions:
+            args = call.outputs if style.name == "prepare_output" else call.inputs
+            names = [a.name for a in args if a.name]
+            what = "outputs" if style.name == "prepare_output" else "inputs"
+            for conv in style.conversions:
+                if conv.name is not None and conv.name not in names:
+                    ctx.error(conv.span, "E504", f"`{fqn}`{more} has no input `{conv.name}` in the trace",
+                              f"its inputs are {', '.join(f'`{n}`' for n in names) or 'unnamed'}")
+                    return True
+            positional = [c for c in style.conversions if c.name is None]
+            if len(positional) > len(args):
+                ctx.error(style.span, "E504", f"{len(positional)} positional conversions, but `{fqn}`{more} "
+                          f"has {len(args)} traced {what}")
+                return True
+        if style.name == "sequence_parallel" and call.inputs:
+            shape = g.nodes[call.inputs[0].node].get("shape") or ()
+            dim = int(str(style.args.get("dim", 1)))
+            if shape and not -len(shape) <= dim < len(shape):
+                ctx.error(style.span, "E504", f"`dim = {dim}`: the input of `{fqn}`{more} has {len(shape)} "
+                          f"dimensions (traced as {list(shape)})")
+                return True
         for what, args in (("input", call.inputs), ("output", call.outputs)):
             placement = rule.style.args.get(what)
             if not isinstance(placement, Placement) or placement.kind != "shard" or not args:

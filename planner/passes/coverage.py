@@ -1,0 +1,42 @@
+"""Every mesh dimension with more than one rank is used, and used by something that runs.
+
+Guarantees: `cp > 1` has a `context_parallel` section (otherwise its ranks would split
+nothing yet be counted as separate data shards nowhere); `tp > 1` without a
+`tensor_parallel` section is reported as a warning (those ranks compute the same thing);
+`pp > 1` and expert parallelism with `ep > 1` are refused with E511: the plan language
+checks them, but this runtime cannot run them yet, and a plan is never accepted for a
+program that would silently leave a dimension out.
+"""
+
+from __future__ import annotations
+
+from meshplan.dsl.errors import Span
+
+from .context import Context
+
+
+class Coverage:
+    name = "coverage"
+
+    def apply(self, ctx: Context) -> None:
+        if ctx.mesh is None:
+            return
+        spec = ctx.spec
+        mesh_span = spec.mesh.span
+
+        def span_of(dim: str) -> Span:
+            d = spec.mesh.dim(dim)
+            return d.span if d is not None else mesh_span
+
+        if ctx.size("cp") > 1 and spec.context_parallel is None:
+            ctx.error(span_of("cp"), "E509", f"cp = {ctx.size('cp')} but the plan has no `context_parallel` section",
+                      "add `context_parallel on cp { attention model.layers.*.self_attn }`, or set cp = 1")
+        if ctx.size("tp") > 1 and spec.tensor_parallel is None:
+            ctx.warn(span_of("tp"), "W102", f"tp = {ctx.size('tp')} but no `tensor_parallel` section: those ranks "
+                     "would all compute the same thing")
+        if ctx.size("pp") > 1:
+            ctx.error(span_of("pp"), "E511", f"pp = {ctx.size('pp')}: pipeline parallelism is checked by the "
+                      "language but this runtime cannot run it yet", "set pp = 1")
+        if spec.expert_parallel is not None and ctx.size(spec.expert_parallel.on) > 1:
+            ctx.error(spec.expert_parallel.span, "E511", "expert parallelism is checked by the language but this "
+                      "runtime cannot run it yet", "set ep = 1 (FSDP still shards the experts)")
