@@ -146,8 +146,15 @@ def _worker(
         return
     try:
         reports.put(_Report(rank, -1, True, "ready"))
+        parent = mp.parent_process()
         while True:
-            task = tasks.get()
+            try:
+                task = tasks.get(timeout=1.0)
+            except queue.Empty:
+                # pytest was killed without closing the pool: do not linger.
+                if parent is not None and not parent.is_alive():
+                    break
+                continue
             if task is None:
                 break
             case, fn, args, kwargs = task
@@ -326,9 +333,7 @@ class RankPool:
         raise RankError("\n".join(lines))
 
 
-def rank_pool_fixture(
-    world_size: int, *, timeout: float = 60.0, name: str | None = None
-) -> Any:
+def rank_pool_fixture(world_size: int, *, timeout: float = 60.0, name: str | None = None) -> Any:
     """A module-scoped pytest fixture yielding a started `RankPool(world_size)`.
 
     Defining it (at import of the test module) warms the forkserver up already."""

@@ -159,7 +159,12 @@ def test_forward_kwargs_per_format() -> None:
     seqs = [[5, 6, 7], [8, 9]]
     varlen = forward_kwargs(collate(seqs, "varlen"))
     assert set(varlen) == {
-        "input_ids", "position_ids", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k",
+        "input_ids",
+        "position_ids",
+        "cu_seq_lens_q",
+        "cu_seq_lens_k",
+        "max_length_q",
+        "max_length_k",
     }
     assert varlen["max_length_q"] == 3
     thd = forward_kwargs(collate(seqs, "thd", seq_len=12, cp_size=2))
@@ -208,7 +213,7 @@ def test_sdpa_boundaries_over_the_flattened_batch_may_cross_rows() -> None:
     q, k, v = _qkv(6, batch=2)
     out, _ = sdpa_attention_forward(MODULE, q, k, v, None, cu_seq_lens_q=_cu(4, 5, 3))
     flat = [t.transpose(0, 1).reshape(1, t.shape[1], 12, t.shape[3]) for t in (q, k, v)]
-    expected = _per_segment(*flat, (4, 5, 3)).reshape(2, 6, 4, -1)
+    expected = _per_segment(flat[0], flat[1], flat[2], (4, 5, 3)).reshape(2, 6, 4, -1)
     torch.testing.assert_close(out, expected)
 
 
@@ -334,7 +339,7 @@ def _reference_backends() -> None:
     register_backend(TEST_TE, make_te_attention(_te_reference))
 
 
-def _model(name: str) -> nn.Module:
+def _model(name: str) -> Any:  # a transformers causal LM
     src = resolve_model(name)
     torch.manual_seed(0)
     model = src.model_class(src.config)
@@ -393,8 +398,14 @@ def test_model_through_kernel_contracts_equals_meshplan_sdpa(
 def spy() -> Iterator[list[dict[str, Any]]]:
     calls: list[dict[str, Any]] = []
 
-    def attention(module: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                  mask: torch.Tensor | None, **kwargs: Any) -> tuple[torch.Tensor, None]:
+    def attention(
+        module: nn.Module,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        mask: torch.Tensor | None,
+        **kwargs: Any,
+    ) -> tuple[torch.Tensor, None]:
         calls.append({"mask": mask, **kwargs})
         return sdpa_attention_forward(module, q, k, v, mask, **kwargs)
 

@@ -14,7 +14,7 @@ from tests.distributed import RankError, RankPool, RankTimeout, rank_pool_fixtur
 pytestmark = pytest.mark.slow
 
 WORLD = 2
-pool = rank_pool_fixture(WORLD, timeout=30.0)
+pool = rank_pool_fixture(WORLD, timeout=60.0)
 
 
 def _rank_and_threads() -> tuple[int, int, int]:
@@ -79,8 +79,10 @@ def test_failing_case_surfaces_its_traceback_and_the_pool_recovers(pool: RankPoo
 def test_failure_is_reported_while_other_ranks_hang(pool: RankPool) -> None:
     t0 = time.monotonic()
     with pytest.raises(RankError) as info:
-        pool.run(_fail_then_hang, timeout=20.0)
-    assert time.monotonic() - t0 < 10.0  # the grace period, not the case timeout
+        pool.run(_fail_then_hang, timeout=120.0)
+    # Reported after the grace period, long before the case timeout (slack for a
+    # loaded CI machine).
+    assert time.monotonic() - t0 < 60.0
     message = str(info.value)
     assert "KeyError: 'rank zero gave up'" in message
     assert "rank 1: did not finish" in message
@@ -89,19 +91,20 @@ def test_failure_is_reported_while_other_ranks_hang(pool: RankPool) -> None:
 
 def test_hung_case_times_out(pool: RankPool) -> None:
     t0 = time.monotonic()
-    with pytest.raises(RankTimeout, match=r"timed out after 1\.0 s: ranks \[0\] did not finish"):
-        pool.run(_hang_on_rank_zero, 30.0, timeout=1.0)
-    assert time.monotonic() - t0 < 10.0
+    # Rank 1 returns at once; on a loaded machine it may still miss the deadline.
+    with pytest.raises(RankTimeout, match=r"timed out after 3\.0 s: ranks \[0(, 1)?\] did not"):
+        pool.run(_hang_on_rank_zero, 600.0, timeout=3.0)
+    assert time.monotonic() - t0 < 60.0  # the sleeping rank was killed, not waited for
     assert pool.run(_hang_on_rank_zero, 0.0) == [0, 1]
 
 
 def test_dead_rank_is_reported(pool: RankPool) -> None:
     with pytest.raises(RankError, match=r"rank 1: process died \(exit code 3\)"):
-        pool.run(_die_on_rank_one, timeout=20.0)
+        pool.run(_die_on_rank_one, timeout=120.0)
 
 
 def test_close_is_idempotent() -> None:
-    p = RankPool(1, timeout=10.0)
+    p = RankPool(1, timeout=60.0)
     p.close()
     assert p.run(_rank_and_threads) == [(0, 1, 1)]
     p.close()

@@ -54,7 +54,7 @@ def _sequences(lengths: tuple[int, ...], seed: int) -> list[torch.Tensor]:
 BATCHES = [_sequences(lengths, i) for i, lengths in enumerate(BATCH_LENGTHS)]
 
 
-def _model(name: str) -> nn.Module:
+def _model(name: str) -> Any:  # a transformers causal LM
     """fp32 random weights, identical in every process (same seed, same init order)."""
     src = resolve_model(name)
     torch.manual_seed(0)
@@ -286,7 +286,7 @@ def case_loss_parallel() -> list[float]:
     ref_sum, ref_count = loss_sum_and_count(ref, labels)
     (ref_sum / ref_count).backward()
     assert ref.grad is not None
-    sharded = distribute_tensor(full.clone(), tp, [Shard(2)]).requires_grad_()
+    sharded: Any = distribute_tensor(full.clone(), tp, [Shard(2)]).requires_grad_()
     with vocab_parallel():
         s, c = loss_sum_and_count(sharded, labels)
         (s / c).backward()
@@ -300,9 +300,7 @@ def case_loss_parallel() -> list[float]:
     ]
 
 
-pytestmark = pytest.mark.slow
-
-
+@pytest.mark.slow
 @pytest.mark.parametrize("name", MODELS)
 def test_fsdp_dp4_equals_single_process(pool: RankPool, name: str) -> None:
     results = pool.run(case_fsdp, name, BATCHES)
@@ -314,6 +312,7 @@ def test_fsdp_dp4_equals_single_process(pool: RankPool, name: str) -> None:
     _assert_grads_close(grads, expected_grads)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", MODELS)
 def test_tp2_dp2_equals_single_process(pool: RankPool, name: str) -> None:
     results = pool.run(case_tp_fsdp, name, BATCHES)
@@ -325,6 +324,7 @@ def test_tp2_dp2_equals_single_process(pool: RankPool, name: str) -> None:
     _assert_grads_close(grads, expected_grads)
 
 
+@pytest.mark.slow
 def test_vocabulary_sharded_loss(pool: RankPool) -> None:
     for loss_err, count_diff, grad_err, local_vocab in pool.run(case_loss_parallel):
         assert loss_err <= TOLERANCE and count_diff == 0 and grad_err <= TOLERANCE

@@ -1,0 +1,223 @@
+"""`meshplan_te`: packed attention through Transformer Engine's `thd` format (GPU only).
+
+Written against Transformer Engine's documented `DotProductAttention`::
+
+    attn = transformer_engine.pytorch.DotProductAttention(
+        num_attention_heads, kv_channels, num_gqa_groups=kv_heads,
+        attention_dropout=p, qkv_format="thd", attn_mask_type="padding_causal",
+        softmax_scale=scale)
+    out = attn(q, k, v,                                  # [total, H, D], [total, Hkv, D]
+               qkv_format="thd", attn_mask_type="padding_causal",
+               cu_seqlens_q=real, cu_seqlens_kv=real,     # int32 cumulated real lengths
+               cu_seqlens_q_padded=offsets, cu_seqlens_kv_padded=offsets,  # int32 layout
+               max_seqlen_q=m, max_seqlen_kv=m, window_size=(left, right))
+    # out: [total, H * D]; padding positions are not attended to
+
+Transformer Engine is imported lazily, on the first call.
+
+Guarantees:
+
+- `te_thd_args` builds those arguments with `varlen.unpad` (the segmentation of
+  `meshplan_sdpa`). `cu_seqlens_q/kv` are the real cumulated lengths and
+  `cu_seqlens_*_padded` the offsets that lay the tokens out: they differ only for a
+  `thd` batch collated with context-parallel padding (`cu_seq_lens_q_padded`), and are
+  otherwise equal. Fed to `reference.thd_attention`, these arguments reproduce
+  `meshplan_sdpa` on every real token; the tests check that on CPU.
+- `sliding_window=W` becomes `window_size=(W-1, 0)`; without a window, (-1, 0) for
+  causal attention and (-1, -1) otherwise.
+- Logit soft-capping (Gemma-2) raises `NotImplementedError`: `DotProductAttention` has
+  no soft-cap; use `meshplan_flash` or `meshplan_sdpa` for such models.
+- One `DotProductAttention` per head layout is created and cached outside the model,
+  so it never enters the model's state dict; fp32 inputs run in the autocast dtype or
+  bfloat16 and the output is cast back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .varlen import Unpadded, unpad
+
+__all__ = [
+    "TEThdArgs",
+    "make_te_attention",
+    "te_attention_forward",
+    "te_kernel",
+    "te_thd_args",
+]
+
+
+@dataclass(frozen=True)
+class TEThdArgs:
+    """Everything a `DotProductAttention(qkv_format="thd")` call takes, and its layout."""
+
+    layout: Unpadded
+    heads: int
+    kv_heads: int
+    head_dim: int
+    value_dim: int
+    softmax_scale: float
+    dropout: float
+    attn_mask_type: str
+    window_size: tuple[int, int]
+    training: bool
+
+    def forward_kwargs(self) -> dict[str, Any]:
+        lay = self.layout
+        return {
+            "qkv_format": "thd",
+            "attn_mask_type": self.attn_mask_type,
+            "cu_seqlens_q": lay.real_cu_seqlens,
+            "cu_seqlens_kv": lay.real_cu_seqlens,
+            "cu_seqlens_q_padded": lay.cu_seqlens,
+            "cu_seqlens_kv_padded": lay.cu_seqlens,
+            "max_seqlen_q": lay.max_seqlen,
+            "max_seqlen_kv": lay.max_seqlen,
+            "window_size": self.window_size,
+        }
+
+    def call(self, kernel: Callable[..., torch.Tensor]) -> torch.Tensor:
+        """Run `kernel(q, k, v, **forward_kwargs())` -> `[B, T, H, Dv]`."""
+        lay = self.layout
+        return lay.restore(kernel(lay.query, lay.key, lay.value, **self.forward_kwargs()))
+
+
+def te_thd_args(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    *,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+    causal: bool = True,
+    training: bool = False,
+    **kwargs: Any,
+) -> TEThdArgs:
+    """The Transformer Engine `thd` call for one attention layer (see the module doc)."""
+    if softcap:
+        raise NotImplementedError(
+            "Transformer Engine's DotProductAttention has no attention logit soft-capping "
+            f"(softcap={softcap}); use meshplan_flash or meshplan_sdpa for this model"
+        )
+    layout = unpad(query, key, value, attention_mask, kwargs)
+    if sliding_window:
+        window = (int(sliding_window) - 1, 0 if causal else int(sliding_window) - 1)
+    else:
+        window = (-1, 0) if causal else (-1, -1)
+    return TEThdArgs(
+        layout=layout,
+        heads=query.shape[1],
+        kv_heads=key.shape[1],
+        head_dim=query.shape[-1],
+        value_dim=value.shape[-1],
+        softmax_scale=float(query.shape[-1] ** -0.5 if scaling is None else scaling),
+        dropout=float(dropout),
+        attn_mask_type="padding_causal" if causal else "padding",
+        window_size=window,
+        training=training,
+    )
+
+
+_modules: dict[tuple[Any, ...], nn.Module] = {}
+
+
+def te_kernel(args: TEThdArgs) -> Callable[..., torch.Tensor]:
+    """The cached `DotProductAttention` for `args`' head layout, in half precision."""
+    try:
+        import transformer_engine.pytorch as te
+    except ImportError as exc:
+        raise RuntimeError(
+            "meshplan_te needs Transformer Engine (pip install 'meshplan[gpu]' on a CUDA "
+            f"machine); it cannot be imported: {exc}"
+        ) from exc
+    key = (
+        args.heads,
+        args.kv_heads,
+        args.head_dim,
+        args.value_dim,
+        args.softmax_scale,
+        args.dropout,
+        args.layout.query.device,
+    )
+    module = _modules.get(key)
+    if module is None:
+        channels: int | tuple[int, int] = (
+            args.head_dim if args.head_dim == args.value_dim else (args.head_dim, args.value_dim)
+        )
+        module = te.DotProductAttention(
+            args.heads,
+            channels,
+            num_gqa_groups=args.kv_heads,
+            attention_dropout=args.dropout,
+            qkv_format="thd",
+            attn_mask_type=args.attn_mask_type,
+            softmax_scale=args.softmax_scale,
+        )
+        _modules[key] = module
+    # Not a submodule of the model, so model.train()/eval() does not reach it.
+    module.train(args.training)
+
+    def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kw: Any) -> torch.Tensor:
+        dtype = q.dtype
+        if dtype not in (torch.float16, torch.bfloat16):
+            half = (
+                torch.get_autocast_dtype(q.device.type)
+                if torch.is_autocast_enabled(q.device.type)
+                else torch.bfloat16
+            )
+            q, k, v = q.to(half), k.to(half), v.to(half)
+        out: torch.Tensor = module(q, k, v, **kw)
+        return out.to(dtype)
+
+    return run
+
+
+def make_te_attention(
+    kernel_for: Callable[[TEThdArgs], Callable[..., torch.Tensor]],
+) -> Callable[..., tuple[torch.Tensor, None]]:
+    """A transformers attention function running `kernel_for(args)` with Transformer
+    Engine's `thd` calling convention (the real module, or `reference.thd_attention`)."""
+
+    def attention(
+        module: nn.Module,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        dropout: float = 0.0,
+        scaling: float | None = None,
+        sliding_window: int | None = None,
+        softcap: float | None = None,
+        is_causal: bool | None = None,
+        **kwargs: Any,
+    ) -> tuple[torch.Tensor, None]:
+        if kwargs.get("s_aux") is not None:
+            raise NotImplementedError("meshplan_te does not implement attention sinks (s_aux)")
+        causal = bool(getattr(module, "is_causal", True) if is_causal is None else is_causal)
+        args = te_thd_args(
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout=dropout,
+            scaling=scaling,
+            sliding_window=sliding_window,
+            softcap=softcap,
+            causal=causal,
+            training=module.training,
+            **kwargs,
+        )
+        return args.call(kernel_for(args)), None
+
+    return attention
+
+
+te_attention_forward = make_te_attention(te_kernel)
