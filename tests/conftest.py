@@ -10,6 +10,11 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
+
+# CI has two cores, shared by pytest and the ranks it spawns: one thread each keeps tiny
+# matmuls from fighting over them.
+torch.set_num_threads(1)
 
 ROOT = Path(__file__).resolve().parent.parent
 GOLDEN = Path(__file__).resolve().parent / "golden"
