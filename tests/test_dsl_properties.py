@@ -572,8 +572,12 @@ def valid_plans(draw: st.DrawFn) -> ast.Plan:
 
     kinds = draw(st.lists(st.sampled_from(sorted(SECTIONS)), unique=True))
     tp_dims: set[str] = set()
-    if "tensor_parallel" in kinds:
-        on = draw(st.sampled_from(names))
+    def on_dimension(dim: str) -> list[str]:
+        """Names a section bound to `dim` may run on: the dimension, or a submesh of it alone."""
+        return [n for n in names if targets[n] == {dim}]
+
+    if "tensor_parallel" in kinds and on_dimension("tp"):
+        on = draw(st.sampled_from(on_dimension("tp")))
         tp_dims = targets[on]
         texts = draw(st.lists(patterns(), unique=True, max_size=8))
         rules: list[ast.Entry] = []
@@ -615,7 +619,8 @@ def valid_plans(draw: st.DrawFn) -> ast.Plan:
                                       entries=entries))
     for kind, item_kind in (("context_parallel", "attention"), ("expert_parallel", "experts"),
                             ("pipeline", "split")):
-        if kind not in kinds:
+        dim = SECTIONS[kind].dimension
+        if kind not in kinds or dim is None or not on_dimension(dim):
             continue
         entries = [item(draw, item_kind, pattern_nodes(draw(st.lists(patterns(), min_size=1, max_size=2))))
                    for _ in range(draw(st.integers(1, 2)))]
@@ -625,7 +630,7 @@ def valid_plans(draw: st.DrawFn) -> ast.Plan:
                     entries.append(setting(draw, key, positive(draw, int_params)))
                 else:
                     entries.append(setting(draw, key, enum_value(draw, kind, key)))
-        statements.append(section(draw, kind, (draw(st.sampled_from(names)),), entries=entries))
+        statements.append(section(draw, kind, (draw(st.sampled_from(on_dimension(dim))),), entries=entries))
     if "packing" in kinds:
         entries = [setting(draw, "seq_len", positive(draw, int_params))]
         for key in ("algorithm", "format", "overlong"):
