@@ -82,7 +82,10 @@ def test_tiny_preset_builds(name: str) -> None:
     config = src.config
     assert config.hidden_size == 64 and config.vocab_size == 256
     assert config.num_attention_heads == 4
-    assert getattr(config, "num_key_value_heads", 2) == 2 or name == "tiny-gpt2"
+    # GQA 4/2 everywhere, except GPT-2 (no GQA) and Phi-3, whose fused qkv_proj has equal
+    # parts as in Phi-3-mini (32/32) so that `colwise(parts = 3)` applies.
+    expected_kv = 4 if name == "tiny-phi3" else 2
+    assert getattr(config, "num_key_value_heads", expected_kv) == expected_kv or name == "tiny-gpt2"
 
 
 def test_published_values() -> None:
