@@ -17,6 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "fmt": ("fmt", "format plan files canonically, in place"),
     "compile": ("compile", "check a plan against a model and world size; emit the program"),
     "pack": ("pack", "pack a sequence-length distribution; report efficiency and rank balance"),
+    "run": ("run", "train with a plan under torchrun: compile, apply, train (reference loop)"),
 }
 
 

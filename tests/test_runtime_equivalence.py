@@ -5,12 +5,14 @@ of 32 tokens per step) for 5 AdamW steps with gradient clipping active, through 
 loop (`meshplan.runtime.train`), and is compared with a single process running that loop
 with the whole global batch as 4 micro-batches:
 
-- fp32: per-step losses and gradient norms within 1e-5 relative, and every final
-  parameter within 1e-5 relative (‖distributed − single‖ / ‖single‖ per tensor). Only
-  the order of floating-point sums differs (sharded matmuls, reduce-scatters), which in
-  fp32 is ~1e-7 relative per operation.
+- fp32: per-step losses and gradient norms within 1e-5 relative, and the final
+  parameters within 1e-5 relative (‖distributed − single‖ / ‖single‖ over all of them;
+  per tensor see `TENSOR_RTOL`). Only the order of floating-point sums differs (sharded
+  matmuls, reduce-scatters), which in fp32 is ~1e-7 relative per operation.
 - bf16 mixed precision (the plans as shipped: bf16 parameters and compute, fp32 gradient
   reduction) against the fp32 single process, with the tolerances stated at the test.
+- checkpoint / resume (`runtime.checkpoint`, DCP): 3 steps, save, a fresh run resumes
+  and finishes bitwise like the uninterrupted one.
 
 Layouts on 4 ranks: FSDP 4 (`plans/fsdp.plan`), HSDP 2 × 2 (`plans/llama.plan` with
 tp=1, dp_replicate=2), dp 2 × tp 2 with sequence parallel (`--set tp=2`) and tp 4 with
@@ -69,15 +71,16 @@ def _config(key: ModelKey) -> Any:
     return config
 
 
-def _model(key: ModelKey, device: str = "cpu") -> torch.nn.Module:
+def _source(key: ModelKey) -> Any:
+    """The preset, or (4 key/value heads) a meta-device variant of it."""
     from meshplan.planner.models import resolve_model
-    from meshplan.runtime import build_model
 
+    if key[1] is None:
+        return key[0]
     model_class = resolve_model(key[0]).model_class
     assert model_class is not None
     with torch.device("meta"):
-        meta = model_class(_config(key))
-    return meta if device == "meta" else build_model(meta, seed=0, device=device)
+        return model_class(_config(key))
 
 
 @functools.cache
@@ -92,35 +95,71 @@ def _plain_name(name: str) -> str:
     return name.replace("_checkpoint_wrapped_module.", "")
 
 
+def _full(p: torch.Tensor) -> torch.Tensor:
+    from torch.distributed.tensor import DTensor
+
+    full = p.full_tensor() if isinstance(p, DTensor) else p
+    return full.detach().float().clone()
+
+
+def _train(key: ModelKey, program_json: str | None, micro_batch: int, *, steps: int = STEPS,
+           root: str | None = None, every: int = 0, resume: bool = False) -> tuple[Any, Any, Any]:
+    from meshplan.planner.program import Program
+    from meshplan.runtime import (
+        Topology,
+        TrainConfig,
+        build_applied,
+        build_model,
+        make_optimizer,
+        prepare,
+    )
+    from meshplan.runtime import resume as resume_from
+    from meshplan.runtime import train as run
+
+    if program_json is None:
+        model = build_model(_source(key), seed=0)
+        prepare(model)
+        target, topology = model, Topology()
+    else:
+        applied, _, _ = build_applied(Program.from_json(program_json), _source(key), seed=0)
+        model, target, topology = applied.model, applied, Topology.of(applied)
+    config = TrainConfig(steps=steps, lr=1e-3, weight_decay=0.1, max_grad_norm=MAX_NORM,
+                         checkpoint_every=every)
+    optimizer = make_optimizer(model, config)
+    loader = _data().loader(topology.dp_rank, topology.dp_size, micro_batch=micro_batch, seed=0)
+    start = resume_from(root, target, optimizer, loader) if resume and root else 0
+    initial = {_plain_name(n): _full(p) for n, p in model.named_parameters()}
+    history = run(target, optimizer, loader, topology, config, start_step=start, checkpoint_root=root)
+    params = {_plain_name(n): _full(p) for n, p in model.named_parameters()}
+    return history, params, initial
+
+
 def train_case(key: ModelKey, program_json: str | None, micro_batch: int) -> dict[str, Any] | None:
     """Train with the runtime's loop; the single-process reference when program_json is None.
 
-    Returns (on rank 0) the per-step losses and gradient norms and the full final
-    parameters; every rank takes part in gathering them.
+    Returns (on rank 0) the per-step losses, gradient norms and target counts, and the
+    full initial and final parameters; every rank takes part in gathering them.
     """
-    from torch.distributed.tensor import DTensor
+    import torch.distributed as dist
 
-    from meshplan.planner.program import Program
-    from meshplan.runtime import Topology, TrainConfig, apply, make_optimizer, prepare, train
-
-    model = _model(key)
-    initial = {_plain_name(n): p.detach().clone() for n, p in model.named_parameters()}
-    prepare(model)
-    topology = Topology()
-    if program_json is not None:
-        topology = Topology.of(apply(Program.from_json(program_json), model))
-    config = TrainConfig(steps=STEPS, lr=1e-3, weight_decay=0.1, max_grad_norm=MAX_NORM)
-    optimizer = make_optimizer(model, config)
-    loader = _data().loader(topology.dp_rank, topology.dp_size, micro_batch=micro_batch, seed=0)
-    history = train(model, optimizer, loader, topology, config)
-    params = {}
-    for name, p in model.named_parameters():
-        full = p.full_tensor() if isinstance(p, DTensor) else p
-        params[_plain_name(name)] = full.detach().float().clone()
-    if topology.rank != 0:
+    history, params, initial = _train(key, program_json, micro_batch)
+    if dist.is_initialized() and dist.get_rank() != 0:
         return None
     return {"loss": [s.loss for s in history], "norm": [s.grad_norm for s in history],
             "tokens": [s.targets for s in history], "params": params, "initial": initial}
+
+
+def resume_case(key: ModelKey, program_json: str, micro_batch: int, root: str) -> tuple[Any, ...] | None:
+    """Straight 5 steps; then 3 steps saving a checkpoint, and a fresh run resuming it."""
+    import torch.distributed as dist
+
+    straight, final, _ = _train(key, program_json, micro_batch)
+    _train(key, program_json, micro_batch, steps=3, root=root, every=3)
+    resumed, again, _ = _train(key, program_json, micro_batch, root=root, resume=True)
+    if dist.get_rank() != 0:
+        return None
+    return ([s.loss for s in straight[3:]], [s.loss for s in resumed], [s.step for s in resumed],
+            final, again)
 
 
 # --------------------------------------------------------------------------- pytest side
@@ -130,7 +169,7 @@ def train_case(key: ModelKey, program_json: str | None, micro_batch: int) -> dic
 def _graph(key: ModelKey) -> Any:
     from meshplan.planner.graph import build_graph
 
-    return build_graph(key[0] if key[1] is None else _model(key, "meta"))
+    return build_graph(_source(key))
 
 
 def _plan_text(file: str, *, checkpoint: bool, mixed_precision: bool) -> str:
@@ -182,6 +221,23 @@ def _run(pool: RankPool, model: str, layout: str, **kwargs: Any) -> tuple[dict[s
     return got, _reference(key)
 
 
+# Parameters: all of them together within PARAM_RTOL (observed ≤ 7e-7), and each tensor
+# within TENSOR_RTOL. AdamW divides each element's gradient by its own running RMS, so an
+# element whose gradient is near zero turns last-bit summation differences into visible
+# update differences: single tensors reach ~2e-5 under tp 4 (the step-1 gradients
+# themselves agree within 1e-6 per tensor, measured). Qwen2's key biases are the extreme
+# case: their gradient is a near-cancelling sum (softmax ignores a shift of all of a
+# query's scores) and, initialised at zero, their values ARE their updates: a single
+# process that merely reverses the order of its 4 micro-batches moves them by 3e-4
+# (measured), so they are held to KEY_BIAS_RTOL. A real fault (a norm weight whose
+# gradient is not summed over tp, a missing gradient average) moves tensors by ≥ 1e-3,
+# and the gradient norms, compared at 1e-5, catch a wrong scale that Adam would hide.
+PARAM_RTOL = 1e-5
+TENSOR_RTOL = 1e-4
+KEY_BIAS_RTOL = 2e-3
+KEY_BIAS = re.compile(r"\.k_proj\.bias$")
+
+
 @pytest.mark.parametrize("checkpoint", [True, False], ids=["ac", "no-ac"])
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("model", MODELS)
@@ -192,23 +248,32 @@ def test_fp32_matches_single_process(pool: RankPool, model: str, layout: str, ch
     torch.testing.assert_close(torch.tensor(got["loss"]), torch.tensor(ref["loss"]), rtol=1e-5, atol=0)
     torch.testing.assert_close(torch.tensor(got["norm"]), torch.tensor(ref["norm"]), rtol=1e-5, atol=0)
     assert got["params"].keys() == ref["params"].keys()
-    moved = 0
-    for name, p in ref["params"].items():
-        assert _relative(got["params"][name], p) <= 1e-5, name
-        moved += not torch.equal(p, ref["initial"][name])
-    assert moved == len(ref["params"])  # every parameter trained
+    names = list(ref["params"])
+    flat = [torch.cat([d[n].flatten() for n in names]) for d in (got["params"], ref["params"])]
+    assert _relative(*flat) <= PARAM_RTOL
+    for name in names:
+        tol = KEY_BIAS_RTOL if KEY_BIAS.search(name) else TENSOR_RTOL
+        assert _relative(got["params"][name], ref["params"][name]) <= tol, name
+        assert not torch.equal(ref["params"][name], ref["initial"][name]), f"{name} did not train"
 
 
-# bf16 mixed precision (the plans as shipped) against the fp32 single process.
-# bf16 keeps 8 significant bits (rounding error 2^-9 ≈ 2e-3 per value); the logits of the
-# 2-layer models come out of ~6 roundings in a row, so the loss (≈ 5.5, a mean over ~110
-# tokens of log-softmax values) is expected within ~1e-2 relative; we allow 2e-2. AdamW's
-# update is m / sqrt(v): roughly lr per element whatever the gradient's size, so gradient
-# errors of a few 1e-3 move the 5 updates by a few % of their size; we compare what training
-# changed (final − initial) and allow 0.1 relative (in norm, per tensor), which still fails
-# for a wrong reduction (e.g. a missing gradient average moves updates by ~100 %).
-BF16_LOSS_RTOL = 2e-2
+# bf16 mixed precision (the plans as shipped: bf16 parameters and compute, fp32 gradient
+# reduction) against the fp32 single process. bf16 keeps 8 significant bits (a rounding
+# error of up to 2^-9 ≈ 2e-3 per value, at every matmul output and cast), so:
+# - loss within 1e-3 relative (measured ≤ 7e-5: the 2-layer models' losses average ~110
+#   tokens' log-softmax, which averages the roundings out);
+# - gradient norms within 2e-2 (measured ≤ 3.3e-3: gradients carry the roundings of the
+#   forward and of the backward matmuls);
+# - what training changed (final − initial parameters), all together within 0.1 relative
+#   (measured 0.037–0.040) and each tensor within 0.25 (measured ≤ 0.089, a norm weight:
+#   AdamW normalises every element's update, so elements with small gradients move by
+#   ~lr whatever the rounding). The same deviations appear under FSDP alone and with
+#   tensor parallelism (measured): they are bf16's, not the layout's. A missing gradient
+#   average or an unsynchronised replica moves the norms or the updates by ~100 %.
+BF16_LOSS_RTOL = 1e-3
+BF16_NORM_RTOL = 2e-2
 BF16_UPDATE_RTOL = 0.1
+BF16_TENSOR_UPDATE_RTOL = 0.25
 
 
 @pytest.mark.parametrize("layout", ["fsdp4", "dp2-tp2-sp"])
@@ -216,9 +281,25 @@ def test_bf16_mixed_precision_within_tolerance(pool: RankPool, layout: str) -> N
     got, ref = _run(pool, "tiny-llama", layout, checkpoint=True, mixed_precision=True)
     torch.testing.assert_close(torch.tensor(got["loss"]), torch.tensor(ref["loss"]),
                                rtol=BF16_LOSS_RTOL, atol=0)
-    for name, p in ref["params"].items():
-        update, expected = got["params"][name] - ref["initial"][name], p - ref["initial"][name]
-        assert _relative(update, expected) <= BF16_UPDATE_RTOL, name
+    torch.testing.assert_close(torch.tensor(got["norm"]), torch.tensor(ref["norm"]),
+                               rtol=BF16_NORM_RTOL, atol=0)
+    names = list(ref["params"])
+    updates = [{n: d[n] - ref["initial"][n] for n in names} for d in (got["params"], ref["params"])]
+    flat = [torch.cat([u[n].flatten() for n in names]) for u in updates]
+    assert _relative(*flat) <= BF16_UPDATE_RTOL
+    for name in names:
+        assert _relative(updates[0][name], updates[1][name]) <= BF16_TENSOR_UPDATE_RTOL, name
+
+
+def test_checkpoint_resume_continues_exactly(pool: RankPool, tmp_path: Path) -> None:
+    program = _program("tiny-llama", "dp2-tp2-sp", checkpoint=False)
+    got = pool.run(resume_case, ("tiny-llama", None), program.to_json(), _micro_batch(program),
+                   str(tmp_path / "checkpoints"))[0]
+    straight, resumed, steps, final, again = got
+    assert steps == [4, 5]
+    assert resumed == straight  # bitwise: same state, same batches, same reductions
+    for name, p in final.items():
+        assert torch.equal(again[name], p), name
 
 
 # --------------------------------------------------------------------------- gradient norm
@@ -262,21 +343,20 @@ def test_grad_norm_spans_meshes(pool: RankPool) -> None:
 
 def unsynchronised_case(program_json: str) -> str:
     from meshplan.planner.program import Program
-    from meshplan.runtime import TrainError, apply
+    from meshplan.runtime import Topology, TrainError, build_applied
 
     try:
-        from meshplan.runtime import Topology
-
-        Topology.of(apply(Program.from_json(program_json), _model(("tiny-llama", None))))
+        Topology.of(build_applied(Program.from_json(program_json), "tiny-llama").applied)
     except TrainError as e:
         return str(e)
     return "no error"
 
 
 def test_refuses_data_parallel_without_gradient_sync(pool: RankPool) -> None:
-    from meshplan.planner.compile import compile_plan
+    # The compiler rejects such a plan (E509); a hand-made Program must not train either.
+    from meshplan.planner.program import MeshLayout, Program
 
-    text = "plan bare for LlamaForCausalLM\n\nmesh {\n  dp_shard = auto\n}\n"
-    program = compile_plan(text, _graph(("tiny-llama", None)), WORLD).program
+    program = Program(plan="bare", model="tiny-llama", world_size=WORLD,
+                      mesh=MeshLayout(names=("dp_shard",), shape=(WORLD,)), steps=())
     messages = pool.run(unsynchronised_case, program.to_json())
     assert all("no fully_shard synchronises their gradients" in m for m in messages), messages[0]

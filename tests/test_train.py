@@ -1,0 +1,221 @@
+"""`plan run` under torchrun, the data pipeline behind it, and the loop's single-process parts.
+
+The multi-rank numerics of the loop are in `test_runtime_equivalence.py`.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from meshplan.cli.main import main
+from meshplan.runtime.data import (
+    DataError,
+    PackedData,
+    load_sequences,
+    read_token_jsonl,
+    synthetic_sequences,
+)
+
+from .conftest import ROOT
+
+# ----------------------------------------------------------------------------- plan run
+
+
+@pytest.mark.slow
+def test_plan_run_trains_under_torchrun() -> None:
+    # The README's command (`torchrun` is `python -m torch.distributed.run`; --standalone
+    # picks a free rendezvous port, so concurrent jobs on the machine do not collide).
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "4",
+               "-m", "meshplan.cli.main", "run", "plans/llama.plan", "--model", "tiny-llama",
+               "--set", "tp=2", "--steps", "5"]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=420,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output[-3000:]
+    assert "on 4 ranks (gloo, cpu): dp_shard 2 × tp 2; attention meshplan_sdpa" in output, output[-3000:]
+    losses = [float(m) for m in re.findall(r"^step \d+/5  loss (\S+)", output, flags=re.M)]
+    assert len(losses) == 5, output[-3000:]
+    assert all(math.isfinite(x) for x in losses)
+    assert losses[-1] < losses[0]  # deterministic: seeded weights, data and order
+    assert re.search(r"^trained 5 steps: loss \S+ → \S+, [\d,]+ tokens/s", output, flags=re.M)
+
+
+def _run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    try:
+        code = main(argv)
+    except SystemExit as e:
+        code = int(e.code or 0)
+    return code, capsys.readouterr().err
+
+
+@pytest.fixture
+def no_process_group(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised in this process")
+    for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def test_plan_run_usage_errors(no_process_group: None, capsys: pytest.CaptureFixture[str],
+                               tmp_path: Path) -> None:
+    import torch.distributed as dist
+
+    code, err = _run(["run", str(tmp_path / "missing.plan"), "--model", "tiny-llama"], capsys)
+    assert code == 2 and "no such file" in err
+    code, err = _run(["run", str(ROOT / "plans" / "llama.plan"), "--model", "tiny-llama",
+                      "--seq-len", "64", "--set", "seq_len=64"], capsys)
+    assert code == 2 and "--seq-len or --set seq_len" in err
+    code, err = _run(["run", str(ROOT / "plans" / "llama.plan"), "--model", "no-such-model"], capsys)
+    assert code == 2 and "--model no-such-model" in err
+    assert not dist.is_initialized()  # the group `plan run` made is gone
+
+
+def test_init_is_idempotent_without_torchrun(no_process_group: None) -> None:
+    import torch.distributed as dist
+
+    from meshplan.runtime import init
+
+    env = init()
+    try:
+        assert (env.rank, env.world_size, env.backend, env.initialised_here) == (0, 1, "gloo", True)
+        again = init()
+        assert (again.rank, again.world_size, again.initialised_here) == (0, 1, False)
+    finally:
+        dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def test_token_jsonl(tmp_path: Path) -> None:
+    path = tmp_path / "tokens.jsonl"
+    path.write_text('[1, 2, 3]\n\n{"input_ids": [4, 5]}\n', encoding="utf-8")
+    assert [s.tolist() for s in read_token_jsonl(path)] == [[1, 2, 3], [4, 5]]
+    with pytest.raises(DataError, match=r"outside the model's vocabulary of 5"):
+        load_sequences(path, vocab_size=5, seq_len=8)
+    path.write_text('[1, 2]\n[3, -1]\n', encoding="utf-8")
+    with pytest.raises(DataError, match=r"tokens\.jsonl:2: token ids must be non-negative"):
+        read_token_jsonl(path)
+    path.write_text('[1, 2]\n[3,\n', encoding="utf-8")
+    with pytest.raises(DataError, match=r"tokens\.jsonl:2: not JSON"):
+        read_token_jsonl(path)
+
+
+def _tokenizer_dir(tmp_path: Path) -> Path:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"[UNK]": 0, "</s>": 1, "hello": 2, "packed": 3, "world": 4}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="[UNK]", eos_token="</s>")
+    directory = tmp_path / "tokenizer"
+    fast.save_pretrained(str(directory))
+    return directory
+
+
+def test_text_jsonl_with_a_local_tokenizer(tmp_path: Path) -> None:
+    path = tmp_path / "text.jsonl"
+    path.write_text(json.dumps({"text": "hello packed world"}) + "\n" + json.dumps("world hello") + "\n",
+                    encoding="utf-8")
+    with pytest.raises(DataError, match="give --tokenizer DIR"):
+        load_sequences(path, vocab_size=5, seq_len=8)
+    seqs = load_sequences(path, vocab_size=5, seq_len=8, tokenizer=_tokenizer_dir(tmp_path))
+    assert [s.tolist() for s in seqs] == [[2, 3, 4, 1], [4, 2, 1]]  # eos appended
+    with pytest.raises(DataError, match="not a directory"):
+        load_sequences(path, vocab_size=5, seq_len=8, tokenizer=tmp_path / "nowhere")
+
+
+def test_synthetic_is_seeded_and_learnable() -> None:
+    a = synthetic_sequences(32, 50, min_len=4, max_len=40, seed=7)
+    b = synthetic_sequences(32, 50, min_len=4, max_len=40, seed=7)
+    assert all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
+    assert {len(s) for s in a} <= set(range(4, 41)) and len({len(s) for s in a}) > 5
+    successors: dict[int, set[int]] = {}
+    for s in a:
+        for x, y in zip(s[:-1].tolist(), s[1:].tolist(), strict=True):
+            successors.setdefault(x, set()).add(y)
+    assert max(len(v) for v in successors.values()) <= 4  # a walk over a fixed table
+
+
+def _bins(data: PackedData, dp: int, micro: int, steps: int) -> list[list[tuple[int, ...]]]:
+    loaders = [iter(data.loader(r, dp, micro_batch=micro, seed=3)) for r in range(dp)]
+    out = []
+    for _ in range(steps):
+        step = [tuple(b["input_ids"].flatten().tolist()) for it in loaders for b in next(it)]
+        out.append(sorted(step))
+    return out
+
+
+def test_global_batch_does_not_depend_on_its_split() -> None:
+    data = PackedData.build(synthetic_sequences(80, 100, min_len=3, max_len=32, seed=1), 32)
+    single = _bins(data, 1, 4, 5)
+    assert _bins(data, 4, 1, 5) == single
+    assert _bins(data, 2, 2, 5) == single
+    batch = data.loader(0, 1, micro_batch=1, seed=3)
+    first = next(iter(batch))[0]
+    assert first["input_ids"].shape == (1, 32) and first["num_tokens"] <= 32
+    assert 0 < int((first["labels"] != -100).sum()) < first["num_tokens"]  # shifted per sequence
+
+
+def test_loader_resumes_mid_epoch() -> None:
+    data = PackedData.build(synthetic_sequences(40, 100, min_len=3, max_len=32, seed=2), 32)
+    straight = data.loader(1, 2, seed=5)
+    batches = [b for _, b in zip(range(4), straight, strict=False)]
+    stopped = data.loader(1, 2, seed=5)
+    source = iter(stopped)
+    for _ in range(3):
+        next(source)
+    resumed = data.loader(1, 2, seed=5)
+    resumed.load_state_dict(stopped.state_dict())
+    again = next(iter(resumed))
+    assert torch.equal(again[0]["input_ids"], batches[3][0]["input_ids"])
+
+
+# ----------------------------------------------------------------------------- loop parts
+
+
+def test_clip_grad_norm_matches_torch_on_plain_tensors() -> None:
+    from meshplan.runtime import clip_grad_norm
+
+    torch.manual_seed(0)
+    ours = [torch.nn.Parameter(torch.randn(5, 3)), torch.nn.Parameter(torch.randn(7))]
+    theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    for a, b in zip(ours, theirs, strict=True):
+        a.grad = torch.randn_like(a)
+        b.grad = a.grad.clone()
+    norm = clip_grad_norm(ours, 0.5)
+    expected = torch.nn.utils.clip_grad_norm_(theirs, 0.5)
+    torch.testing.assert_close(norm, expected)
+    for a, b in zip(ours, theirs, strict=True):
+        torch.testing.assert_close(a.grad, b.grad)
+    assert float(clip_grad_norm(ours, None)) == pytest.approx(0.5, rel=1e-5)  # measure only
+
+
+def test_progress_display_logs_plain_lines() -> None:
+    from meshplan.runtime import ProgressDisplay, StepStats
+
+    stream = io.StringIO()
+    with ProgressDisplay(total=2, stream=stream) as show:
+        show(StepStats(1, 5.25, 1.5, 1000, 990, 0.5))
+        show(StepStats(2, 5.0, 1.25, 1000, 990, 0.25))
+    lines = stream.getvalue().splitlines()
+    assert lines == ["step 1/2  loss 5.2500  grad-norm 1.500  tokens 1,000  2,000 tokens/s  500 ms",
+                     "step 2/2  loss 5.0000  grad-norm 1.250  tokens 1,000  4,000 tokens/s  250 ms"]
+    silent = io.StringIO()
+    with ProgressDisplay(total=1, stream=silent, enabled=False) as show:
+        show(StepStats(1, 5.0, 1.0, 10, 9, 0.1))
+    assert silent.getvalue() == ""
