@@ -16,6 +16,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "check": ("check", "check plan files without a model (fast; no torch import)"),
     "fmt": ("fmt", "format plan files canonically, in place"),
     "compile": ("compile", "check a plan against a model and world size; emit the program"),
+    "explain": ("explain", "dry-run a plan at any world size: mesh, layouts, memory and traffic per rank"),
     "pack": ("pack", "pack a sequence-length distribution; report efficiency and rank balance"),
     "run": ("run", "train with a plan under torchrun: compile, apply, train (reference loop)"),
 }
