@@ -23,15 +23,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def write_atomically(path: Path, text: str) -> None:
     """Replace `path` so that readers see the old or the new file, never a part of one."""
-    mode = path.stat().st_mode & 0o7777 if path.exists() else None
+    if path.exists():
+        mode = path.stat().st_mode & 0o7777
+    else:  # a new file gets the permissions open() would give it, not mkstemp's 0600
+        umask = os.umask(0)
+        os.umask(umask)
+        mode = 0o666 & ~umask
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
-        if mode is not None:
-            os.chmod(tmp, mode)
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -215,3 +215,16 @@ def test_check_does_not_import_torch() -> None:
 def test_console_script_installed() -> None:
     result = subprocess.run(["plan", "--version"], capture_output=True, text=True)
     assert result.returncode == 0 and result.stdout.startswith("meshplan ")
+
+
+def test_new_output_files_get_ordinary_permissions(workdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import os
+
+    from meshplan.cli.fmt import write_atomically
+
+    umask = os.umask(0o022)
+    try:
+        write_atomically(workdir / "new.txt", "x\n")
+    finally:
+        os.umask(umask)
+    assert (workdir / "new.txt").stat().st_mode & 0o777 == 0o644
