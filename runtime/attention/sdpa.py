@@ -31,6 +31,7 @@ fallback, not a long-context kernel (use `meshplan_flash` or `meshplan_te` on GP
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import torch
@@ -172,73 +173,26 @@ def sdpa_attention_forward(
     segments: Segments | None = None
     if q_len == k_len:
         segments = find_segments(batch, q_len, query.device, kwargs)
-    if segments is not None:
-        if segments.crosses_rows and batch > 1:
-            # Boundaries over the flattened batch (flash-attn varlen semantics): attend
-            # over one row of B*T tokens so that a segment may continue across rows.
-            def flat(t: torch.Tensor) -> torch.Tensor:
-                return t.transpose(0, 1).reshape(1, t.shape[1], batch * q_len, t.shape[3])
+    attend = partial(_attend, scale=scaling, dropout=dropout, softcap=softcap)
+    if segments is not None and segments.crosses_rows and batch > 1:
+        # Boundaries over the flattened batch (flash-attn varlen semantics): attend
+        # over one row of B*T tokens so that a segment may continue across rows.
+        def flat(t: torch.Tensor) -> torch.Tensor:
+            return t.transpose(0, 1).reshape(1, t.shape[1], batch * q_len, t.shape[3])
 
-            mask = segment_mask(segments.ids[None], causal=causal, window=window)
-            out = _attend(
-                flat(query),
-                flat(key),
-                flat(value),
-                mask,
-                is_causal=False,
-                scale=scaling,
-                dropout=dropout,
-                softcap=softcap,
-            )
-            out = out.reshape(heads, batch, q_len, -1).transpose(0, 1)
-        else:
-            mask = segment_mask(segments.row_ids(), causal=causal, window=window)
-            out = _attend(
-                query,
-                key,
-                value,
-                mask,
-                is_causal=False,
-                scale=scaling,
-                dropout=dropout,
-                softcap=softcap,
-            )
+        flat_mask = segment_mask(segments.ids[None], causal=causal, window=window)
+        out = attend(flat(query), flat(key), flat(value), flat_mask, is_causal=False)
+        out = out.reshape(heads, batch, q_len, -1).transpose(0, 1)
+        return out.transpose(1, 2).contiguous(), None
+    mask: torch.Tensor | None = None
+    if segments is not None:
+        mask = segment_mask(segments.row_ids(), causal=causal, window=window)
     elif attention_mask is not None:
         mask = _padding_mask(attention_mask, q_len, k_len, causal=causal, window=window)
-        out = _attend(
-            query,
-            key,
-            value,
-            mask,
-            is_causal=False,
-            scale=scaling,
-            dropout=dropout,
-            softcap=softcap,
-        )
     elif window is not None or (causal and q_len != k_len):
         distance = _distance(q_len, k_len, query.device)
         allowed = torch.ones((), dtype=torch.bool, device=query.device)
         mask = _window_and_order(allowed, distance, causal=causal, window=window)
-        out = _attend(
-            query,
-            key,
-            value,
-            mask,
-            is_causal=False,
-            scale=scaling,
-            dropout=dropout,
-            softcap=softcap,
-        )
-    else:
-        # Plain causal (or full) attention: SDPA's own flag picks its fastest kernel.
-        out = _attend(
-            query,
-            key,
-            value,
-            None,
-            is_causal=causal and q_len > 1,
-            scale=scaling,
-            dropout=dropout,
-            softcap=softcap,
-        )
+    # Without a mask (plain causal or full attention) SDPA's own flag picks its fastest kernel.
+    out = attend(query, key, value, mask, is_causal=mask is None and causal and q_len > 1)
     return out.transpose(1, 2).contiguous(), None
