@@ -37,6 +37,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .layout import attention_causality
 from .varlen import Unpadded, unpad
 
 __all__ = [
@@ -156,9 +157,7 @@ def make_flash_attention(kernel: VarlenKernel) -> Callable[..., tuple[torch.Tens
         is_causal: bool | None = None,
         **kwargs: Any,
     ) -> tuple[torch.Tensor, None]:
-        if kwargs.get("s_aux") is not None:
-            raise NotImplementedError("meshplan_flash does not implement attention sinks (s_aux)")
-        causal = bool(getattr(module, "is_causal", True) if is_causal is None else is_causal)
+        causal = attention_causality("meshplan_flash", module, is_causal, kwargs)
         args = flash_varlen_args(
             query,
             key,

@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layout import Segments, find_segments
+from .layout import Segments, attention_causality, find_segments
 
 __all__ = ["repeat_kv_heads", "sdpa_attention_forward", "segment_mask"]
 
@@ -164,9 +164,7 @@ def sdpa_attention_forward(
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
     """The `meshplan_sdpa` attention function (see the module docstring)."""
-    if kwargs.get("s_aux") is not None:
-        raise NotImplementedError("meshplan_sdpa does not implement attention sinks (s_aux)")
-    causal = bool(getattr(module, "is_causal", True) if is_causal is None else is_causal)
+    causal = attention_causality("meshplan_sdpa", module, is_causal, kwargs)
     window = int(sliding_window) if sliding_window else None
     batch, heads, q_len, _ = query.shape
     k_len = key.shape[2]

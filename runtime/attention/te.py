@@ -41,6 +41,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .layout import attention_causality
 from .varlen import Unpadded, unpad
 
 __all__ = [
@@ -199,9 +200,7 @@ def make_te_attention(
         is_causal: bool | None = None,
         **kwargs: Any,
     ) -> tuple[torch.Tensor, None]:
-        if kwargs.get("s_aux") is not None:
-            raise NotImplementedError("meshplan_te does not implement attention sinks (s_aux)")
-        causal = bool(getattr(module, "is_causal", True) if is_causal is None else is_causal)
+        causal = attention_causality("meshplan_te", module, is_causal, kwargs)
         args = te_thd_args(
             query,
             key,
