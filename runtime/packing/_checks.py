@@ -46,15 +46,20 @@ def check_epoch(epoch: int) -> int:
 
 def positive_int(name: str, value: object, upper: int) -> int:
     """An integer (not a bool) in [1, upper]."""
+    return int_at_least(name, value, 1, upper)
+
+
+def int_at_least(name: str, value: object, low: int, upper: int | None = None) -> int:
+    """An integer (not a bool) in [low, upper] (no upper bound when None)."""
     if isinstance(value, bool):
         raise PackingError(f"{name} must be an integer, got {value!r}")
     try:
         v = operator.index(value)  # type: ignore[arg-type]
     except TypeError:
         raise PackingError(f"{name} must be an integer, got {value!r}") from None
-    if v < 1:
-        raise PackingError(f"{name} must be >= 1, got {v}")
-    if v > upper:
+    if v < low:
+        raise PackingError(f"{name} must be >= {low}, got {v}")
+    if upper is not None and v > upper:
         raise PackingError(f"{name} must be <= {upper}, got {v}")
     return v
 

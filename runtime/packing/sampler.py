@@ -30,7 +30,6 @@ so save a state built with the number of steps actually trained in that case.
 
 from __future__ import annotations
 
-import operator
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -39,7 +38,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from . import _kernels
-from ._checks import check_epoch, check_seed
+from ._checks import check_epoch, check_seed, int_at_least
 from .algorithms import PackResult, shuffle_bins
 from .errors import PackingError
 
@@ -89,18 +88,6 @@ class Remainder:
     dropped_tokens: int
 
 
-def _int_arg(name: str, value: object, low: int) -> int:
-    if isinstance(value, bool):
-        raise PackingError(f"{name} must be an integer, got {value!r}")
-    try:
-        v = operator.index(value)  # type: ignore[arg-type]
-    except TypeError:
-        raise PackingError(f"{name} must be an integer, got {value!r}") from None
-    if v < low:
-        raise PackingError(f"{name} must be >= {low}, got {v}")
-    return v
-
-
 class PackedSampler:
     """Deal the bins of a `PackResult` to data-parallel ranks (see the module docstring).
 
@@ -125,12 +112,12 @@ class PackedSampler:
         attention_weight: float | None = None,
     ) -> None:
         self.result = result
-        self.dp_size = _int_arg("dp_size", dp_size, 1)
-        self.dp_rank = _int_arg("dp_rank", dp_rank, 0)
+        self.dp_size = int_at_least("dp_size", dp_size, 1)
+        self.dp_rank = int_at_least("dp_rank", dp_rank, 0)
         if self.dp_rank >= self.dp_size:
             raise PackingError(f"dp_rank={self.dp_rank} must be < dp_size={self.dp_size}")
-        self.micro_batch = _int_arg("micro_batch", micro_batch, 1)
-        self.window = _int_arg("window", window, 1)
+        self.micro_batch = int_at_least("micro_batch", micro_batch, 1)
+        self.window = int_at_least("window", window, 1)
         self.drop_remainder = bool(drop_remainder)
         self.seed = check_seed(seed)
         self._epoch = 0
@@ -278,7 +265,7 @@ class PackedSampler:
         try:
             epoch = check_epoch(state["epoch"])
             seed = check_seed(state["seed"])
-            steps = _int_arg("steps_consumed", state["steps_consumed"], 0)
+            steps = int_at_least("steps_consumed", state["steps_consumed"], 0)
             layout = {
                 k: state[k]
                 for k in ("dp_size", "micro_batch", "window", "drop_remainder", "n_bins")
