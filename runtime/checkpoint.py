@@ -172,6 +172,17 @@ def _replace_dir(tmp: Path, final: Path, overwrite: bool) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def _prepare_agreed(final: Path, tmp: Path, overwrite: bool, rank: int) -> None:
+    """Rank 0 prepares the temporary directory; every rank learns whether that worked."""
+    error = None
+    if rank == 0:
+        try:
+            _prepare(final, tmp, overwrite)
+        except Exception as exc:
+            error = _describe(exc)
+    _agree(error, f"preparing {tmp}")
+
+
 def _prepare(final: Path, tmp: Path, overwrite: bool) -> None:
     """On rank 0: refuse an existing target, clear a stale temporary directory."""
     if final.exists() and not overwrite:
@@ -269,13 +280,7 @@ def save(directory: str | Path, model: nn.Module | Applied, optimizer: torch.opt
     module, fused = model_and_fused(model, program)
     rank, world = _rank_world()
 
-    error = None
-    if rank == 0:
-        try:
-            _prepare(final, tmp, overwrite)
-        except Exception as exc:
-            error = _describe(exc)
-    _agree(error, f"preparing {tmp}")
+    _prepare_agreed(final, tmp, overwrite, rank)
 
     error = None
     try:
@@ -358,13 +363,7 @@ def export_hf(model: nn.Module | Applied, out_dir: str | Path, *, program: Progr
     module, fused = model_and_fused(model, program)
     rank, _ = _rank_world()
 
-    error = None
-    if rank == 0:
-        try:
-            _prepare(final, tmp, overwrite)
-        except Exception as exc:
-            error = _describe(exc)
-    _agree(error, f"preparing {tmp}")
+    _prepare_agreed(final, tmp, overwrite, rank)
 
     error = None
     try:
