@@ -3,7 +3,8 @@
 Before any collective, every rank checks the world size and that each module a step
 names exists. A failing step is re-raised as `StepError` naming the plan line the step
 came from. Step order is the compiler's (see planner/lower.py); nothing is reordered
-here.
+here. Under context parallelism, batches go through `Applied.shard_batch` (each rank
+keeps its part of the sequence; see `runtime.cp`).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from meshplan.planner.program import (
     Step,
 )
 
+from .cp import CP_ATTRIBUTE, ContextParallelAttention, ContextSplit, shard_batch
 from .mesh import build_mesh, submesh
 from .styles import make_style, rescale_split_sizes, selective_checkpoint_context
 
@@ -41,6 +43,30 @@ class Applied:
     model: nn.Module
     mesh: DeviceMesh
     program: Program
+
+    @property
+    def context_split(self) -> ContextSplit | None:
+        """How the Program cuts sequences over context-parallel ranks (None: it does not)."""
+        step = _context_step(self.program)
+        return ContextSplit(self.program.mesh.size(step.mesh_dim), step.load_balance) if step else None
+
+    @property
+    def cp_rank(self) -> int:
+        step = _context_step(self.program)
+        return submesh(self.mesh, (step.mesh_dim,)).get_local_rank() if step else 0
+
+    def shard_batch(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """This rank's part of a full-row collated batch under the plan's context
+        parallelism (`runtime.cp.shard_batch`); the batch itself without it."""
+        split = self.context_split
+        return batch if split is None else shard_batch(batch, split, self.cp_rank)
+
+
+def _context_step(program: Program) -> ContextParallel | None:
+    for step in program.steps:
+        if isinstance(step, ContextParallel) and program.mesh.size(step.mesh_dim) > 1:
+            return step
+    return None
 
 
 def apply(program: Program, model: nn.Module, *, mesh: DeviceMesh | None = None,
@@ -120,8 +146,26 @@ def _checkpoint(step: Step, model: nn.Module, mesh: DeviceMesh) -> None:
 
 
 def _context_parallel(step: Step, model: nn.Module, mesh: DeviceMesh) -> None:
-    raise StepError(f"{_where(step)}: context parallelism is compiled and checked, but this runtime "
-                    "cannot run it yet; compile with cp = 1")
+    """Install meshplan's context-parallel attention on the named attention modules.
+
+    Their attention function must be one of meshplan's backends (they hand the call to
+    the installed `ContextParallelAttention`); a model on another implementation is
+    switched to the best meshplan backend for the mesh's device."""
+    from .attention import BACKENDS, select_backend, use_backend
+
+    assert isinstance(step, ContextParallel)
+    cp_mesh = submesh(mesh, (step.mesh_dim,))
+    configs: list[Any] = [getattr(m, "config", None) for m in model.modules()]
+    configs = [c for c in configs if hasattr(c, "_attn_implementation")]
+    if not configs:
+        raise StepError(f"{_where(step)}: {type(model).__name__} has no transformers config: context "
+                        "parallelism replaces attention through transformers' AttentionInterface")
+    if configs[0]._attn_implementation not in BACKENDS:
+        use_backend(model, select_backend(mesh.device_type), check_device=False)
+    for fqn in step.fqns:
+        setattr(_module(model, fqn), CP_ATTRIBUTE, ContextParallelAttention(
+            group=cp_mesh.get_group(), size=cp_mesh.size(), rank=cp_mesh.get_local_rank(),
+            rotate=step.rotate, load_balance=step.load_balance, fqn=fqn))
 
 
 def mixed_precision_policy(mp: MixedPrecision | None) -> Any:

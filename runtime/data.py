@@ -28,6 +28,10 @@ Guarantees:
   ranks with `micro_batch = 1` — what the equivalence tests rely on).
 - Labels are already shifted (see `meshplan.runtime.packing.collate`); each batch also
   carries `num_tokens`, its real (non-padding) token count, for throughput figures.
+- Context parallelism (`build(..., context=split)`, `loader(..., cp_rank=r)`): every
+  sequence is packed and collated padded to a multiple of 2·cp, and each batch is cut
+  by `runtime.cp.shard_batch` — the context-parallel peers of a data-parallel rank read
+  the same bins and each keeps its part.
 - `PackedLoader.state_dict()` / `load_state_dict()` resume mid-epoch exactly.
 """
 
@@ -42,6 +46,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
+from .cp import ContextSplit, shard_batch
 from .packing import PackedSampler, PackResult, collate, pack
 
 __all__ = [
@@ -185,15 +190,22 @@ class PackedData:
     result: PackResult
     format: str = "varlen"
     pad_id: int = 0
+    context: ContextSplit | None = None
 
     @classmethod
     def build(cls, sequences: Sequence[Tokens], seq_len: int, *, algorithm: str = "ffd",
               format: str = "varlen", overlong: str = "error", max_per_bin: int | None = None,
-              seed: int = 0, pad_id: int = 0) -> PackedData:
+              seed: int = 0, pad_id: int = 0, context: ContextSplit | None = None) -> PackedData:
+        """Pack once. With `context` (the plan's context-parallel split) every sequence is
+        packed and collated padded to a multiple of 2·cp, so that it can be cut head-tail."""
         lengths = np.asarray([len(s) for s in sequences], dtype=np.int64)
+        multiple = context.pad_multiple if context is not None else 1
+        if context is not None and seq_len % context.chunks:
+            raise DataError(f"seq_len {seq_len} cannot be cut into {context.chunks} equal chunks for "
+                            f"context parallelism over {context.size} ranks")
         result = pack(lengths, seq_len, algorithm, max_per_bin=max_per_bin, overlong=overlong,
-                      seed=seed)
-        return cls(sequences, result, format, pad_id)
+                      seed=seed, pad_multiple=multiple)
+        return cls(sequences, result, format, pad_id, context)
 
     @property
     def seq_len(self) -> int:
@@ -205,22 +217,34 @@ class PackedData:
         seqs = [self.sequences[int(r.indices[j])][int(r.starts[j]):int(r.starts[j] + r.lengths[j])]
                 for j in positions]
         size = {"max_len": self.seq_len} if self.format == "padded" else {"seq_len": self.seq_len}
-        batch = collate(seqs, self.format, pad_id=self.pad_id, **size)
+        cp_size = self.context.collate_cp_size if self.context is not None else 1
+        batch = collate(seqs, self.format, pad_id=self.pad_id, cp_size=cp_size, **size)
         batch["num_tokens"] = int(sum(len(s) for s in seqs))
         return batch
 
     def loader(self, dp_rank: int = 0, dp_size: int = 1, *, micro_batch: int = 1,
-               seed: int = 0) -> PackedLoader:
+               seed: int = 0, cp_rank: int | None = None) -> PackedLoader:
+        """This data-parallel rank's batches; with `cp_rank` (and the data built with a
+        context split) each batch is this context-parallel rank's part of the bin."""
+        if cp_rank is not None and self.context is None:
+            raise DataError("cp_rank given, but the data was not built with a context split")
         sampler = PackedSampler(self.result, dp_rank, dp_size, seed=seed, micro_batch=micro_batch)
-        return PackedLoader(self, sampler)
+        return PackedLoader(self, sampler, cp_rank)
 
 
 class PackedLoader:
     """Per step, this rank's `micro_batch` collated bins; iterates forever."""
 
-    def __init__(self, data: PackedData, sampler: PackedSampler) -> None:
+    def __init__(self, data: PackedData, sampler: PackedSampler, cp_rank: int | None = None) -> None:
         self.data = data
         self.sampler = sampler
+        self.cp_rank = cp_rank
+
+    def _batch(self, positions: NDArray[np.int64]) -> Batch:
+        batch = self.data.collate(positions)
+        if self.cp_rank is None or self.data.context is None:
+            return batch
+        return shard_batch(batch, self.data.context, self.cp_rank)
 
     @property
     def steps_per_epoch(self) -> int:
@@ -229,7 +253,7 @@ class PackedLoader:
     def __iter__(self) -> Iterator[list[Batch]]:
         while True:
             for bins in self.sampler:
-                yield [self.data.collate(b) for b in bins]
+                yield [self._batch(b) for b in bins]
 
     def state_dict(self) -> dict[str, Any]:
         return self.sampler.state_dict()

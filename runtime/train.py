@@ -58,10 +58,11 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Partial, Replicate
 
-from meshplan.planner.program import FullyShard, Parallelize, Program
+from meshplan.planner.program import ContextParallel, FullyShard, Parallelize, Program
 
 from .apply import Applied, apply
 from .attention import forward_kwargs, select_backend, use_backend
+from .cp import ContextSplit
 from .loading import init_random, load_broadcast, load_sharded, materialize, meta_model
 from .loss import IGNORE_INDEX, loss_sum_and_count, vocab_parallel
 from .mesh import submesh
@@ -234,7 +235,9 @@ class Topology:
 
     `dp_rank`/`dp_size`: this rank's data-parallel coordinate (the `dp` submesh, else the
     product of `dp_replicate` and `dp_shard`); tensor-parallel peers share it and so read
-    the same batches. `loss_group`: the ranks whose tokens make up the global batch (None
+    the same batches. `context`/`cp_rank`: the plan's context-parallel split and this
+    rank's place in it (its peers read the same batches, each keeps its part of the
+    sequence). `loss_group`: the ranks whose tokens make up the global batch (None
     when there is one). `grad_divisor`: the ranks FSDP averages gradients over.
     """
 
@@ -245,6 +248,8 @@ class Topology:
     grad_divisor: int = 1
     vocab_parallel: bool = False
     rank: int = 0
+    context: ContextSplit | None = None  # the plan's context-parallel split, if any
+    cp_rank: int = 0
 
     @property
     def is_main(self) -> bool:
@@ -276,7 +281,13 @@ class Topology:
             raise TrainError(f"the global batch is spread over {loss_size} data-parallel ranks "
                              f"({' × '.join(loss_dims)}) but {what}")
         tp = any(isinstance(s, Parallelize) for s in program.steps)
-        return cls(dp_rank, dp_size, group, loss_size, divisor, tp, dist.get_rank())
+        context, cp_rank = None, 0
+        cp = next((s for s in program.steps if isinstance(s, ContextParallel)
+                   and layout.size(s.mesh_dim) > 1), None)
+        if cp is not None:
+            context = ContextSplit(layout.size(cp.mesh_dim), cp.load_balance)
+            cp_rank = coord[names.index(cp.mesh_dim)]
+        return cls(dp_rank, dp_size, group, loss_size, divisor, tp, dist.get_rank(), context, cp_rank)
 
 
 def _group(mesh: DeviceMesh, name: str | None, dims: tuple[str, ...]) -> dist.ProcessGroup:

@@ -274,7 +274,8 @@ def forward_kwargs(batch: Mapping[str, Any]) -> dict[str, Any]:
     again: compute the loss with `meshplan.runtime.loss`). `varlen`/`thd` boundaries are
     passed under transformers' flash-attn names (`cu_seq_lens_q/k`, `max_length_q/k`),
     `thd`'s padded boundaries as `cu_seq_lens_q/k_padded`, and `segment_ids` and the
-    `padded` format's `attention_mask` as themselves.
+    `padded` format's `attention_mask` as themselves, and a context-parallel batch's
+    `cp_*` tensors (see `meshplan.runtime.cp`) as themselves.
     """
     out: dict[str, Any] = {"input_ids": batch["input_ids"]}
     if "position_ids" in batch:
@@ -289,6 +290,9 @@ def forward_kwargs(batch: Mapping[str, Any]) -> dict[str, Any]:
         out[SEGMENT_IDS] = batch[SEGMENT_IDS]
     if "attention_mask" in batch:
         out["attention_mask"] = batch["attention_mask"]
+    for name in ("cp_query_index", "cp_key_index", "cp_segment_ids", "cp_key_valid"):
+        if name in batch:  # a batch split by `runtime.cp.shard_batch`
+            out[name] = batch[name]
     return out
 
 

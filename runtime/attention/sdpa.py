@@ -25,6 +25,10 @@ Guarantees:
 - Softmax runs in at least float32 on the soft-capping path (as transformers' eager
   attention does); otherwise `torch.nn.functional.scaled_dot_product_attention` decides.
 
+- Context parallelism (a `runtime.cp.ContextParallelAttention` installed on the module
+  by the plan's ContextParallel step): the call is handed to it, and the local queries
+  attend exactly over the whole sequence (see `runtime.cp`).
+
 The mask is a dense `[B, 1, T, T]` boolean tensor: this is the reference and the CPU
 fallback, not a long-context kernel (use `meshplan_flash` or `meshplan_te` on GPUs).
 """
@@ -38,9 +42,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..cp import context_parallel_of
 from .layout import Segments, attention_causality, find_segments
 
-__all__ = ["repeat_kv_heads", "sdpa_attention_forward", "segment_mask"]
+__all__ = ["attend", "repeat_kv_heads", "sdpa_attention_forward", "segment_mask"]
 
 
 def repeat_kv_heads(key: torch.Tensor, query_heads: int) -> torch.Tensor:
@@ -108,7 +113,7 @@ def _padding_mask(
     return allowed[:, None]
 
 
-def _attend(
+def attend(
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
@@ -166,12 +171,17 @@ def sdpa_attention_forward(
     """The `meshplan_sdpa` attention function (see the module docstring)."""
     causal = attention_causality("meshplan_sdpa", module, is_causal, kwargs)
     window = int(sliding_window) if sliding_window else None
+    cp = context_parallel_of(module)
+    if cp is not None:  # the sequence is split over ranks: meshplan's exact CP attention
+        out = cp.attend(query, key, value, kwargs, causal=causal, window=window, scaling=scaling,
+                        dropout=dropout, softcap=softcap)
+        return out, None
     batch, heads, q_len, _ = query.shape
     k_len = key.shape[2]
     segments: Segments | None = None
     if q_len == k_len:
         segments = find_segments(batch, q_len, query.device, kwargs)
-    attend = partial(_attend, scale=scaling, dropout=dropout, softcap=softcap)
+    run = partial(attend, scale=scaling, dropout=dropout, softcap=softcap)
     if segments is not None and segments.crosses_rows and batch > 1:
         # Boundaries over the flattened batch (flash-attn varlen semantics): attend
         # over one row of B*T tokens so that a segment may continue across rows.
@@ -179,7 +189,7 @@ def sdpa_attention_forward(
             return t.transpose(0, 1).reshape(1, t.shape[1], batch * q_len, t.shape[3])
 
         flat_mask = segment_mask(segments.ids[None], causal=causal, window=window)
-        out = attend(flat(query), flat(key), flat(value), flat_mask, is_causal=False)
+        out = run(flat(query), flat(key), flat(value), flat_mask, is_causal=False)
         out = out.reshape(heads, batch, q_len, -1).transpose(0, 1)
         return out.transpose(1, 2).contiguous(), None
     mask: torch.Tensor | None = None
@@ -192,5 +202,5 @@ def sdpa_attention_forward(
         allowed = torch.ones((), dtype=torch.bool, device=query.device)
         mask = _window_and_order(allowed, distance, causal=causal, window=window)
     # Without a mask (plain causal or full attention) SDPA's own flag picks its fastest kernel.
-    out = attend(query, key, value, mask, is_causal=mask is None and causal and q_len > 1)
+    out = run(query, key, value, mask, is_causal=mask is None and causal and q_len > 1)
     return out.transpose(1, 2).contiguous(), None
