@@ -105,7 +105,8 @@ def _compile(args: argparse.Namespace, term: Terminal, world: int) -> dict[str, 
     program = compiled.program  # type: ignore[attr-defined]
     term.diagnostics(compiled.warnings)  # type: ignore[attr-defined]
     tp, cp = program.mesh.size("tp"), program.mesh.size("cp")
-    multiple = math.lcm(tp, 2 * cp if cp > 1 else 1)
+    # Sequence parallelism splits each context-parallel share again, tp ways.
+    multiple = math.lcm(tp * cp, 2 * cp if cp > 1 else 1)
     if seq_len % multiple:  # checked by the compiler too when the plan has `param seq_len`
         raise _Stop(term.usage_error("run", f"--seq-len {seq_len} must be a multiple of {multiple} "
                                              "(the sequence is split over tp and cp)"))
@@ -187,9 +188,10 @@ def _run(args: argparse.Namespace, term: Terminal, env: Any) -> int:
         data = PackedData.build(sequences, seq_len, algorithm=packing.get("algorithm", "ffd"),
                                 format=packing.get("format", "varlen"),
                                 overlong=packing.get("overlong", "error"),
-                                max_per_bin=packing.get("max_per_bin"), seed=packing.get("seed", 0))
+                                max_per_bin=packing.get("max_per_bin"), seed=packing.get("seed", 0),
+                                context=topology.context)
         loader = data.loader(topology.dp_rank, topology.dp_size, micro_batch=args.micro_batch,
-                             seed=args.seed)
+                             seed=args.seed, cp_rank=topology.cp_rank if topology.context else None)
     except (DataError, PackingError) as e:
         raise _Stop(2, str(e)) from None
 
@@ -198,6 +200,11 @@ def _run(args: argparse.Namespace, term: Terminal, env: Any) -> int:
     say(f"plan run: {args.file} for {args.model} on {env.world_size} rank"
         f"{'s' if env.world_size != 1 else ''} ({env.backend}, {env.device.type}): {mesh}; "
         f"attention {backend}")
+    if topology.context is not None:
+        cp_step = next(s for s in program.steps if s.kind == "context_parallel")
+        say(f"  context parallel: {topology.context.size} ranks per sequence, "
+            f"{topology.context.load_balance} split, {getattr(cp_step, 'rotate', '')} attention; "
+            f"each sequence padded to a multiple of {topology.context.pad_multiple}")
     r = data.result
     say(f"  data: {args.data}: {r.n_input:,} sequences in {r.n_bins:,} bins of {seq_len} tokens "
         f"({100 * r.efficiency:.1f} % full); global batch {topology.dp_size} × {args.micro_batch} "

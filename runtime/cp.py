@@ -35,7 +35,7 @@ window (sliding window), and j is a real token or i itself (the `padded` format'
 in `meshplan_sdpa`) — exactly the mask one process uses for the whole row.
 
 - `rotate = allgather`: one all-gather of the stacked local K and V over the cp group
-  (`all_gather_tensor_autograd`: its backward reduce-scatters their gradients), then
+  (`all_gather_single_autograd`: its backward reduce-scatters their gradients), then
   one masked attention of the local queries over all T keys (`meshplan_sdpa`'s kernel).
 - `rotate = ring`: cp − 1 shifts of the stacked K/V block to the next rank
   (`all_to_all_single_autograd`: its backward shifts the gradients back); each block is
@@ -293,7 +293,7 @@ class ContextParallelAttention:
         from torch.distributed import _functional_collectives as fc
 
         kv = torch.stack([key, value]).contiguous()
-        gathered = fc.wait_tensor(fc.all_gather_tensor_autograd(kv, gather_dim=3, group=self.group))
+        gathered = fc.wait_tensor(fc.all_gather_single_autograd(kv, gather_dim=3, group=self.group))
         return gathered[0], gathered[1]
 
     def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,

@@ -66,6 +66,9 @@ CASES: tuple[Case, ...] = (
          hint="multiple of 2"),
     Case("seq_len_not_divisible_cp", "tiny-llama", 8, "E505", 16, 1,
          "sequence length 4100 cannot be cut into 2·cp = 8 chunks", hint="multiple of 8"),
+    Case("sp_after_cp_not_divisible", "llama-3.1-8b", 16, "E505", 16, 45,
+         "each context-parallel rank holds 18 tokens (sequence length 36 / cp 2), which cannot be "
+         "split 4 ways", hint="multiple of cp × tp = 8"),
     Case("experts_not_divisible", "tiny-mixtral", 6, "E505", 16, 11, "4 experts cannot be split 3 ways",
          primary=False),  # E511 (no expert parallelism at run time yet) sorts first
     # -- layouts (E506/E507): what flows between planned modules

@@ -34,16 +34,18 @@ from .conftest import ROOT
 
 @pytest.mark.slow
 def test_plan_run_trains_under_torchrun() -> None:
-    # The README's command (`torchrun` is `python -m torch.distributed.run`; --standalone
+    # The README's command, with context parallelism on top of tensor and sequence
+    # parallelism (`torchrun` is `python -m torch.distributed.run`; --standalone
     # picks a free rendezvous port, so concurrent jobs on the machine do not collide).
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "4",
                "-m", "meshplan.cli.main", "run", "plans/llama.plan", "--model", "tiny-llama",
-               "--set", "tp=2", "--steps", "5"]
+               "--set", "tp=2", "--set", "mesh.cp=2", "--seq-len", "256", "--steps", "5"]
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=420,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     output = done.stdout + done.stderr
     assert done.returncode == 0, output[-3000:]
-    assert "on 4 ranks (gloo, cpu): dp_shard 2 × tp 2; attention meshplan_sdpa" in output, output[-3000:]
+    assert "on 4 ranks (gloo, cpu): cp 2 × tp 2; attention meshplan_sdpa" in output, output[-3000:]
+    assert "context parallel: 2 ranks per sequence, headtail split, allgather attention" in output
     losses = [float(m) for m in re.findall(r"^step \d+/5  loss (\S+)", output, flags=re.M)]
     assert len(losses) == 5, output[-3000:]
     assert all(math.isfinite(x) for x in losses)

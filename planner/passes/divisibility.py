@@ -4,7 +4,8 @@ Guarantees: every size a plan shards divides by the mesh dimension it is sharded
 over — output/input features of colwise/rowwise projections (per part for fused ones),
 the vocabulary of a vocabulary-parallel embedding or `lm_head`, the embedding width,
 attention heads and key/value heads behind q/k/v/o projections, the sequence length
-for sequence parallelism (tp) and context parallelism (2·cp with head-tail balancing),
+for sequence parallelism (tp; under context parallelism each rank's seq_len / cp
+tokens split tp ways) and context parallelism (2·cp with head-tail balancing),
 and the number of experts for expert parallelism. Errors name the model fact:
 "8 key/value heads cannot be split 16 ways".
 """
@@ -112,11 +113,22 @@ class Divisibility:
         if not sp_rules or found is None:
             return
         seq_len, seq_span = found
-        if seq_len % n:
+        cp_spec = ctx.spec.context_parallel
+        cp = ctx.size(cp_spec.on) if cp_spec is not None and cp_spec.on else 1
+        if seq_len % cp == 0 and (seq_len // cp) % n:
+            # Each context-parallel rank holds seq_len / cp tokens, which SP splits again.
             rule = sp_rules[0]
+            if cp == 1:
+                self._fail(ctx, rule.style.span,
+                           f"sequence length {seq_len} cannot be split {_ways(n)} for sequence parallelism "
+                           f"on `{dim}`", hint=f"use a seq_len that is a multiple of {n}",
+                           related=((seq_span, "seq_len set here"),))
+                return
             self._fail(ctx, rule.style.span,
-                       f"sequence length {seq_len} cannot be split {_ways(n)} for sequence parallelism on `{dim}`",
-                       hint=f"use a seq_len that is a multiple of {n}", related=((seq_span, "seq_len set here"),))
+                       f"each context-parallel rank holds {seq_len // cp} tokens (sequence length "
+                       f"{seq_len} / cp {cp}), which cannot be split {_ways(n)} for sequence parallelism "
+                       f"on `{dim}`", hint=f"use a seq_len that is a multiple of cp × {dim} = {cp * n}",
+                       related=((seq_span, "seq_len set here"),))
 
     def _context(self, ctx: Context) -> None:
         cp = ctx.spec.context_parallel

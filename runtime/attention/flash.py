@@ -26,6 +26,13 @@ Guarantees:
 - Grouped-query heads are passed as they are (flash-attn broadcasts them).
 - flash-attn runs in half precision only: fp32 inputs are cast to the autocast dtype
   when autocast is on, else to bfloat16, and the output is cast back.
+- Context parallelism (a `runtime.cp.ContextParallelAttention` on the module): with
+  `rotate = allgather` the local queries attend the all-gathered keys in ONE varlen
+  call, the CP mask cut into per-segment pieces with bottom-right causal alignment
+  (`cp_varlen.cp_varlen_args`; equal to `meshplan_sdpa`'s CP path, checked on CPU).
+  With `rotate = ring`, and for non-causal sliding windows, the call goes to
+  `ContextParallelAttention.attend`, meshplan's exact PyTorch path: flash-attn has no
+  ring variant here.
 """
 
 from __future__ import annotations
@@ -37,6 +44,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..cp import context_parallel_of
+from .cp_varlen import cp_varlen_attention
 from .layout import attention_causality
 from .varlen import Unpadded, unpad
 
@@ -158,6 +167,22 @@ def make_flash_attention(kernel: VarlenKernel) -> Callable[..., tuple[torch.Tens
         **kwargs: Any,
     ) -> tuple[torch.Tensor, None]:
         causal = attention_causality("meshplan_flash", module, is_causal, kwargs)
+        cp = context_parallel_of(module)
+        if cp is not None:  # the sequence is split over ranks (see runtime.cp)
+            out = cp_varlen_attention(
+                cp,
+                query,
+                key,
+                value,
+                kwargs,
+                causal=causal,
+                window=int(sliding_window) if sliding_window else None,
+                scaling=scaling,
+                dropout=dropout,
+                softcap=softcap,
+                run=lambda pieces: pieces.call(kernel),
+            )
+            return out, None
         args = flash_varlen_args(
             query,
             key,

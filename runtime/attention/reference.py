@@ -15,7 +15,11 @@ kernel's arguments in a separate, tested step (`flash.flash_varlen_args`,
   window_size, qkv_format)` — Transformer Engine's `DotProductAttention` in `qkv_format="thd"`:
   sequence i holds the real tokens `[cu_padded[i], cu_padded[i] + len_i)` with
   `len_i = cu[i+1] - cu[i]`; the rest of its padded span is padding, never attended to,
-  and its output is zero. Returns `[total, heads * head_dim]` like TE.
+  and its output is zero. Returns `[total, heads * head_dim]` like TE. Mask types:
+  `padding` (no causal mask), `padding_causal` (TE aligns its diagonal to the top left:
+  query i sees keys <= i) and `padding_causal_bottom_right` (query i sees keys <=
+  i + len_kv - len_q); the two agree when a sequence's q and kv lengths do. The window
+  is aligned with the diagonal (bottom-right for `padding`).
 
 Both check the contract the real kernel relies on (dtypes, shapes, that `max_seqlen` is
 an int bounding every segment, boundaries in range) and raise `ValueError` when it is
@@ -76,6 +80,7 @@ def _block(
     left: int,
     right: int,
     softcap: float,
+    bottom_right: bool = True,
 ) -> torch.Tensor:
     """One segment: q [Lq, H, D], k/v [Lk, Hkv, D] -> [Lq, H, D]."""
     lq, lk = q.shape[0], k.shape[0]
@@ -85,8 +90,8 @@ def _block(
     scores = torch.einsum("qhd,khd->hqk", q, k) * scale
     if softcap:
         scores = torch.tanh(scores / softcap) * softcap
-    # Query i sits at key position i + (lk - lq): bottom-right alignment.
-    offset = torch.arange(lq, device=q.device)[:, None] + (lk - lq)
+    # Query i sits at key position i + (lk - lq) (bottom-right alignment), or i.
+    offset = torch.arange(lq, device=q.device)[:, None] + (lk - lq if bottom_right else 0)
     j = torch.arange(lk, device=q.device)[None, :]
     allowed = torch.ones(lq, lk, dtype=torch.bool, device=q.device)
     if causal:
@@ -145,6 +150,9 @@ def varlen_attention(
     return out
 
 
+_THD_MASKS = ("padding", "padding_causal", "padding_causal_bottom_right")
+
+
 def thd_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -164,7 +172,7 @@ def thd_attention(
     if qkv_format != "thd":
         raise ValueError(f"this reference implements qkv_format='thd' only, got {qkv_format!r}")
     _check_qkv(q, k, v)
-    if attn_mask_type not in ("padding", "padding_causal"):
+    if attn_mask_type not in _THD_MASKS:
         raise ValueError(f"thd attention needs a padding mask type, got {attn_mask_type!r}")
     real_q = _check_cu("cu_seqlens_q", cu_seqlens_q, q.shape[0])
     real_k = _check_cu("cu_seqlens_kv", cu_seqlens_kv, k.shape[0])
@@ -190,9 +198,10 @@ def thd_attention(
             k[sk : sk + lk],
             v[sk : sk + lk],
             scale=scale,
-            causal=attn_mask_type == "padding_causal",
+            causal=attn_mask_type != "padding",
             left=window_size[0],
             right=window_size[1],
             softcap=0.0,
+            bottom_right=attn_mask_type != "padding_causal",
         )
     return out.reshape(q.shape[0], -1)

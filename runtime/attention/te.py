@@ -27,6 +27,17 @@ Guarantees:
   causal attention and (-1, -1) otherwise.
 - Logit soft-capping (Gemma-2) raises `NotImplementedError`: `DotProductAttention` has
   no soft-cap; use `meshplan_flash` or `meshplan_sdpa` for such models.
+- Context parallelism (a `runtime.cp.ContextParallelAttention` on the module): with
+  `rotate = allgather`, `te_cp_args` lays the local queries and the all-gathered keys
+  out in pieces as `cp_varlen.cp_varlen_args` does for flash-attn — the queries' and
+  keys' boundaries now differ (`cu_seqlens_kv`), so the mask type is
+  `padding_causal_bottom_right` (TE's `padding_causal` aligns the diagonal top-left)
+  and `window_size=(W-1, 0)` is aligned with it. Fed to `reference.thd_attention`, this
+  reproduces `meshplan_sdpa`'s CP path; the tests check that on CPU. With `rotate =
+  ring`, and for non-causal sliding windows, the call goes to
+  `ContextParallelAttention.attend` (meshplan's exact PyTorch path; TE's own context
+  parallelism needs its own process groups and layout and is not used). Soft-capping
+  still raises.
 - One `DotProductAttention` per head layout is created and cached outside the model,
   so it never enters the model's state dict; fp32 inputs run in the autocast dtype or
   bfloat16 and the output is cast back.
@@ -41,6 +52,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..cp import context_parallel_of
+from .cp_varlen import CpVarlenArgs, cp_varlen_attention
 from .layout import attention_causality
 from .varlen import Unpadded, unpad
 
@@ -48,6 +61,7 @@ __all__ = [
     "TEThdArgs",
     "make_te_attention",
     "te_attention_forward",
+    "te_cp_args",
     "te_kernel",
     "te_thd_args",
 ]
@@ -67,18 +81,24 @@ class TEThdArgs:
     attn_mask_type: str
     window_size: tuple[int, int]
     training: bool
+    # Keys laid out apart from the queries (context parallelism, `te_cp_args`): their
+    # boundaries in `layout.key`, no padding. None: the queries' boundaries.
+    cu_seqlens_kv: torch.Tensor | None = None
+    max_seqlen_kv: int | None = None
 
     def forward_kwargs(self) -> dict[str, Any]:
         lay = self.layout
+        real_kv = lay.real_cu_seqlens if self.cu_seqlens_kv is None else self.cu_seqlens_kv
+        padded_kv = lay.cu_seqlens if self.cu_seqlens_kv is None else self.cu_seqlens_kv
         return {
             "qkv_format": "thd",
             "attn_mask_type": self.attn_mask_type,
             "cu_seqlens_q": lay.real_cu_seqlens,
-            "cu_seqlens_kv": lay.real_cu_seqlens,
+            "cu_seqlens_kv": real_kv,
             "cu_seqlens_q_padded": lay.cu_seqlens,
-            "cu_seqlens_kv_padded": lay.cu_seqlens,
+            "cu_seqlens_kv_padded": padded_kv,
             "max_seqlen_q": lay.max_seqlen,
-            "max_seqlen_kv": lay.max_seqlen,
+            "max_seqlen_kv": lay.max_seqlen if self.max_seqlen_kv is None else self.max_seqlen_kv,
             "window_size": self.window_size,
         }
 
@@ -103,11 +123,7 @@ def te_thd_args(
     **kwargs: Any,
 ) -> TEThdArgs:
     """The Transformer Engine `thd` call for one attention layer (see the module doc)."""
-    if softcap:
-        raise NotImplementedError(
-            "Transformer Engine's DotProductAttention has no attention logit soft-capping "
-            f"(softcap={softcap}); use meshplan_flash or meshplan_sdpa for this model"
-        )
+    _refuse_softcap(softcap)
     layout = unpad(query, key, value, attention_mask, kwargs)
     if sliding_window:
         window = (int(sliding_window) - 1, 0 if causal else int(sliding_window) - 1)
@@ -124,6 +140,52 @@ def te_thd_args(
         attn_mask_type="padding_causal" if causal else "padding",
         window_size=window,
         training=training,
+    )
+
+
+def _refuse_softcap(softcap: float | None) -> None:
+    if softcap:
+        raise NotImplementedError(
+            "Transformer Engine's DotProductAttention has no attention logit soft-capping "
+            f"(softcap={softcap}); use meshplan_flash or meshplan_sdpa for this model"
+        )
+
+
+def te_cp_args(pieces: CpVarlenArgs, *, training: bool = False) -> TEThdArgs:
+    """The `thd` call for a context-parallel rank's pieces (`cp_varlen.cp_varlen_args`):
+    queries and keys with their own boundaries, the causal diagonal bottom-right."""
+    _refuse_softcap(pieces.softcap)
+    if pieces.causal:
+        mask_type = "padding_causal_bottom_right"
+        window = (pieces.window_size[0], 0)  # (-1, 0) without a window
+    else:
+        mask_type, window = "padding", (-1, -1)  # cp_varlen has no non-causal windows
+    query = pieces.query
+    layout = Unpadded(
+        query,
+        pieces.key,
+        pieces.value,
+        cu_seqlens=pieces.cu_seqlens_q,
+        real_cu_seqlens=pieces.cu_seqlens_q,
+        max_seqlen=pieces.max_seqlen_q,
+        indices=None,
+        batch=pieces.batch,
+        length=pieces.length,
+    )
+    scale = pieces.softmax_scale
+    return TEThdArgs(
+        layout=layout,
+        heads=query.shape[1],
+        kv_heads=pieces.key.shape[1],
+        head_dim=query.shape[-1],
+        value_dim=pieces.value.shape[-1],
+        softmax_scale=float(query.shape[-1] ** -0.5 if scale is None else scale),
+        dropout=pieces.dropout_p,
+        attn_mask_type=mask_type,
+        window_size=window,
+        training=training,
+        cu_seqlens_kv=pieces.cu_seqlens_k,
+        max_seqlen_kv=pieces.max_seqlen_k,
     )
 
 
@@ -201,6 +263,28 @@ def make_te_attention(
         **kwargs: Any,
     ) -> tuple[torch.Tensor, None]:
         causal = attention_causality("meshplan_te", module, is_causal, kwargs)
+        cp = context_parallel_of(module)
+        if cp is not None:  # the sequence is split over ranks (see runtime.cp)
+            _refuse_softcap(softcap)  # also on the ring path: the backend's contract
+
+            def run(pieces: CpVarlenArgs) -> torch.Tensor:
+                cp_args = te_cp_args(pieces, training=module.training)
+                return cp_args.call(kernel_for(cp_args))
+
+            out = cp_varlen_attention(
+                cp,
+                query,
+                key,
+                value,
+                kwargs,
+                causal=causal,
+                window=int(sliding_window) if sliding_window else None,
+                scaling=scaling,
+                dropout=dropout,
+                softcap=None,
+                run=run,
+            )
+            return out, None
         args = te_thd_args(
             query,
             key,
