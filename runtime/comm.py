@@ -16,9 +16,13 @@ Sources, in order of trust:
   dtype); with HSDP (two mesh names) one all-reduce of the sharded gradients over the
   replicate dimension — even when that dimension has a single rank. A shard group of
   one rank all-gathers and reduce-scatters nothing.
-- Context parallelism is *estimated* (this runtime does not run it yet): per attention
-  layer, all-gather of the local K and V in forward and reduce-scatter of their
-  gradients in backward (`rotate = allgather`), or `cp - 1` exchanges of them (`ring`).
+- Context parallelism is *derived* from the attention shapes, as `runtime.cp` issues it:
+  per attention layer, `rotate = allgather` all-gathers the stacked local K and V once
+  in forward (again in backward when the layer is checkpointed) and reduce-scatters their
+  gradients once in backward; `rotate = ring` shifts the stacked K/V block to the next
+  rank cp − 1 times in forward (again when recomputed) and shifts the gradients back
+  cp − 1 times in backward (each shift an `all_to_all_single` with one peer, reported as
+  `send_recv`). The real-run test checks these counts and bytes.
 
 `bytes` is the size of the collective's unsharded tensor — the all-gather output, the
 reduce-scatter input, the all-reduce tensor (what `torch`'s `CommDebugMode` sees as the
@@ -51,7 +55,7 @@ __all__ = ["CommCounter", "CommEvent", "CommRow", "Unit", "cp_events", "fsdp_eve
 
 KINDS = ("fsdp", "hsdp", "tp", "loss", "grad", "cp")
 KIND_LABELS = {"fsdp": "FSDP", "hsdp": "HSDP replicate", "tp": "TP/SP", "loss": "loss parallel",
-               "grad": "replicated-param grads", "cp": "CP (estimated)"}
+               "grad": "replicated-param grads", "cp": "CP attention"}
 _OPS = {"all_gather_into_tensor": "all_gather", "all_gather_into_tensor_coalesced": "all_gather",
         "reduce_scatter_tensor": "reduce_scatter", "reduce_scatter_tensor_coalesced": "reduce_scatter",
         "all_reduce": "all_reduce", "all_reduce_coalesced": "all_reduce",
@@ -350,7 +354,7 @@ def fsdp_events(program: Program, units: list[Unit], shards: dict[str, ParamShar
 
 def cp_events(program: Program, graph: Any, reduction: Reduction, *, seq_len: int, micro_batch: int,
               dtype: str) -> list[CommEvent]:
-    """Estimated context-parallel collectives (per kept block; see the module docstring)."""
+    """Context-parallel collectives per kept block (see the module docstring)."""
     events: list[CommEvent] = []
     size = itemsize(dtype)
     checkpointed = [s.fqn for s in program.steps if s.kind == "checkpoint" and getattr(s, "fqn", "")]
@@ -373,8 +377,8 @@ def cp_events(program: Program, graph: Any, reduction: Reduction, *, seq_len: in
             block = f"{reduction.stack}.{layer}" if layer is not None else ""
             tp = next((program.mesh.size(s.mesh_dim) for s in program.steps
                        if isinstance(s, Parallelize) and s.fqn == block), 1)
-            # One of K or V of one sample, all context-parallel pieces together.
-            full = micro_batch * max(1, kv // tp) * seq_len * head_dim * size
+            # K and V stacked, of every context-parallel rank: [2, B, kv/tp, seq_len, head_dim].
+            full = 2 * micro_batch * max(1, kv // tp) * seq_len * head_dim * size
             recompute = any(_inside(fqn, c) for c in checkpointed)
 
             def add(op: str, phase: str, nbytes: int, times: int, dim: str = step.mesh_dim,
@@ -383,14 +387,12 @@ def cp_events(program: Program, graph: Any, reduction: Reduction, *, seq_len: in
                                          phase=phase, layer=layer)] * times)
 
             if step.rotate == "allgather":
-                add("all_gather", "forward", full, 2)  # K and V
-                if recompute:
-                    add("all_gather", "backward", full, 2)
-                add("reduce_scatter", "backward", full, 2)  # their gradients
-            else:  # ring: n - 1 exchanges of the local K and V (and of their gradients)
-                steps = 2 * (n - 1)
-                add("send_recv", "forward", full // n, steps)
-                add("send_recv", "backward", full // n, 2 * steps + (steps if recompute else 0))
+                add("all_gather", "forward", full, 1)
+                add("all_gather", "backward", full, 1 if recompute else 0)
+                add("reduce_scatter", "backward", full, 1)
+            else:  # ring: the local block (1/n of it) travels n - 1 times each way
+                add("send_recv", "forward", full // n, n - 1)
+                add("send_recv", "backward", full // n, (n - 1) * (2 if recompute else 1))
     return events
 
 

@@ -173,6 +173,8 @@ def owners(segment_ids: torch.Tensor, split: ContextSplit) -> torch.Tensor:
 
 def _row_owners(seg: torch.Tensor, split: ContextSplit) -> torch.Tensor:
     n, length = split.size, int(seg.numel())
+    if n == 1:
+        return torch.zeros(length, dtype=torch.int64)
     if split.load_balance == "none":
         if length % n:
             raise ValueError(f"a row of {length} tokens cannot be cut into cp = {n} equal parts")

@@ -15,8 +15,7 @@ Three measurements, all through `runtime.apply` and `runtime.mesh.build_mesh`:
   count. Per parameter it records the placements, the local shape, and the storage this
   rank allocates: FSDP2 pads every shard of a parameter to the size of the first one
   (`padded_sharded_param_size`), so a rank with an empty shard still pays the padding.
-  Context-parallel steps are left out (they change no parameter; this runtime cannot
-  run them yet).
+  Context-parallel steps are left out (they change no parameter).
 - `trace_step`: one training step (forward, loss, backward) of the reduced model with
   the Program's tensor-parallel and checkpointing steps, on fake tensors (nothing is
   allocated, only shapes flow) at the plan's sequence length and micro-batch. A first
@@ -26,7 +25,8 @@ Three measurements, all through `runtime.apply` and `runtime.mesh.build_mesh`:
   all-reduce of gradients left partial). Attention runs as the model's SDPA call without
   a mask (`DRYRUN_ATTENTION`: causal, as a varlen/flash kernel runs it), since masks
   cannot be built from tensors without data. FSDP and context parallelism are not
-  traced: their collectives follow from the unit sizes (see `runtime.comm`).
+  traced: their collectives follow from the unit sizes and the attention shapes (see
+  `runtime.comm`); the attention is traced over the rank's seq_len / cp tokens.
 
 Building a DeviceMesh of 16384 fake ranks takes seconds (a process group per group of
 every dimension), so `runtime.explain` builds rank 0's once and passes it to both.
@@ -428,8 +428,9 @@ def _apply_reduced(program: Program, source: ModelSource, reduction: Reduction, 
 
 
 def _without_context_parallel(program: Program) -> Program:
-    """Context parallelism swaps attention only (no parameter changes), and this runtime
-    cannot run it yet: the dry run leaves it out and `runtime.comm` estimates its traffic."""
+    """Context parallelism swaps attention only (no parameter changes) and needs batches
+    with data (`runtime.cp.shard_batch`): the dry run leaves it out and `runtime.comm`
+    derives its traffic from the attention shapes."""
     steps = tuple(s for s in program.steps if not isinstance(s, ContextParallel))
     return dataclasses.replace(program, steps=steps) if len(steps) != len(program.steps) else program
 

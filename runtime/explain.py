@@ -402,9 +402,6 @@ def _warnings(ex: Explanation) -> list[str]:
             if m.peak > ex.gpu_memory:
                 out.append(f"rank {m.rank} ({m.count} rank{'s' if m.count != 1 else ''}): estimated peak "
                            f"{human_bytes(m.peak)} exceeds --gpu-memory {human_bytes(ex.gpu_memory)}")
-    if any(r.kind == "cp" for r in ex.comm):
-        out.append("context-parallel communication is estimated: this runtime does not run context "
-                   "parallelism yet")
     if ex.trace_error:
         out.append(f"activations and tensor-parallel communication could not be traced: {ex.trace_error}")
     if any(not c.measured for c in ex.classes):

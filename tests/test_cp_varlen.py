@@ -39,6 +39,8 @@ from meshplan.runtime.cp import (
     ContextParallelAttention,
     ContextSplit,
     CpLayout,
+    LoadBalance,
+    Rotate,
     shard_batch,
 )
 from meshplan.runtime.packing import collate
@@ -46,14 +48,19 @@ from meshplan.runtime.packing import collate
 T = 64  # row length of the packed formats
 HEADS, KV_HEADS, DIM = 4, 2, 8  # grouped-query attention
 SCALE = 0.3
-TOL = {"rtol": 1e-5, "atol": 1e-5}
 FORMATS = ("varlen", "thd", "segment_ids", "padded")
+BALANCES: tuple[LoadBalance, ...] = ("headtail", "none")
+ROTATIONS: tuple[Rotate, ...] = ("allgather", "ring")
 
 
 class _Module(nn.Module):
     """Stands in for a transformers attention module (the backends read `is_causal`)."""
 
     is_causal = True
+
+
+def _close(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
 
 
 def _seqs(*lengths: int) -> list[torch.Tensor]:
@@ -143,12 +150,12 @@ def test_pieces_of_a_headtail_split() -> None:
 
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("cp", [2, 4])
-@pytest.mark.parametrize("load_balance", ["headtail", "none"])
+@pytest.mark.parametrize("load_balance", BALANCES)
 @pytest.mark.parametrize(("window", "softcap"), [(None, None), (5, None), (None, 4.0), (3, 2.0)])
 def test_pieces_equal_the_cp_mask_in_outputs_and_gradients(
-    fmt: str, cp: int, load_balance: str, window: int | None, softcap: float | None
+    fmt: str, cp: int, load_balance: LoadBalance, window: int | None, softcap: float | None
 ) -> None:
-    split = ContextSplit(cp, load_balance)  # type: ignore[arg-type]
+    split = ContextSplit(cp, load_balance)
     batch = _batch(fmt, split)
     rows, length = batch["input_ids"].shape
     q, k, v = (t.requires_grad_() for t in _qkv(rows, length))
@@ -163,12 +170,12 @@ def test_pieces_equal_the_cp_mask_in_outputs_and_gradients(
         expected = _exact(q_local, k_all, v_all, lay, causal=True, window=window, softcap=softcap)
         real = _real(lay, rows)
         assert got.shape == (rows, length // cp, HEADS, DIM)
-        torch.testing.assert_close(got[real], expected[real], **TOL)
+        _close(got[real], expected[real])
         assert torch.isfinite(got).all()
         weight = torch.randn(got.shape, generator=g, dtype=torch.float64)
         for grad, exact in zip(_grads(got, weight, real, (q, k, v)),
                                _grads(expected, weight, real, (q, k, v)), strict=True):
-            torch.testing.assert_close(grad, exact, **TOL)
+            _close(grad, exact)
         whole[:, qi] = got.detach()
     # All ranks together are one process's attention over the whole row.
     kwargs = {n: t for n, t in forward_kwargs(batch).items() if n not in ("input_ids", "attention_mask")}
@@ -176,13 +183,13 @@ def test_pieces_equal_the_cp_mask_in_outputs_and_gradients(
     one, _ = sdpa_attention_forward(_Module(), q.detach(), k.detach(), v.detach(), mask, scaling=SCALE,
                                     sliding_window=window, softcap=softcap, **kwargs)
     real_row = mask.bool() if mask is not None else torch.ones(rows, length, dtype=torch.bool)
-    torch.testing.assert_close(whole[real_row], one[real_row], **TOL)
+    _close(whole[real_row], one[real_row])
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
-@pytest.mark.parametrize("load_balance", ["headtail", "none"])
-def test_non_causal_pieces_see_their_whole_segment(fmt: str, load_balance: str) -> None:
-    split = ContextSplit(2, load_balance)  # type: ignore[arg-type]
+@pytest.mark.parametrize("load_balance", BALANCES)
+def test_non_causal_pieces_see_their_whole_segment(fmt: str, load_balance: LoadBalance) -> None:
+    split = ContextSplit(2, load_balance)
     batch = _batch(fmt, split)
     rows, length = batch["input_ids"].shape
     q, k, v = _qkv(rows, length, seed=2)
@@ -194,7 +201,7 @@ def test_non_causal_pieces_see_their_whole_segment(fmt: str, load_balance: str) 
         got = args.call(varlen_attention)
         expected = _exact(q[:, :, qi], k[:, :, ki], v[:, :, ki], lay, causal=False, window=None, softcap=None)
         real = _real(lay, rows)
-        torch.testing.assert_close(got[real], expected[real], **TOL)
+        _close(got[real], expected[real])
 
 
 def test_non_causal_windows_are_refused() -> None:
@@ -212,8 +219,8 @@ def test_left_padding_keeps_real_tokens_exact_and_holes_are_refused() -> None:
     left = torch.tensor([[0] * 5 + [1] * 11, [1] * 16])
     batch = {"input_ids": ids, "attention_mask": left}
     q, k, v = _qkv(2, 16, seed=4)
-    for load_balance in ("headtail", "none"):
-        split = ContextSplit(2, load_balance)  # type: ignore[arg-type]
+    for load_balance in BALANCES:
+        split = ContextSplit(2, load_balance)
         for rank in range(2):
             lay = _layout(batch, split, rank)
             qi, ki = lay.query_index, lay.key_index
@@ -224,7 +231,7 @@ def test_left_padding_keeps_real_tokens_exact_and_holes_are_refused() -> None:
                 expected = _exact(q[:, :, qi], k[:, :, ki], v[:, :, ki], lay, causal=causal, window=None,
                                   softcap=None)
                 real = _real(lay, 2)
-                torch.testing.assert_close(got[real], expected[real], **TOL)
+                _close(got[real], expected[real])
     hole = {"input_ids": ids[:1], "attention_mask": torch.tensor([[1] * 4 + [0] * 2 + [1] * 10])}
     lay = _layout(hole, ContextSplit(2), 0)
     with pytest.raises(ValueError, match="not one contiguous run"):
@@ -270,7 +277,7 @@ def test_the_plan_is_rebuilt_for_new_cp_tensors() -> None:
         got = _pieces(q[:, :, qi], k[:, :, ki], v[:, :, ki], lay, causal=True, window=None,
                       softcap=None).call(varlen_attention)
         expected = _exact(q[:, :, qi], k[:, :, ki], v[:, :, ki], lay, causal=True, window=None, softcap=None)
-        torch.testing.assert_close(got, expected, **TOL)
+        _close(got, expected)
 
 
 # --------------------------------------------------------------------------- Transformer Engine
@@ -300,7 +307,7 @@ def test_te_pieces_equal_the_cp_mask(fmt: str, window: int | None) -> None:
         got = args.call(_te_reference(args))
         expected = _exact(q[:, :, qi], k[:, :, ki], v[:, :, ki], lay, causal=True, window=window, softcap=None)
         real = _real(lay, rows)
-        torch.testing.assert_close(got[real], expected[real], **TOL)
+        _close(got[real], expected[real])
         if rank == 0:  # the negative control: TE's top-left `padding_causal` is wrong here
             top_left = dataclasses.replace(args, attn_mask_type="padding_causal")
             assert not torch.allclose(top_left.call(_te_reference(args)), expected, atol=1e-3)
@@ -340,9 +347,9 @@ class _Calls:
     kernel: int = 0
 
 
-def _cp_module(group: dist.ProcessGroup, rotate: str, calls: _Calls,
+def _cp_module(group: dist.ProcessGroup, rotate: Rotate, calls: _Calls,
                monkeypatch: pytest.MonkeyPatch) -> nn.Module:
-    cp = ContextParallelAttention(group=group, size=1, rank=0, rotate=rotate,  # type: ignore[arg-type]
+    cp = ContextParallelAttention(group=group, size=1, rank=0, rotate=rotate,
                                   fqn="model.layers.0.self_attn")
     exact = cp.attend
 
@@ -374,10 +381,10 @@ def _backends(calls: _Calls) -> dict[str, Callable[..., tuple[torch.Tensor, None
 
 
 @pytest.mark.parametrize("backend", ["flash", "te"])
-@pytest.mark.parametrize("rotate", ["allgather", "ring"])
+@pytest.mark.parametrize("rotate", ROTATIONS)
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_backends_under_one_rank_cp_equal_meshplan_sdpa(
-    one_rank: dist.ProcessGroup, monkeypatch: pytest.MonkeyPatch, backend: str, rotate: str, fmt: str
+    one_rank: dist.ProcessGroup, monkeypatch: pytest.MonkeyPatch, backend: str, rotate: Rotate, fmt: str
 ) -> None:
     """cp size 1: the local batch is the whole row, so the backend's CP path must equal
     `meshplan_sdpa` on the full batch; all-gather runs the kernel, ring `cp.attend`."""
@@ -398,12 +405,12 @@ def test_backends_under_one_rank_cp_equal_meshplan_sdpa(
     expected, _ = sdpa_attention_forward(_Module(), q, k, v, mask, scaling=SCALE, sliding_window=window,
                                          softcap=softcap, **full)
     real = mask.bool() if mask is not None else torch.ones(rows, length, dtype=torch.bool)
-    torch.testing.assert_close(got[real], expected[real], **TOL)
+    _close(got[real], expected[real])
     # Gradients flow through the all-gather (and its reduce-scatter) to q, k and v.
     weight = torch.randn(got.shape, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
     for grad, exact in zip(_grads(got, weight, real, (q, k, v)),
                            _grads(expected, weight, real, (q, k, v)), strict=True):
-        torch.testing.assert_close(grad, exact, **TOL)
+        _close(grad, exact)
 
 
 def test_non_causal_windows_fall_back_to_the_exact_path(
@@ -427,7 +434,7 @@ def test_te_refuses_softcapping_on_every_cp_path(
     kwargs = {n: t for n, t in forward_kwargs(shard_batch(batch, ONE, 0)).items()
               if n != "input_ids"}
     q, k, v = _qkv(1, T)
-    for rotate in ("allgather", "ring"):
+    for rotate in ROTATIONS:
         calls = _Calls()
         module = _cp_module(one_rank, rotate, calls, monkeypatch)
         with pytest.raises(NotImplementedError, match="soft-capping"):

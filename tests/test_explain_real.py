@@ -34,13 +34,16 @@ SEQ, MICRO = 64, 2
 CASES = [
     ("llama", "tiny-llama", ["tp=2"]),  # TP + SP + HSDP (replicate of size 1), full AC, loss parallel
     ("gpt2", "tiny-gpt2", ["tp=2"]),  # Conv1D styles, fused c_attn, tied embedding, no AC
+    # Context parallel on top of TP + SP: the all-gather of K/V and its reduce-scatter.
+    ("llama", "tiny-llama", ["tp=2", "mesh.cp=2"]),
+    ("llama-ring", "tiny-llama", ["tp=1", "mesh.cp=4"]),  # ring attention: shifts of K/V
 ]
 
 pool = rank_pool_fixture(WORLD, timeout=300.0)
 
 _OPS = {"_allgather_base_": "all_gather", "allgather_": "all_gather", "all_gather_into_tensor": "all_gather",
         "_reduce_scatter_base_": "reduce_scatter", "reduce_scatter_tensor": "reduce_scatter",
-        "allreduce_": "all_reduce", "all_reduce": "all_reduce"}
+        "allreduce_": "all_reduce", "all_reduce": "all_reduce", "all_to_all_single": "all_to_all"}
 
 
 def _storage_bytes(tensors: Any) -> int:
@@ -79,6 +82,11 @@ def _recorder() -> Any:
                 nbytes = tensors[0].numel() * tensors[0].element_size()
                 if _OPS[name] == "all_gather":
                     nbytes *= size
+                splits = [a for a in _flat(args)[1:] if isinstance(a, int)]
+                if _OPS[name] == "all_to_all" and sum(1 for n in splits if n) == 2:
+                    # One peer to send to and one to receive from: a ring shift.
+                    self.calls.append(("send_recv", nbytes, size))
+                    return out
             else:  # c10d op: the process group is an argument
                 boxed = next(a for a in _flat(args) if isinstance(a, torch.ScriptObject)
                              and a._type().qualified_name().endswith("ProcessGroup"))
@@ -116,6 +124,8 @@ def _real_step(program_json: str, model_name: str) -> dict[str, Any]:
             for snap in self._curr_mem_snap.values():
                 self.peak = max(self.peak, snap.get(_FSDPRefType.ACT, 0))
 
+    from meshplan.runtime.attention import use_backend
+
     program = Program.from_json(program_json)
     source = resolve_model(model_name)
     config = copy.deepcopy(source.config)
@@ -123,16 +133,18 @@ def _real_step(program_json: str, model_name: str) -> dict[str, Any]:
     torch.manual_seed(0)
     assert source.model_class is not None
     model = source.model_class(config)
-    apply(program, model)
+    use_backend(model, "meshplan_sdpa")
+    applied = apply(program, model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     ids = torch.randint(0, config.vocab_size, (MICRO, SEQ), generator=torch.Generator().manual_seed(1))
-    positions = torch.arange(SEQ).expand(MICRO, SEQ)
+    batch = applied.shard_batch({"input_ids": ids, "position_ids": torch.arange(SEQ).expand(MICRO, SEQ)})
+    ids = batch.pop("input_ids")
     out: dict[str, Any] = {}
     # Step 1 counts collectives, step 2 tracks memory (the two trackers interfere).
     for step in (1, 2):
         tracker = _recorder() if step == 1 else ActivationPeak(model, optimizer)
         with tracker, vocab_parallel():
-            logits = model(input_ids=ids, position_ids=positions).logits
+            logits = model(input_ids=ids, **batch).logits
             causal_lm_loss(logits, ids).backward()
         if step == 1:
             out["comm"] = tracker.calls
@@ -149,7 +161,11 @@ def _real_step(program_json: str, model_name: str) -> dict[str, Any]:
 
 @pytest.mark.parametrize("plan,model,overrides", CASES, ids=[f"{c[0]}-{c[1]}" for c in CASES])
 def test_estimates_match_a_real_run(pool: Any, plan: str, model: str, overrides: list[str]) -> None:
-    compiled = compile_plan(ROOT / "plans" / f"{plan}.plan", model, WORLD, overrides)
+    file, _, variant = plan.partition("-")
+    text = (ROOT / "plans" / f"{file}.plan").read_text(encoding="utf-8")
+    if variant == "ring":
+        text = text.replace("load_balance = headtail", "load_balance = headtail\n  rotate = ring")
+    compiled = compile_plan(text, model, WORLD, overrides)
     ex = explain(compiled, seq_len=SEQ, micro_batch=MICRO)
     assert ex.trace_error is None
     assert [c.count for c in ex.classes] == [WORLD]  # even shards: one class

@@ -1,8 +1,8 @@
 """Context-parallel attention through one varlen kernel call (flash-attn, Transformer Engine).
 
-    local Q [B, H, Tl, D] ─┐                       ┌─ q: the local tokens, in order, cut into pieces
-                           ├─ cp_varlen_args ──────┤
-    gathered K/V [B, Hkv, T, D] (rank-major) ─┘    └─ k/v: for each piece, the keys it may see
+    local Q [B, H, Tl, D] ───────────────────┐                  ┌─▶ q: local tokens in order, cut in pieces
+                                             ├─ cp_varlen_args ─┤
+    gathered K/V [B, Hkv, T, D] (rank-major) ┘                  └─▶ k/v: each piece's keys, piece after piece
 
 Under context parallelism with `rotate = allgather` (see `runtime.cp`) a rank holds
 `Tl = T / cp` queries of each row and, after the all-gather, all `T` keys in
