@@ -1,4 +1,5 @@
-"""Program → a standalone Python script that uses only torch.
+"""Program → a standalone Python script that uses only torch (a context-parallel step
+excepted: it imports meshplan's exact attention over a split sequence, which torch lacks).
 
 The script defines `build_mesh(device_type)` and `apply(model, mesh)` and makes exactly
 the calls the runtime makes, in the same order, each preceded by the plan line it came
@@ -149,7 +150,10 @@ def to_python(program: Program) -> str:
             body.append(f"    _parent.register_module({child!r}, checkpoint_wrapper(_parent.get_submodule({child!r}), "
                         f"preserve_rng_state=False{extra}))")
         elif isinstance(step, ContextParallel):
-            body.append("    raise NotImplementedError('context parallelism: compile with cp = 1')")
+            # Not plain torch: the exact attention over a split sequence is meshplan's.
+            body.append("    from meshplan.runtime.apply import install_context_parallel  # needs meshplan")
+            body.append(f"    install_context_parallel(model, mesh, {step.fqns!r}, {step.mesh_dim!r}, "
+                        f"load_balance={step.load_balance!r}, rotate={step.rotate!r})")
         elif isinstance(step, FullyShard):
             mods = ", ".join(f"_module(model, {f!r})" for f in step.fqns) if step.fqns else "model"
             target = f"[{mods}]" if len(step.fqns) > 1 else mods

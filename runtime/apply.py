@@ -146,26 +146,36 @@ def _checkpoint(step: Step, model: nn.Module, mesh: DeviceMesh) -> None:
 
 
 def _context_parallel(step: Step, model: nn.Module, mesh: DeviceMesh) -> None:
-    """Install meshplan's context-parallel attention on the named attention modules.
+    assert isinstance(step, ContextParallel)
+    try:
+        install_context_parallel(model, mesh, step.fqns, step.mesh_dim, load_balance=step.load_balance,
+                                 rotate=step.rotate)
+    except ValueError as e:
+        raise StepError(f"{_where(step)}: {e}") from None
+
+
+def install_context_parallel(model: nn.Module, mesh: DeviceMesh, fqns: tuple[str, ...], mesh_dim: str, *,
+                             load_balance: str = "headtail", rotate: str = "allgather") -> None:
+    """Install meshplan's context-parallel attention (`runtime.cp`) on the attention
+    modules `fqns`, over `mesh[mesh_dim]`.
 
     Their attention function must be one of meshplan's backends (they hand the call to
     the installed `ContextParallelAttention`); a model on another implementation is
     switched to the best meshplan backend for the mesh's device."""
     from .attention import BACKENDS, select_backend, use_backend
 
-    assert isinstance(step, ContextParallel)
-    cp_mesh = submesh(mesh, (step.mesh_dim,))
+    cp_mesh = submesh(mesh, (mesh_dim,))
     configs: list[Any] = [getattr(m, "config", None) for m in model.modules()]
     configs = [c for c in configs if hasattr(c, "_attn_implementation")]
     if not configs:
-        raise StepError(f"{_where(step)}: {type(model).__name__} has no transformers config: context "
-                        "parallelism replaces attention through transformers' AttentionInterface")
+        raise ValueError(f"{type(model).__name__} has no transformers config: context parallelism "
+                         "replaces attention through transformers' AttentionInterface")
     if configs[0]._attn_implementation not in BACKENDS:
         use_backend(model, select_backend(mesh.device_type), check_device=False)
-    for fqn in step.fqns:
+    for fqn in fqns:
         setattr(_module(model, fqn), CP_ATTRIBUTE, ContextParallelAttention(
             group=cp_mesh.get_group(), size=cp_mesh.size(), rank=cp_mesh.get_local_rank(),
-            rotate=step.rotate, load_balance=step.load_balance, fqn=fqn))
+            rotate=rotate, load_balance=load_balance, fqn=fqn))  # type: ignore[arg-type]
 
 
 def mixed_precision_policy(mp: MixedPrecision | None) -> Any:

@@ -30,6 +30,7 @@ CASES = [
     ("gpt2", "tiny-gpt2", 8, ["tp=2"]),
     ("fsdp", "tiny-mixtral", 4, []),
     ("fsdp", "tiny-llama", 1, []),
+    ("llama", "tiny-llama", 8, ["tp=2", "mesh.cp=2"]),
 ]
 
 
@@ -84,3 +85,26 @@ def test_fused_weights_are_stored_rank_major() -> None:
     with pytest.raises(ValueError, match="not 3 parts divisible by tp 3"):
         fused_row_order(12, 3, 3)
     assert torch.equal(torch.arange(12)[fused_row_order(12, 3, 1)], torch.arange(12))
+
+
+def test_script_installs_context_parallel_where_the_runtime_does() -> None:
+    from meshplan.runtime.cp import context_parallel_of
+
+    program = compile_plan(ROOT / "plans" / "llama.plan", "tiny-llama", 8, ["tp=2", "mesh.cp=2"]).program
+    source = resolve_model("tiny-llama")
+    models: dict[str, nn.Module] = {}
+
+    def build(name: str) -> Any:
+        def make() -> nn.Module:
+            models[name] = build_meta_model(source)
+            return models[name]
+        return make
+
+    dry_run(program, build("runtime"))
+    dry_run(program, build("script"), applier=_script_applier(program.to_python()))
+    installed = {name: [(fqn, cp.size, cp.rotate, cp.load_balance) for fqn, module in model.named_modules()
+                        if (cp := context_parallel_of(module)) is not None]
+                 for name, model in models.items()}
+    assert installed["runtime"] == installed["script"]
+    assert [cp[0].replace("_checkpoint_wrapped_module.", "") for cp in installed["runtime"]] == [
+        "model.layers.0.self_attn", "model.layers.1.self_attn"]
