@@ -154,6 +154,7 @@ def _run(args: argparse.Namespace, term: Terminal, env: Any) -> int:
         resume,
         train,
     )
+    from meshplan.runtime.apply import context_step
     from meshplan.runtime.data import DataError, PackedData, load_sequences
     from meshplan.runtime.loading import LoadError
     from meshplan.runtime.packing import PackingError
@@ -200,10 +201,10 @@ def _run(args: argparse.Namespace, term: Terminal, env: Any) -> int:
     say(f"plan run: {args.file} for {args.model} on {env.world_size} rank"
         f"{'s' if env.world_size != 1 else ''} ({env.backend}, {env.device.type}): {mesh}; "
         f"attention {backend}")
-    if topology.context is not None:
-        cp_step = next(s for s in program.steps if s.kind == "context_parallel")
+    cp_step = context_step(program)
+    if topology.context is not None and cp_step is not None:
         say(f"  context parallel: {topology.context.size} ranks per sequence, "
-            f"{topology.context.load_balance} split, {getattr(cp_step, 'rotate', '')} attention; "
+            f"{topology.context.load_balance} split, {cp_step.rotate} attention; "
             f"each sequence padded to a multiple of {topology.context.pad_multiple}")
     r = data.result
     say(f"  data: {args.data}: {r.n_input:,} sequences in {r.n_bins:,} bins of {seq_len} tokens "

@@ -47,12 +47,11 @@ class Applied:
     @property
     def context_split(self) -> ContextSplit | None:
         """How the Program cuts sequences over context-parallel ranks (None: it does not)."""
-        step = _context_step(self.program)
-        return ContextSplit(self.program.mesh.size(step.mesh_dim), step.load_balance) if step else None
+        return context_split(self.program)
 
     @property
     def cp_rank(self) -> int:
-        step = _context_step(self.program)
+        step = context_step(self.program)
         return submesh(self.mesh, (step.mesh_dim,)).get_local_rank() if step else 0
 
     def shard_batch(self, batch: dict[str, Any]) -> dict[str, Any]:
@@ -62,7 +61,14 @@ class Applied:
         return batch if split is None else shard_batch(batch, split, self.cp_rank)
 
 
-def _context_step(program: Program) -> ContextParallel | None:
+def context_split(program: Program) -> ContextSplit | None:
+    """How the Program cuts sequences over its context-parallel ranks (None: it does not)."""
+    step = context_step(program)
+    return ContextSplit(program.mesh.size(step.mesh_dim), step.load_balance) if step else None
+
+
+def context_step(program: Program) -> ContextParallel | None:
+    """The Program's context-parallel step, if it splits sequences (cp > 1)."""
     for step in program.steps:
         if isinstance(step, ContextParallel) and program.mesh.size(step.mesh_dim) > 1:
             return step

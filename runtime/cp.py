@@ -207,13 +207,10 @@ def shard_batch(batch: Mapping[str, Any], split: ContextSplit, rank: int) -> Bat
     key_index = torch.argsort(own, stable=True)  # rank-major, ascending within a rank
     local = length // split.size
     query_index = key_index[rank * local:(rank + 1) * local]
+    tokens = {k: batch[k] for k in _TOKEN_KEYS if k in batch}
+    tokens.setdefault("position_ids", torch.arange(length, device=segments.device)[None].expand_as(segments))
     out: Batch = {k: v for k, v in batch.items() if k not in _ROW_KEYS and k not in _TOKEN_KEYS}
-    if "position_ids" not in batch:
-        out["position_ids"] = torch.arange(length, device=segments.device)[None].expand_as(segments)
-    for key in _TOKEN_KEYS:
-        value = out.get(key, batch.get(key))
-        if value is not None:
-            out[key] = value[:, query_index]
+    out.update({k: v[:, query_index] for k, v in tokens.items()})
     if "num_tokens" in batch:
         out["num_tokens"] = int(batch["num_tokens"]) if rank == 0 else 0
     out[CP_QUERY_INDEX] = query_index
@@ -287,8 +284,9 @@ class ContextParallelAttention:
     def split(self) -> ContextSplit:
         return ContextSplit(self.size, self.load_balance)
 
-    def layout(self, kwargs: Mapping[str, Any], batch: int, q_len: int, where: str) -> CpLayout:
-        return CpLayout.of(kwargs, batch, q_len, self.size, where)
+    def layout(self, kwargs: Mapping[str, Any], batch: int, q_len: int) -> CpLayout:
+        """The call's cp layout, checked; errors name this attention module."""
+        return CpLayout.of(kwargs, batch, q_len, self.size, f"`{self.fqn or 'attention'}`")
 
     def gather_kv(self, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """All ranks' K and V, [B, Hkv, T, D] in `cp_key_index` order (differentiable)."""
@@ -304,7 +302,7 @@ class ContextParallelAttention:
         """[B, Tq, H, D]: the local queries' exact attention over the whole sequence."""
         from .attention.sdpa import attend
 
-        lay = self.layout(kwargs, query.shape[0], query.shape[2], f"`{self.fqn or 'attention'}`")
+        lay = self.layout(kwargs, query.shape[0], query.shape[2])
         if self.rotate == "allgather":
             k_all, v_all = self.gather_kv(key, value)
             mask = lay.mask(lay.key_index, causal=causal, window=window)

@@ -58,9 +58,9 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Partial, Replicate
 
-from meshplan.planner.program import ContextParallel, FullyShard, Parallelize, Program
+from meshplan.planner.program import FullyShard, Parallelize, Program
 
-from .apply import Applied, apply
+from .apply import Applied, apply, context_split, context_step
 from .attention import forward_kwargs, select_backend, use_backend
 from .cp import ContextSplit
 from .loading import init_random, load_broadcast, load_sharded, materialize, meta_model
@@ -281,13 +281,10 @@ class Topology:
             raise TrainError(f"the global batch is spread over {loss_size} data-parallel ranks "
                              f"({' × '.join(loss_dims)}) but {what}")
         tp = any(isinstance(s, Parallelize) for s in program.steps)
-        context, cp_rank = None, 0
-        cp = next((s for s in program.steps if isinstance(s, ContextParallel)
-                   and layout.size(s.mesh_dim) > 1), None)
-        if cp is not None:
-            context = ContextSplit(layout.size(cp.mesh_dim), cp.load_balance)
-            cp_rank = coord[names.index(cp.mesh_dim)]
-        return cls(dp_rank, dp_size, group, loss_size, divisor, tp, dist.get_rank(), context, cp_rank)
+        cp = context_step(program)
+        cp_rank = coord[names.index(cp.mesh_dim)] if cp is not None else 0
+        return cls(dp_rank, dp_size, group, loss_size, divisor, tp, dist.get_rank(), context_split(program),
+                   cp_rank)
 
 
 def _group(mesh: DeviceMesh, name: str | None, dims: tuple[str, ...]) -> dist.ProcessGroup:

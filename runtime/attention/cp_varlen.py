@@ -210,7 +210,7 @@ def cp_varlen_attention(
     if cp.rotate != "allgather" or not cp_varlen_supported(causal=causal, window=window):
         return cp.attend(query, key, value, kwargs, causal=causal, window=window, scaling=scaling,
                          dropout=dropout, softcap=softcap)
-    layout = cp.layout(kwargs, query.shape[0], query.shape[2], f"`{cp.fqn or 'attention'}`")
+    layout = cp.layout(kwargs, query.shape[0], query.shape[2])
     key_all, value_all = cp.gather_kv(key, value)
     args = cp_varlen_args(query, key_all, value_all, layout, causal=causal, window=window,
                           scaling=scaling, dropout=dropout, softcap=softcap)
