@@ -9,7 +9,7 @@
    sequence reserves its length rounded up to 2·cp (`ContextSplit(cp, "headtail")
    .pad_multiple`) and each bin row is its padded sequences, then the tail padding up to
    4096 as one more segment (the `varlen` layout of `collate(..., cp_size=cp)`). Which cp
-   rank holds each position of a row is `runtime.cp.owners` — the runtime's own split —
+   rank holds each position of a row is `runtime.parallel.context.owners` — the runtime's own split —
    for `load_balance = headtail` and for `none` (a plain contiguous cut of the row).
    Work of a rank in a bin = the (query, key) pairs that causal attention inside each
    segment computes for the positions it holds: a position at offset o of its segment
@@ -76,8 +76,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from meshplan.runtime.cp import ContextSplit, owners
 from meshplan.runtime.packing import PackResult, load_lengths, pack
+from meshplan.runtime.parallel.context import ContextSplit, owners
 
 ROOT = Path(__file__).resolve().parent.parent
 HISTOGRAM = ROOT.parent / "shared" / "data" / "squad11_len384_histogram.json"
@@ -108,7 +108,7 @@ def _segments(result: PackResult, multiple: int, lo: int, hi: int) -> tuple[np.n
 
 
 def _owners(seg: np.ndarray, rows: int, split: ContextSplit) -> np.ndarray:
-    """`runtime.cp.owners` of `rows` rows laid end to end ([rows * T] segment ids).
+    """`runtime.parallel.context.owners` of `rows` rows laid end to end ([rows * T] segment ids).
 
     headtail cuts every segment on its own, so one call over the rows end to end gives
     each row's split (checked against a one-row call on the first row); `none` cuts each
@@ -268,10 +268,10 @@ def _measure(group: int, groups: int, turns: Any, args: dict[str, Any]) -> dict[
     import torch.distributed as dist
 
     from meshplan.planner.program import Program
-    from meshplan.runtime import build_applied, build_model, prepare
     from meshplan.runtime.attention import forward_kwargs
-    from meshplan.runtime.data import PackedData
-    from meshplan.runtime.loss import loss_sum_and_count
+    from meshplan.runtime.train.build import build_applied, build_model, prepare
+    from meshplan.runtime.train.data import PackedData
+    from meshplan.runtime.train.loss import loss_sum_and_count
 
     seqs = [np.asarray(s, dtype=np.int64) for s in args["sequences"]]
     data = PackedData.build(seqs, args["seq_len"], algorithm="ffd",
@@ -424,7 +424,7 @@ def main(argv: list[str] | None = None) -> int:
     console.print(table)
     console.print(
         "work = causal (query, key) pairs inside each segment, summed over the positions a rank "
-        "holds (runtime.cp.owners); counted: the packed sequences with their per-sequence cp "
+        "holds (runtime.parallel.context.owners); counted: the packed sequences with their per-sequence cp "
         "pads; not counted: the tail padding of the row ('incl. tail' counts it; 'useful' "
         "counts only real-token queries, no pad of any kind). Balance per bin = max / mean "
         "over ranks; 'mean' is over bins, 'worst' the worst bin. tokens = positions per rank "

@@ -23,8 +23,8 @@ import numpy as np
 import torch
 
 from meshplan.runtime.attention import forward_kwargs, use_backend
-from meshplan.runtime.loss import loss_sum_and_count
 from meshplan.runtime.packing import collate_padded, collate_varlen, pack
+from meshplan.runtime.train.loss import loss_sum_and_count
 
 ROOT = Path(__file__).resolve().parent.parent
 HISTOGRAM = ROOT.parent / "shared" / "data" / "squad11_len384_histogram.json"

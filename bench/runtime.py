@@ -153,10 +153,11 @@ def _measure(rank: int, args: dict[str, Any], result_path: str) -> None:
     import torch.distributed as dist
 
     from meshplan.planner.program import Program
-    from meshplan.runtime import Topology, TrainConfig, build_applied, build_model, make_optimizer
     from meshplan.runtime.attention import use_backend
-    from meshplan.runtime.data import PackedData, synthetic_sequences
-    from meshplan.runtime.train import train_step
+    from meshplan.runtime.train.build import build_applied, build_model
+    from meshplan.runtime.train.data import PackedData, synthetic_sequences
+    from meshplan.runtime.train.loop import TrainConfig, make_optimizer, train_step
+    from meshplan.runtime.train.topology import Topology
 
     program = Program.from_json(args["program"])
     source = _model_source(args["quick"])

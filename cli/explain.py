@@ -26,7 +26,7 @@ from .options import positive_int
 if TYPE_CHECKING:
     from rich.console import RenderableType
 
-    from meshplan.runtime.explain import Explanation
+    from meshplan.runtime.explain.report import Explanation
 
 DTYPE_CHOICES = ("fp32", "bf16", "fp16")
 _MEMORY_ROWS = (
@@ -63,7 +63,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _size(text: str) -> int:
-    from meshplan.runtime.explain import parse_bytes
+    from meshplan.runtime.explain.report import parse_bytes
 
     try:
         return parse_bytes(text)
@@ -73,7 +73,7 @@ def _size(text: str) -> int:
 
 def run(args: argparse.Namespace, term: Terminal) -> int:
     from meshplan.planner import Compiled
-    from meshplan.runtime.explain import explain, plan_seq_len
+    from meshplan.runtime.explain.report import explain, plan_seq_len
 
     compiled, code = compile_for_cli(args, term, "explain")
     if not isinstance(compiled, Compiled):
@@ -124,7 +124,7 @@ def render(ex: Explanation, term: Terminal, *, rank: int | None = None) -> None:
 def _render(ex: Explanation, term: Terminal, rank: int | None) -> None:
     from rich.text import Text
 
-    from meshplan.runtime.explain import human_bytes
+    from meshplan.runtime.explain.report import human_bytes
 
     p = ex.program
     head = Text(f"plan {p.plan} for {p.model} on {p.world_size} ranks", style="bold")
@@ -195,7 +195,7 @@ def _mesh(ex: Explanation, term: Terminal, rank: int | None) -> None:
     from rich import box
     from rich.table import Table
 
-    from meshplan.runtime.dryrun import coordinates
+    from meshplan.runtime.explain.dryrun import coordinates
 
     layout = ex.program.mesh
     dims = " × ".join(f"{n} {s}" for n, s in zip(layout.names, layout.shape, strict=True))
@@ -236,7 +236,7 @@ def _ellipsis(values: tuple[int, ...], n: int) -> list[Any]:
 def _grid_axes(ex: Explanation) -> tuple[list[str], list[str], int, int]:
     """(row dims, column dims, rows, columns): the innermost non-trivial dimension is the
     columns, every other one the rows."""
-    from meshplan.runtime.mesh import product_dims
+    from meshplan.runtime.parallel.mesh import product_dims
 
     names, shape = product_dims(ex.program.mesh)
     real = [(n, s) for n, s in zip(names, shape, strict=True) if s > 1] or [(names[-1], shape[-1])]
@@ -249,7 +249,7 @@ def _grid(ex: Explanation, max_rows: int = 8, max_cols: int = 16) -> RenderableT
     from rich import box
     from rich.table import Table
 
-    from meshplan.runtime.dryrun import coordinates
+    from meshplan.runtime.explain.dryrun import coordinates
 
     layout = ex.program.mesh
     rows, cols, n_rows, n_cols = _grid_axes(ex)
@@ -316,7 +316,7 @@ def _memory_table(ex: Explanation) -> RenderableType:
     from rich import box
     from rich.table import Table
 
-    from meshplan.runtime.explain import human_bytes
+    from meshplan.runtime.explain.report import human_bytes
 
     table = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False)
     table.add_column("per rank")
@@ -339,7 +339,7 @@ def _block_table(ex: Explanation) -> RenderableType:
     from rich import box
     from rich.table import Table
 
-    from meshplan.runtime.explain import _ranges, human_bytes
+    from meshplan.runtime.explain.report import _ranges, human_bytes
 
     table = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False)
     for col, justify in (("layers", "left"), ("count", "right"), ("checkpoint", "left"),
@@ -359,8 +359,8 @@ def _comm_table(ex: Explanation) -> RenderableType:
     from rich import box
     from rich.table import Table
 
-    from meshplan.runtime.comm import KIND_LABELS
-    from meshplan.runtime.explain import human_bytes
+    from meshplan.runtime.explain.comm import KIND_LABELS
+    from meshplan.runtime.explain.report import human_bytes
 
     table = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False)
     for col, justify in (("dimension", "left"), ("source", "left"), ("collective", "left"),
@@ -374,7 +374,7 @@ def _comm_table(ex: Explanation) -> RenderableType:
 
 
 def _rank_json(ex: Explanation, rank: int) -> dict[str, Any]:
-    from meshplan.runtime.dryrun import coordinates
+    from meshplan.runtime.explain.dryrun import coordinates
 
     layout = ex.program.mesh
     return {"rank": rank, "coordinates": coordinates(layout, rank),
@@ -387,8 +387,8 @@ def _rank_json(ex: Explanation, rank: int) -> dict[str, Any]:
 def svg(ex: Explanation) -> str:
     """A standalone SVG: the mesh grid (ranks coloured by their data-parallel group) and a
     stacked bar of each rank class's memory."""
-    from meshplan.runtime.dryrun import coordinates
-    from meshplan.runtime.explain import human_bytes
+    from meshplan.runtime.explain.dryrun import coordinates
+    from meshplan.runtime.explain.report import human_bytes
 
     layout = ex.program.mesh
     rows, cols, n_rows, n_cols = _grid_axes(ex)
@@ -466,8 +466,8 @@ def svg(ex: Explanation) -> str:
 
 def html_page(ex: Explanation) -> str:
     """A standalone HTML page: the SVG picture plus the memory and communication tables."""
-    from meshplan.runtime.comm import KIND_LABELS
-    from meshplan.runtime.explain import human_bytes
+    from meshplan.runtime.explain.comm import KIND_LABELS
+    from meshplan.runtime.explain.report import human_bytes
 
     def table(head: list[str], rows: list[list[str]]) -> str:
         th = "".join(f"<th>{_x(h)}</th>" for h in head)

@@ -7,7 +7,7 @@ The world size comes from torchrun's environment (one process without it). Rank 
 compiles the plan for that world size and sends the Program to the other ranks; every
 rank then builds the model on the meta device, applies the Program, allocates and fills
 its shards (`runtime.train.build_applied`), and trains on packed batches
-(`runtime.data`) with the reference loop (`runtime.train`). Rank 0 prints everything;
+(`runtime.train.data`) with the reference loop (`runtime.train`). Rank 0 prints everything;
 exit codes: 0 trained (finite loss), 1 plan rejected, a step failed or the loss is not
 finite, 2 usage (file, model, data).
 """
@@ -127,7 +127,7 @@ def _share(payload: list[Any]) -> list[Any]:
 def run(args: argparse.Namespace, term: Terminal) -> int:
     import torch.distributed as dist
 
-    from meshplan.runtime import init
+    from meshplan.runtime.train.environment import init
 
     env = init()
     try:
@@ -142,22 +142,16 @@ def run(args: argparse.Namespace, term: Terminal) -> int:
 
 
 def _run(args: argparse.Namespace, term: Terminal, env: Any) -> int:
+    from meshplan.cli.progress import ProgressDisplay
     from meshplan.planner.program import Program
-    from meshplan.runtime import (
-        ProgressDisplay,
-        StepError,
-        Topology,
-        TrainConfig,
-        TrainError,
-        build_applied,
-        make_optimizer,
-        resume,
-        train,
-    )
-    from meshplan.runtime.apply import context_step
-    from meshplan.runtime.data import DataError, PackedData, load_sequences
-    from meshplan.runtime.loading import LoadError
     from meshplan.runtime.packing import PackingError
+    from meshplan.runtime.parallel.apply import StepError, context_step
+    from meshplan.runtime.train.build import build_applied
+    from meshplan.runtime.train.data import DataError, PackedData, load_sequences
+    from meshplan.runtime.train.environment import TrainError
+    from meshplan.runtime.train.loop import TrainConfig, make_optimizer, resume, train
+    from meshplan.runtime.train.topology import Topology
+    from meshplan.runtime.weights.loading import LoadError
 
     payload: list[Any] = [None, None]
     if env.is_main:

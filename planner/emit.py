@@ -3,7 +3,7 @@ excepted: it imports meshplan's exact attention over a split sequence, which tor
 
 The script defines `build_mesh(device_type)` and `apply(model, mesh)` and makes exactly
 the calls the runtime makes, in the same order, each preceded by the plan line it came
-from. Styles torch lacks come from `meshplan/runtime/styles.py`, which imports only
+from. Styles torch lacks come from `meshplan/runtime/parallel/styles.py`, which imports only
 torch and is inlined verbatim (read as a data file of the installed package, not
 imported), so script and runtime cannot drift apart; the compiler's soundness test
 applies both to the same model and compares every parameter's placements.
@@ -63,7 +63,7 @@ def style_source(call: StyleCall) -> str:
 
 
 def _styles_module() -> str:
-    text = files("meshplan.runtime").joinpath("styles.py").read_text(encoding="utf-8")
+    text = files("meshplan.runtime.parallel").joinpath("styles.py").read_text(encoding="utf-8")
     # Drop the module docstring and the __future__ import (the script has its own).
     body = text.split('"""', 2)[2] if text.lstrip().startswith('"""') else text
     return body.replace("from __future__ import annotations\n", "").strip("\n")
@@ -96,7 +96,7 @@ def to_python(program: Program) -> str:
         "from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard",
         "from torch.distributed.tensor.parallel import parallelize_module",
         "",
-        "# ---- ParallelStyles torch lacks (meshplan/runtime/styles.py, verbatim) ----",
+        "# ---- ParallelStyles torch lacks (meshplan/runtime/parallel/styles.py, verbatim) ----",
         _styles_module(),
         "",
         "# ---- the program ----",
@@ -151,7 +151,7 @@ def to_python(program: Program) -> str:
                         f"preserve_rng_state=False{extra}))")
         elif isinstance(step, ContextParallel):
             # Not plain torch: the exact attention over a split sequence is meshplan's.
-            body.append("    from meshplan.runtime.apply import install_context_parallel  # needs meshplan")
+            body.append("    from meshplan.runtime.parallel.apply import install_context_parallel  # needs meshplan")
             body.append(f"    install_context_parallel(model, mesh, {step.fqns!r}, {step.mesh_dim!r}, "
                         f"load_balance={step.load_balance!r}, rotate={step.rotate!r})")
         elif isinstance(step, FullyShard):

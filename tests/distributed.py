@@ -68,7 +68,7 @@ PRELOAD: tuple[str, ...] = (
     "transformers.models.qwen2.modeling_qwen2",
     "meshplan.planner.models",
     "meshplan.runtime.attention",
-    "meshplan.runtime.loss",
+    "meshplan.runtime.train.loss",
     "meshplan.runtime.packing",
     "tests.distributed",
 )

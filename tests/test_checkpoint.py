@@ -15,9 +15,9 @@ from safetensors.torch import load_file
 from torch.distributed.tensor import DTensor
 
 from meshplan.planner.program import Program
-from meshplan.runtime import checkpoint
-from meshplan.runtime.apply import Applied, apply
-from meshplan.runtime.checkpoint import (
+from meshplan.runtime.parallel.apply import Applied, apply
+from meshplan.runtime.train.loop import checkpoint
+from meshplan.runtime.weights.checkpoint import (
     MARKER,
     CheckpointError,
     checkpoint_dir,
@@ -28,7 +28,7 @@ from meshplan.runtime.checkpoint import (
     read_marker,
     save,
 )
-from meshplan.runtime.loading import (
+from meshplan.runtime.weights.loading import (
     checkpoint_files,
     full_state_dict,
     init_random,

@@ -121,9 +121,10 @@ def equivalence_case(model_name: str, program_json: str, fmt: str) -> dict[str, 
     import torch.distributed as dist
 
     from meshplan.planner.program import Program
-    from meshplan.runtime import Topology, build_applied, build_model, prepare
     from meshplan.runtime.attention import forward_kwargs
-    from meshplan.runtime.loss import loss_sum_and_count, vocab_parallel
+    from meshplan.runtime.train.build import build_applied, build_model, prepare
+    from meshplan.runtime.train.loss import loss_sum_and_count, vocab_parallel
+    from meshplan.runtime.train.topology import Topology
 
     applied, _, _ = build_applied(Program.from_json(program_json), model_name, seed=0)
     topology = Topology.of(applied)
@@ -170,8 +171,8 @@ def equivalence_case(model_name: str, program_json: str, fmt: str) -> dict[str, 
 def unsplit_case(program_json: str) -> str:
     """Calling a context-parallel model with a full-row batch fails, naming the fix."""
     from meshplan.planner.program import Program
-    from meshplan.runtime import build_applied
     from meshplan.runtime.attention import forward_kwargs
+    from meshplan.runtime.train.build import build_applied
 
     applied, _, _ = build_applied(Program.from_json(program_json), "tiny-llama", seed=0)
     batch = _batches("varlen", 2, 1)[0]
@@ -188,17 +189,11 @@ def train_case(model_name: str, program_json: str | None, fmt: str) -> dict[str,
     import torch.distributed as dist
 
     from meshplan.planner.program import Program
-    from meshplan.runtime import (
-        Topology,
-        TrainConfig,
-        build_applied,
-        build_model,
-        make_optimizer,
-        prepare,
-        train,
-    )
-    from meshplan.runtime.cp import ContextSplit
-    from meshplan.runtime.data import PackedData, synthetic_sequences
+    from meshplan.runtime.parallel.context import ContextSplit
+    from meshplan.runtime.train.build import build_applied, build_model, prepare
+    from meshplan.runtime.train.data import PackedData, synthetic_sequences
+    from meshplan.runtime.train.loop import TrainConfig, make_optimizer, train
+    from meshplan.runtime.train.topology import Topology
 
     config = TrainConfig(steps=3, lr=1e-3, max_grad_norm=0.5)
     sequences = synthetic_sequences(48, 256, min_len=3, max_len=SEQ_LEN // 2, seed=3)

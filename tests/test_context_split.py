@@ -1,4 +1,4 @@
-"""How batches are cut for context parallelism (`runtime.cp`), in one process.
+"""How batches are cut for context parallelism (`runtime.parallel.context`), in one process.
 
 The multi-rank numerics are in `test_context_parallel.py`; here: which rank holds which
 token, what a local batch carries, that the mask rebuilt from it is the full row's, and
@@ -10,18 +10,18 @@ from __future__ import annotations
 import pytest
 import torch
 
-from meshplan.runtime.attention.sdpa import segment_mask
-from meshplan.runtime.cp import (
+from meshplan.runtime.attention.context import CpLayout
+from meshplan.runtime.attention.exact import segment_mask
+from meshplan.runtime.packing import collate
+from meshplan.runtime.parallel.context import (
     CP_KEY_INDEX,
     CP_QUERY_INDEX,
     CP_SEGMENT_IDS,
     ContextSplit,
-    CpLayout,
     owners,
     shard_batch,
 )
-from meshplan.runtime.data import DataError, PackedData, synthetic_sequences
-from meshplan.runtime.packing import collate
+from meshplan.runtime.train.data import DataError, PackedData, synthetic_sequences
 
 
 def _seqs(*lengths: int) -> list[torch.Tensor]:

@@ -31,19 +31,12 @@ from meshplan.runtime.attention import (
     thd_attention,
     varlen_attention,
 )
+from meshplan.runtime.attention.context import CP_ATTRIBUTE, ContextParallelAttention, CpLayout
 from meshplan.runtime.attention.cp_varlen import CpVarlenArgs, cp_varlen_args
-from meshplan.runtime.attention.sdpa import attend
+from meshplan.runtime.attention.exact import attend
 from meshplan.runtime.attention.te import TEThdArgs, te_cp_args
-from meshplan.runtime.cp import (
-    CP_ATTRIBUTE,
-    ContextParallelAttention,
-    ContextSplit,
-    CpLayout,
-    LoadBalance,
-    Rotate,
-    shard_batch,
-)
 from meshplan.runtime.packing import collate
+from meshplan.runtime.parallel.context import ContextSplit, LoadBalance, Rotate, shard_batch
 
 T = 64  # row length of the packed formats
 HEADS, KV_HEADS, DIM = 4, 2, 8  # grouped-query attention

@@ -19,7 +19,7 @@ import pytest
 from meshplan.cli.main import main
 from meshplan.planner import compile_plan
 from meshplan.planner.models import build_meta_model, load_preset, resolve_model
-from meshplan.runtime.dryrun import (
+from meshplan.runtime.explain.dryrun import (
     ParamShard,
     coordinates,
     dry_run,
@@ -28,7 +28,7 @@ from meshplan.runtime.dryrun import (
     rank_classes,
     reduce_program,
 )
-from meshplan.runtime.explain import explain, human_bytes, mesh_groups, parse_bytes
+from meshplan.runtime.explain.report import explain, human_bytes, mesh_groups, parse_bytes
 
 from .conftest import ROOT, assert_golden
 

@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from meshplan.planner import compile_plan
-from meshplan.runtime.explain import explain
+from meshplan.runtime.explain.report import explain
 from tests.distributed import rank_pool_fixture
 
 from .conftest import ROOT
@@ -113,8 +113,8 @@ def _real_step(program_json: str, model_name: str) -> dict[str, Any]:
 
     from meshplan.planner.models import resolve_model
     from meshplan.planner.program import Program
-    from meshplan.runtime.apply import apply
-    from meshplan.runtime.loss import causal_lm_loss, vocab_parallel
+    from meshplan.runtime.parallel.apply import apply
+    from meshplan.runtime.train.loss import causal_lm_loss, vocab_parallel
 
     class ActivationPeak(FSDPMemTracker):  # type: ignore[misc]
         peak = 0

@@ -21,9 +21,9 @@ from torch.distributed.tensor import DTensor
 from meshplan.planner.compile import compile_plan
 from meshplan.planner.models import build_meta_model, resolve_model
 from meshplan.planner.program import Program
-from meshplan.runtime import loading
-from meshplan.runtime.apply import apply
-from meshplan.runtime.loading import (
+from meshplan.runtime.parallel.apply import apply
+from meshplan.runtime.train.loop import loading
+from meshplan.runtime.weights.loading import (
     LoadError,
     full_state_dict,
     init_random,

@@ -19,13 +19,13 @@ from torch import nn
 
 from meshplan.planner.models import resolve_model
 from meshplan.runtime.attention import SDPA, forward_kwargs, use_backend
-from meshplan.runtime.loss import (
+from meshplan.runtime.packing import collate, collate_varlen
+from meshplan.runtime.train.loss import (
     causal_lm_loss,
     data_parallel_loss,
     loss_sum_and_count,
     vocab_parallel,
 )
-from meshplan.runtime.packing import collate, collate_varlen
 from tests.distributed import RankPool, rank_pool_fixture
 
 MODELS = ("tiny-llama", "tiny-qwen2")

@@ -11,7 +11,7 @@ with the whole global batch as 4 micro-batches:
   matmuls, reduce-scatters), which in fp32 is ~1e-7 relative per operation.
 - bf16 mixed precision (the plans as shipped: bf16 parameters and compute, fp32 gradient
   reduction) against the fp32 single process, with the tolerances stated at the test.
-- checkpoint / resume (`runtime.checkpoint`, DCP): 3 steps, save, a fresh run resumes
+- checkpoint / resume (`runtime.weights.checkpoint`, DCP): 3 steps, save, a fresh run resumes
   and finishes bitwise like the uninterrupted one.
 
 Layouts on 4 ranks: FSDP 4 (`plans/fsdp.plan`), HSDP 2 × 2 (`plans/llama.plan` with
@@ -85,7 +85,7 @@ def _source(key: ModelKey) -> Any:
 
 @functools.cache
 def _data() -> Any:
-    from meshplan.runtime.data import PackedData, synthetic_sequences
+    from meshplan.runtime.train.data import PackedData, synthetic_sequences
 
     sequences = synthetic_sequences(64, 256, min_len=4, max_len=SEQ_LEN, seed=1)
     return PackedData.build(sequences, SEQ_LEN)
@@ -105,16 +105,11 @@ def _full(p: torch.Tensor) -> torch.Tensor:
 def _train(key: ModelKey, program_json: str | None, micro_batch: int, *, steps: int = STEPS,
            root: str | None = None, every: int = 0, resume: bool = False) -> tuple[Any, Any, Any]:
     from meshplan.planner.program import Program
-    from meshplan.runtime import (
-        Topology,
-        TrainConfig,
-        build_applied,
-        build_model,
-        make_optimizer,
-        prepare,
-    )
-    from meshplan.runtime import resume as resume_from
-    from meshplan.runtime import train as run
+    from meshplan.runtime.train.build import build_applied, build_model, prepare
+    from meshplan.runtime.train.loop import TrainConfig, make_optimizer
+    from meshplan.runtime.train.loop import resume as resume_from
+    from meshplan.runtime.train.loop import train as run
+    from meshplan.runtime.train.topology import Topology
 
     if program_json is None:
         model = build_model(_source(key), seed=0)
@@ -312,7 +307,7 @@ def grad_norm_case() -> tuple[float, float]:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
-    from meshplan.runtime import clip_grad_norm
+    from meshplan.runtime.train.loop import clip_grad_norm
 
     flat = init_device_mesh("cpu", (WORLD,), mesh_dim_names=("a",))
     grid = init_device_mesh("cpu", (2, 2), mesh_dim_names=("x", "y"))
@@ -343,7 +338,9 @@ def test_grad_norm_spans_meshes(pool: RankPool) -> None:
 
 def unsynchronised_case(program_json: str) -> str:
     from meshplan.planner.program import Program
-    from meshplan.runtime import Topology, TrainError, build_applied
+    from meshplan.runtime.train.build import build_applied
+    from meshplan.runtime.train.environment import TrainError
+    from meshplan.runtime.train.topology import Topology
 
     try:
         Topology.of(build_applied(Program.from_json(program_json), "tiny-llama").applied)

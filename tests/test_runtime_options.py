@@ -15,9 +15,9 @@ import torch.distributed as dist
 
 from meshplan.planner import compile_plan
 from meshplan.runtime.attention import forward_kwargs, use_backend
-from meshplan.runtime.loss import loss_sum_and_count
 from meshplan.runtime.packing import collate_varlen
-from meshplan.runtime.train import build_applied, build_model
+from meshplan.runtime.train.build import build_applied, build_model
+from meshplan.runtime.train.loss import loss_sum_and_count
 
 PLAN = """\
 plan options for LlamaForCausalLM

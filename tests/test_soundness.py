@@ -16,8 +16,8 @@ from torch import nn
 from meshplan.planner import compile_plan
 from meshplan.planner.models import build_meta_model, resolve_model
 from meshplan.planner.program import Program
-from meshplan.runtime.apply import StepError
-from meshplan.runtime.dryrun import dry_run
+from meshplan.runtime.explain.dryrun import dry_run
+from meshplan.runtime.parallel.apply import StepError
 
 from .conftest import ROOT
 
@@ -78,7 +78,7 @@ def test_a_step_failure_names_the_plan_line() -> None:
 def test_fused_weights_are_stored_rank_major() -> None:
     import torch
 
-    from meshplan.runtime.styles import fused_row_order
+    from meshplan.runtime.parallel.styles import fused_row_order
 
     # 3 parts of 4 rows over 2 ranks: rank 0 holds rows 0-1 of each part, rank 1 rows 2-3.
     assert fused_row_order(12, 3, 2).tolist() == [0, 1, 4, 5, 8, 9, 2, 3, 6, 7, 10, 11]
@@ -88,7 +88,7 @@ def test_fused_weights_are_stored_rank_major() -> None:
 
 
 def test_script_installs_context_parallel_where_the_runtime_does() -> None:
-    from meshplan.runtime.cp import context_parallel_of
+    from meshplan.runtime.attention.context import context_parallel_of
 
     program = compile_plan(ROOT / "plans" / "llama.plan", "tiny-llama", 8, ["tp=2", "mesh.cp=2"]).program
     source = resolve_model("tiny-llama")

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from meshplan.cli.main import main
-from meshplan.runtime.data import (
+from meshplan.runtime.train.data import (
     DataError,
     PackedData,
     load_sequences,
@@ -88,7 +88,7 @@ def test_plan_run_usage_errors(no_process_group: None, capsys: pytest.CaptureFix
 def test_init_is_idempotent_without_torchrun(no_process_group: None) -> None:
     import torch.distributed as dist
 
-    from meshplan.runtime import init
+    from meshplan.runtime.train.environment import init
 
     env = init()
     try:
@@ -191,7 +191,7 @@ def test_loader_resumes_mid_epoch() -> None:
 
 
 def test_clip_grad_norm_matches_torch_on_plain_tensors() -> None:
-    from meshplan.runtime import clip_grad_norm
+    from meshplan.runtime.train.loop import clip_grad_norm
 
     torch.manual_seed(0)
     ours = [torch.nn.Parameter(torch.randn(5, 3)), torch.nn.Parameter(torch.randn(7))]
@@ -208,7 +208,8 @@ def test_clip_grad_norm_matches_torch_on_plain_tensors() -> None:
 
 
 def test_progress_display_logs_plain_lines() -> None:
-    from meshplan.runtime import ProgressDisplay, StepStats
+    from meshplan.cli.progress import ProgressDisplay
+    from meshplan.runtime.train.loop import StepStats
 
     stream = io.StringIO()
     with ProgressDisplay(total=2, stream=stream) as show:

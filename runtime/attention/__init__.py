@@ -17,6 +17,7 @@ Importing this package does not import transformers; `use_backend` and
 `register_backends` register the backends (idempotently).
 """
 
+from .exact import segment_mask
 from .flash import flash_attention_forward, flash_varlen_args, make_flash_attention
 from .layout import Segments, find_segments, forward_kwargs
 from .reference import thd_attention, varlen_attention
@@ -34,7 +35,7 @@ from .registry import (
     select_backend,
     use_backend,
 )
-from .sdpa import sdpa_attention_forward, segment_mask
+from .sdpa import sdpa_attention_forward
 from .te import make_te_attention, te_attention_forward, te_thd_args
 from .varlen import Unpadded, unpad
 

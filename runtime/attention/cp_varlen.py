@@ -4,7 +4,7 @@
                                              ├─ cp_varlen_args ─┤
     gathered K/V [B, Hkv, T, D] (rank-major) ┘                  └─▶ k/v: each piece's keys, piece after piece
 
-Under context parallelism with `rotate = allgather` (see `runtime.cp`) a rank holds
+Under context parallelism with `rotate = allgather` (see `runtime.parallel.context`) a rank holds
 `Tl = T / cp` queries of each row and, after the all-gather, all `T` keys in
 `cp_key_index` order. `meshplan_sdpa` attends them with a dense `[Tl, T]` mask; the GPU
 kernels take no mask, only segments. This module turns the CP mask into segments:
@@ -61,7 +61,7 @@ from typing import Any
 
 import torch
 
-from ..cp import ContextParallelAttention, CpLayout
+from .context import ContextParallelAttention, CpLayout
 
 __all__ = [
     "CpVarlenArgs",

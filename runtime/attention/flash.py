@@ -26,7 +26,7 @@ Guarantees:
 - Grouped-query heads are passed as they are (flash-attn broadcasts them).
 - flash-attn runs in half precision only: fp32 inputs are cast to the autocast dtype
   when autocast is on, else to bfloat16, and the output is cast back.
-- Context parallelism (a `runtime.cp.ContextParallelAttention` on the module): with
+- Context parallelism (a `runtime.attention.context.ContextParallelAttention` on the module): with
   `rotate = allgather` the local queries attend the all-gathered keys in ONE varlen
   call, the CP mask cut into per-segment pieces with bottom-right causal alignment
   (`cp_varlen.cp_varlen_args`; equal to `meshplan_sdpa`'s CP path, checked on CPU).
@@ -44,7 +44,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..cp import context_parallel_of
+from .context import context_parallel_of
 from .cp_varlen import cp_varlen_attention
 from .layout import attention_causality
 from .varlen import Unpadded, unpad
@@ -168,7 +168,7 @@ def make_flash_attention(kernel: VarlenKernel) -> Callable[..., tuple[torch.Tens
     ) -> tuple[torch.Tensor, None]:
         causal = attention_causality("meshplan_flash", module, is_causal, kwargs)
         cp = context_parallel_of(module)
-        if cp is not None:  # the sequence is split over ranks (see runtime.cp)
+        if cp is not None:  # the sequence is split over ranks (see runtime.parallel.context)
             out = cp_varlen_attention(
                 cp,
                 query,

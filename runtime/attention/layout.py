@@ -271,11 +271,11 @@ def forward_kwargs(batch: Mapping[str, Any]) -> dict[str, Any]:
 
     Works for every format of `meshplan.runtime.packing.collate`; `labels` are left out
     on purpose (they are already shifted, and a transformers model would shift them
-    again: compute the loss with `meshplan.runtime.loss`). `varlen`/`thd` boundaries are
+    again: compute the loss with `meshplan.runtime.train.loss`). `varlen`/`thd` boundaries are
     passed under transformers' flash-attn names (`cu_seq_lens_q/k`, `max_length_q/k`),
     `thd`'s padded boundaries as `cu_seq_lens_q/k_padded`, and `segment_ids` and the
     `padded` format's `attention_mask` as themselves, and a context-parallel batch's
-    `cp_*` tensors (see `meshplan.runtime.cp`) as themselves.
+    `cp_*` tensors (see `meshplan.runtime.parallel.context`) as themselves.
     """
     out: dict[str, Any] = {"input_ids": batch["input_ids"]}
     if "position_ids" in batch:
@@ -291,7 +291,7 @@ def forward_kwargs(batch: Mapping[str, Any]) -> dict[str, Any]:
     if "attention_mask" in batch:
         out["attention_mask"] = batch["attention_mask"]
     for name in ("cp_query_index", "cp_key_index", "cp_segment_ids", "cp_key_valid"):
-        if name in batch:  # a batch split by `runtime.cp.shard_batch`
+        if name in batch:  # a batch split by `runtime.parallel.context.shard_batch`
             out[name] = batch[name]
     return out
 

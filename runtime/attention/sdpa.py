@@ -25,9 +25,9 @@ Guarantees:
 - Softmax runs in at least float32 on the soft-capping path (as transformers' eager
   attention does); otherwise `torch.nn.functional.scaled_dot_product_attention` decides.
 
-- Context parallelism (a `runtime.cp.ContextParallelAttention` installed on the module
+- Context parallelism (a `runtime.attention.context.ContextParallelAttention` installed on the module
   by the plan's ContextParallel step): the call is handed to it, and the local queries
-  attend exactly over the whole sequence (see `runtime.cp`).
+  attend exactly over the whole sequence (see `runtime.parallel.context`).
 
 The mask is a dense `[B, 1, T, T]` boolean tensor: this is the reference and the CPU
 fallback, not a long-context kernel (use `meshplan_flash` or `meshplan_te` on GPUs).
@@ -39,120 +39,13 @@ from functools import partial
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from ..cp import context_parallel_of
+from .context import context_parallel_of
+from .exact import attend, order_mask, padding_mask, segment_mask
 from .layout import Segments, attention_causality, find_segments
 
-__all__ = ["attend", "repeat_kv_heads", "sdpa_attention_forward", "segment_mask"]
-
-
-def repeat_kv_heads(key: torch.Tensor, query_heads: int) -> torch.Tensor:
-    """Repeat `[B, Hkv, T, D]` key/value heads so query head h uses kv head h // group."""
-    kv_heads = key.shape[1]
-    if query_heads % kv_heads:
-        raise ValueError(
-            f"{query_heads} query heads cannot share {kv_heads} key/value heads evenly"
-        )
-    group = query_heads // kv_heads
-    return key if group == 1 else key.repeat_interleave(group, dim=1)
-
-
-def _distance(q_len: int, k_len: int, device: torch.device) -> torch.Tensor:
-    # Queries are the last q_len keys (bottom-right alignment, as with a KV cache).
-    q_idx = torch.arange(k_len - q_len, k_len, device=device)
-    k_idx = torch.arange(k_len, device=device)
-    return q_idx[:, None] - k_idx[None, :]
-
-
-def _window_and_order(
-    allowed: torch.Tensor, distance: torch.Tensor, *, causal: bool, window: int | None
-) -> torch.Tensor:
-    if causal:
-        allowed = allowed & (distance >= 0)
-    if window is not None:
-        reach = distance if causal else distance.abs()
-        allowed = allowed & (reach < window)
-    return allowed
-
-
-def segment_mask(
-    ids: torch.Tensor, *, causal: bool = True, window: int | None = None
-) -> torch.Tensor:
-    """Boolean `[B, 1, T, T]` mask: True where query i may attend key j (same segment,
-    j <= i when causal, i - j < window when given). `ids` is `[B, T]` segment ids."""
-    same = ids[:, :, None] == ids[:, None, :]
-    t = ids.shape[-1]
-    distance = _distance(t, t, ids.device)
-    return _window_and_order(same, distance, causal=causal, window=window)[:, None]
-
-
-def _padding_mask(
-    attention_mask: torch.Tensor,
-    q_len: int,
-    k_len: int,
-    *,
-    causal: bool,
-    window: int | None,
-) -> torch.Tensor:
-    """A model-given mask as a boolean or additive `[B|1, 1|H, q, k]` mask."""
-    if attention_mask.ndim == 4:
-        # A prepared mask is the whole pattern already (transformers returns 4-D masks
-        # as given); boolean or additive float are both accepted by SDPA.
-        return attention_mask
-    if attention_mask.ndim != 2:
-        raise ValueError(
-            f"attention_mask must be [batch, keys] or 4-D, got shape {tuple(attention_mask.shape)}"
-        )
-    keys = attention_mask[:, -k_len:].to(torch.bool)
-    distance = _distance(q_len, k_len, attention_mask.device)
-    allowed = _window_and_order(keys[:, None, :], distance[None], causal=causal, window=window)
-    # A query that sees no key (left padding) would make softmax NaN: let it see itself.
-    allowed = allowed | (distance == 0)[None]
-    return allowed[:, None]
-
-
-def attend(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    mask: torch.Tensor | None,
-    *,
-    is_causal: bool,
-    scale: float | None,
-    dropout: float,
-    softcap: float | None,
-) -> torch.Tensor:
-    """[B, H, Tq, D] attention output; `mask` is boolean (True = attend) or additive."""
-    key = repeat_kv_heads(key, query.shape[1])
-    value = repeat_kv_heads(value, query.shape[1])
-    if not softcap:
-        return F.scaled_dot_product_attention(
-            query, key, value, attn_mask=mask, dropout_p=dropout, is_causal=is_causal, scale=scale
-        )
-    scale = query.shape[-1] ** -0.5 if scale is None else scale
-    scores = torch.matmul(query, key.transpose(-1, -2)) * scale
-    # Soft-capping precedes masking, as in Gemma-2's eager attention.
-    scores = torch.tanh(scores / softcap) * softcap
-    if is_causal:
-        mask = _window_and_order(
-            torch.ones((), dtype=torch.bool, device=query.device),
-            _distance(query.shape[-2], key.shape[-2], query.device),
-            causal=True,
-            window=None,
-        )
-    if mask is not None:
-        if mask.dtype == torch.bool:
-            scores = scores.masked_fill(~mask, float("-inf"))
-        else:
-            scores = scores + mask
-    # At least float32, as transformers' eager attention (never less precise than q).
-    acc = torch.promote_types(query.dtype, torch.float32)
-    probs = torch.softmax(scores, dim=-1, dtype=acc).to(query.dtype)
-    if dropout:
-        probs = F.dropout(probs, p=dropout, training=True)
-    return torch.matmul(probs, value)
+__all__ = ["sdpa_attention_forward"]
 
 
 def sdpa_attention_forward(
@@ -196,11 +89,9 @@ def sdpa_attention_forward(
     if segments is not None:
         mask = segment_mask(segments.row_ids(), causal=causal, window=window)
     elif attention_mask is not None:
-        mask = _padding_mask(attention_mask, q_len, k_len, causal=causal, window=window)
+        mask = padding_mask(attention_mask, q_len, k_len, causal=causal, window=window)
     elif window is not None or (causal and q_len != k_len):
-        distance = _distance(q_len, k_len, query.device)
-        allowed = torch.ones((), dtype=torch.bool, device=query.device)
-        mask = _window_and_order(allowed, distance, causal=causal, window=window)
+        mask = order_mask(q_len, k_len, query.device, causal=causal, window=window)
     # Without a mask (plain causal or full attention) SDPA's own flag picks its fastest kernel.
     out = run(query, key, value, mask, is_causal=mask is None and causal and q_len > 1)
     return out.transpose(1, 2).contiguous(), None

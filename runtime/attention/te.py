@@ -27,7 +27,7 @@ Guarantees:
   causal attention and (-1, -1) otherwise.
 - Logit soft-capping (Gemma-2) raises `NotImplementedError`: `DotProductAttention` has
   no soft-cap; use `meshplan_flash` or `meshplan_sdpa` for such models.
-- Context parallelism (a `runtime.cp.ContextParallelAttention` on the module): with
+- Context parallelism (a `runtime.attention.context.ContextParallelAttention` on the module): with
   `rotate = allgather`, `te_cp_args` lays the local queries and the all-gathered keys
   out in pieces as `cp_varlen.cp_varlen_args` does for flash-attn — the queries' and
   keys' boundaries now differ (`cu_seqlens_kv`), so the mask type is
@@ -52,7 +52,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..cp import context_parallel_of
+from .context import context_parallel_of
 from .cp_varlen import CpVarlenArgs, cp_varlen_attention
 from .layout import attention_causality
 from .varlen import Unpadded, unpad
@@ -264,7 +264,7 @@ def make_te_attention(
     ) -> tuple[torch.Tensor, None]:
         causal = attention_causality("meshplan_te", module, is_causal, kwargs)
         cp = context_parallel_of(module)
-        if cp is not None:  # the sequence is split over ranks (see runtime.cp)
+        if cp is not None:  # the sequence is split over ranks (see runtime.parallel.context)
             _refuse_softcap(softcap)  # also on the ring path: the backend's contract
 
             def run(pieces: CpVarlenArgs) -> torch.Tensor:

@@ -30,7 +30,7 @@ Guarantees:
   carries `num_tokens`, its real (non-padding) token count, for throughput figures.
 - Context parallelism (`build(..., context=split)`, `loader(..., cp_rank=r)`): every
   sequence is packed and collated padded to a multiple of 2·cp, and each batch is cut
-  by `runtime.cp.shard_batch` — the context-parallel peers of a data-parallel rank read
+  by `runtime.parallel.context.shard_batch` — the context-parallel peers of a data-parallel rank read
   the same bins and each keeps its part.
 - `PackedLoader.state_dict()` / `load_state_dict()` resume mid-epoch exactly.
 """
@@ -46,8 +46,8 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from .cp import ContextSplit, shard_batch
-from .packing import PackedSampler, PackResult, collate, pack
+from ..packing import PackedSampler, PackResult, collate, pack
+from ..parallel.context import ContextSplit, shard_batch
 
 __all__ = [
     "DataError",

@@ -4,7 +4,7 @@ Before any collective, every rank checks the world size and that each module a s
 names exists. A failing step is re-raised as `StepError` naming the plan line the step
 came from. Step order is the compiler's (see planner/lower.py); nothing is reordered
 here. Under context parallelism, batches go through `Applied.shard_batch` (each rank
-keeps its part of the sequence; see `runtime.cp`).
+keeps its part of the sequence; see `runtime.parallel.context`).
 """
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ from meshplan.planner.program import (
     Step,
 )
 
-from .cp import CP_ATTRIBUTE, ContextParallelAttention, ContextSplit, shard_batch
+from ..attention.context import CP_ATTRIBUTE, ContextParallelAttention
+from .context import ContextSplit, shard_batch
 from .mesh import build_mesh, submesh
 from .styles import make_style, rescale_split_sizes, selective_checkpoint_context
 
@@ -56,7 +57,7 @@ class Applied:
 
     def shard_batch(self, batch: dict[str, Any]) -> dict[str, Any]:
         """This rank's part of a full-row collated batch under the plan's context
-        parallelism (`runtime.cp.shard_batch`); the batch itself without it."""
+        parallelism (`runtime.parallel.context.shard_batch`); the batch itself without it."""
         split = self.context_split
         return batch if split is None else shard_batch(batch, split, self.cp_rank)
 
@@ -162,13 +163,13 @@ def _context_parallel(step: Step, model: nn.Module, mesh: DeviceMesh) -> None:
 
 def install_context_parallel(model: nn.Module, mesh: DeviceMesh, fqns: tuple[str, ...], mesh_dim: str, *,
                              load_balance: str = "headtail", rotate: str = "allgather") -> None:
-    """Install meshplan's context-parallel attention (`runtime.cp`) on the attention
+    """Install meshplan's context-parallel attention (`runtime.parallel.context`) on the attention
     modules `fqns`, over `mesh[mesh_dim]`.
 
     Their attention function must be one of meshplan's backends (they hand the call to
     the installed `ContextParallelAttention`); a model on another implementation is
     switched to the best meshplan backend for the mesh's device."""
-    from .attention import BACKENDS, select_backend, use_backend
+    from ..attention import BACKENDS, select_backend, use_backend
 
     cp_mesh = submesh(mesh, (mesh_dim,))
     configs: list[Any] = [getattr(m, "config", None) for m in model.modules()]

@@ -93,8 +93,8 @@ from torch.distributed.tensor.placement_types import _StridedShard
 
 from meshplan.planner.program import Parallelize, Program
 
-from .apply import Applied
-from .styles import _fused_output, fused_row_order
+from ..parallel.apply import Applied
+from ..parallel.styles import _fused_output, fused_row_order
 
 __all__ = [
     "BLOCK_ELEMENTS",

@@ -4,13 +4,13 @@
 
 1. `reduce_program`: one decoder block per distinct (kind, steps); the rest of the
    model as is.
-2. `measure_shards`: the reduced Program applied by `runtime.apply` on a meta model
+2. `measure_shards`: the reduced Program applied by `runtime.parallel.apply` on a meta model
    over a fake process group as rank 0 and as one rank of each class of ranks whose
    local shapes differ (uneven shards): placements, local shapes, padded storage.
 3. `trace_step`: one forward/backward of the reduced model on fake tensors with the
    Program's tensor parallelism and checkpointing: activations and DTensor collectives.
 4. Scaled to the full model by each kept block's layer count: memory per rank class
-   (`runtime.memory`) and communication per rank (`runtime.comm`), plus warnings.
+   (`runtime.explain.memory`) and communication per rank (`runtime.explain.comm`), plus warnings.
 
 Nothing here allocates weights or talks to another process. `Explanation.to_json()` is
 what `plan explain --json` prints.
@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from meshplan.planner.program import ContextParallel, FullyShard, MeshLayout, Program
 
+from ..parallel.mesh import build_mesh
 from .comm import (
     CommEvent,
     CommRow,
@@ -47,7 +48,6 @@ from .dryrun import (
     trace_step,
 )
 from .memory import BlockActivations, Memory, block_activations, buffer_bytes, memory_of
-from .mesh import build_mesh
 
 if TYPE_CHECKING:
     from meshplan.planner.compile import Compiled
@@ -92,7 +92,7 @@ class DimGroups:
 
 def mesh_groups(layout: MeshLayout, limit: int = 4) -> list[DimGroups]:
     """Every dimension and submesh: its groups of ranks (the first `limit`)."""
-    from .mesh import product_dims
+    from ..parallel.mesh import product_dims
 
     names, shape = product_dims(layout)
     strides: dict[str, int] = {}
@@ -291,7 +291,7 @@ def attention_backend() -> dict[str, Any] | None:
     the others would not run here. None when `meshplan.runtime.attention` offers no
     `select_backend`/`describe_backend` (the hook `plan explain` prints through)."""
     try:
-        from .attention import BACKENDS, describe_backend, select_backend
+        from ..attention import BACKENDS, describe_backend, select_backend
     except ImportError:
         return None
     try:

@@ -65,7 +65,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from meshplan.planner.program import Program
 
-from .apply import Applied
+from ..parallel.apply import Applied
 from .loading import INDEX_FILE, SINGLE_FILE, FusedRows, full_state_dict, model_and_fused
 
 __all__ = [

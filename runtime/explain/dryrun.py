@@ -4,7 +4,7 @@ Exactly the runtime's `apply`, on `FakeStore` + backend `fake` (no communication
 weights): what the real job would build, per parameter — placements and local shape —
 measured, not estimated. `plan explain` and the compiler's soundness tests use it.
 
-Three measurements, all through `runtime.apply` and `runtime.mesh.build_mesh`:
+Three measurements, all through `runtime.parallel.apply` and `runtime.parallel.mesh.build_mesh`:
 
 - `dry_run` / `parameter_layouts`: the whole Program on a full meta model, as one rank.
 - `measure_shards`: the same on a *reduced* model — one decoder block per distinct
@@ -26,7 +26,7 @@ Three measurements, all through `runtime.apply` and `runtime.mesh.build_mesh`:
   a mask (`DRYRUN_ATTENTION`: causal, as a varlen/flash kernel runs it), since masks
   cannot be built from tensors without data. FSDP and context parallelism are not
   traced: their collectives follow from the unit sizes and the attention shapes (see
-  `runtime.comm`); the attention is traced over the rank's seq_len / cp tokens.
+  `runtime.explain.comm`); the attention is traced over the rank's seq_len / cp tokens.
 
 Building a DeviceMesh of 16384 fake ranks takes seconds (a process group per group of
 every dimension), so `runtime.explain` builds rank 0's once and passes it to both.
@@ -58,7 +58,7 @@ from meshplan.planner.program import (
     Step,
 )
 
-from .apply import DTYPES, apply
+from ..parallel.apply import DTYPES, apply
 
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
@@ -141,7 +141,7 @@ def dry_run(program: Program, build_model: Callable[[], nn.Module], *, rank: int
 
 def coordinates(layout: MeshLayout, rank: int) -> dict[str, int]:
     """A rank's coordinate along every dimension and submesh (row-major, `tp` innermost)."""
-    from .mesh import product_dims
+    from ..parallel.mesh import product_dims
 
     names, shape = product_dims(layout)
     out: dict[str, int] = {}
@@ -159,7 +159,7 @@ def coordinates(layout: MeshLayout, rank: int) -> dict[str, int]:
 
 def rank_at(layout: MeshLayout, coords: dict[str, int]) -> int:
     """The rank at the given coordinates of the product dimensions (missing ones: 0)."""
-    from .mesh import product_dims
+    from ..parallel.mesh import product_dims
 
     names, shape = product_dims(layout)
     rank = 0
@@ -429,7 +429,7 @@ def _apply_reduced(program: Program, source: ModelSource, reduction: Reduction, 
 
 def _without_context_parallel(program: Program) -> Program:
     """Context parallelism swaps attention only (no parameter changes) and needs batches
-    with data (`runtime.cp.shard_batch`): the dry run leaves it out and `runtime.comm`
+    with data (`runtime.parallel.context.shard_batch`): the dry run leaves it out and `runtime.explain.comm`
     derives its traffic from the attention shapes."""
     steps = tuple(s for s in program.steps if not isinstance(s, ContextParallel))
     return dataclasses.replace(program, steps=steps) if len(steps) != len(program.steps) else program
@@ -774,9 +774,9 @@ def trace_step(program: Program, source: ModelSource, reduction: Reduction, *, s
     """
     from torch._subclasses.fake_tensor import FakeTensorMode
 
+    from ..parallel.mesh import build_mesh
+    from ..train.loss import causal_lm_loss, vocab_parallel
     from .comm import CommCounter, group_names
-    from .loss import causal_lm_loss, vocab_parallel
-    from .mesh import build_mesh
 
     compute = DTYPES[dtype]
     cp_steps = [s for s in program.steps if isinstance(s, ContextParallel)]

@@ -16,7 +16,7 @@ Exact (from the dry run's shards, as FSDP2 and DTensor allocate them):
 
 Estimated:
 
-- **activations**: traced on fake tensors (`runtime.dryrun.trace_step`): one forward
+- **activations**: traced on fake tensors (`runtime.explain.dryrun.trace_step`): one forward
   of the reduced model with the plan's tensor/sequence parallelism applied (so the
   per-rank reductions are the real ones), in the compute dtype, at the plan's sequence
   length (split by context parallelism) and `--micro-batch`, tracking the live bytes of

@@ -5,7 +5,7 @@ Sources, in order of trust:
 
 - Tensor / sequence parallel, loss parallel and the gradient all-reduce of replicated
   parameters are *counted*: `CommCounter` sees every collective DTensor issues while
-  `runtime.dryrun.trace_step` runs one forward + backward of the reduced model on fake
+  `runtime.explain.dryrun.trace_step` runs one forward + backward of the reduced model on fake
   tensors (activation checkpointing included, so recomputed collectives are counted).
   Collectives inside a block are multiplied by the number of layers the block stands
   for.
@@ -16,7 +16,7 @@ Sources, in order of trust:
   dtype); with HSDP (two mesh names) one all-reduce of the sharded gradients over the
   replicate dimension — even when that dimension has a single rank. A shard group of
   one rank all-gathers and reduce-scatters nothing.
-- Context parallelism is *derived* from the attention shapes, as `runtime.cp` issues it:
+- Context parallelism is *derived* from the attention shapes, as `runtime.parallel.context` issues it:
   per attention layer, `rotate = allgather` all-gathers the stacked local K and V once
   in forward (again in backward when the layer is checkpointed) and reduce-scatters their
   gradients once in backward; `rotate = ring` shifts the stacked K/V block to the next
@@ -42,7 +42,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from meshplan.planner.program import ContextParallel, FullyShard, MeshLayout, Parallelize, Program
 
-from .apply import DTYPES
+from ..parallel.apply import DTYPES
 
 if TYPE_CHECKING:
     from torch import nn
