@@ -244,3 +244,13 @@ def test_untraceable_user_module() -> None:
     assert g.module("proj").attrs["out_features"] == 8  # module facts survive
     with pytest.raises(GraphError, match="was not traced"):
         g.calls("proj")
+
+
+def test_graph_is_read_only() -> None:
+    """Graphs are shared through the trace cache: their fields cannot be rebound."""
+    import dataclasses
+
+    g = graph("tiny-llama")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        g.traced = False  # type: ignore[misc]
+    assert g.calls("model.layers.0.mlp") is g.calls("model.layers.1.mlp")  # one boundary per kind

@@ -83,8 +83,27 @@ def test_wheel_holds_the_namespace_and_data(tmp_path: Path) -> None:
     names = set(zipfile.ZipFile(wheel).namelist())
     for expected in ("meshplan/dsl/grammar.lark", "meshplan/dsl/parser.py", "meshplan/cli/main.py",
                      "meshplan/plans/llama.plan", "meshplan/plans/fsdp.plan", "meshplan/runtime/__init__.py",
-                     "meshplan/planner/__init__.py"):
+                     "meshplan/planner/__init__.py", "meshplan/planner/graph/__init__.py"):
         assert expected in names
     assert not any(n.split("/")[0] in LAYERS for n in names), "a layer leaked to the top level"
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
     assert "plan = meshplan.cli.main:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
+
+
+def test_graph_privates_stay_in_the_graph_package() -> None:
+    """A ModelGraph's underscore fields are the graph package's own: nothing else reads or
+    sets them (the graph is frozen; its builder passes everything to the constructor)."""
+    from dataclasses import fields
+
+    from meshplan.planner.graph import ModelGraph
+
+    private = {f.name for f in fields(ModelGraph) if f.name.startswith("_")}
+    users = []
+    for layer in (*LAYERS, "tests", "bench"):
+        for path in sorted((ROOT / layer).rglob("*.py")):
+            if path.is_relative_to(ROOT / "planner" / "graph"):
+                continue
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+                if isinstance(node, ast.Attribute) and node.attr in private:
+                    users.append(f"{path.relative_to(ROOT)}:{node.lineno} uses .{node.attr}")
+    assert private and users == []
