@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 from pathlib import Path
 
 from meshplan.dsl import format_plan, parse
-from meshplan.dsl.errors import PlanError, PlanRejected
+from meshplan.dsl.errors import PlanRejected
 
 from .check import read_plan
 from .console import Terminal
@@ -49,12 +48,7 @@ def run(args: argparse.Namespace, term: Terminal) -> int:
         return term.usage_error("fmt", f"no such file: {missing[0]}")
     failed = changed = 0
     for path in files:
-        if path == "-":
-            text: str | None = sys.stdin.read()
-            term.remember("<stdin>", text or "")
-            problems: list[PlanError] = []
-        else:
-            text, problems = read_plan(path, term)
+        text, problems = read_plan(path, term)
         if text is None:
             term.diagnostics(problems)
             failed += 1

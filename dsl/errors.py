@@ -151,6 +151,25 @@ class PlanRejected(Exception):
         return [d for d in self.diagnostics if d.severity == "error"]
 
 
+def visible(text: str) -> str:
+    """`text` with every character that is not printable escaped as `\\u{hex}` (as rustc does).
+
+    Not printable means Unicode's control, format, surrogate, private-use, unassigned
+    and separator characters, save the plain space: C0/C1 controls and ESC sequences,
+    DEL, bidi overrides (U+202E), zero-width characters, line separators. Diagnostics
+    quote plan text through this, so a plan cannot drive the reader's terminal.
+    """
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else f"\\u{{{ord(c):x}}}" for c in text)
+
+
+def quote(text: str, limit: int = 60) -> str:
+    """Plan text for a message: escaped (see `visible`) and cut to `limit` characters."""
+    cut = len(text) > limit
+    return visible(text[:limit]) + ("…" if cut else "")
+
+
 def did_you_mean(word: str, candidates: Iterable[str], *, n: int = 1) -> str | None:
     """A hint naming the closest candidates, or None when nothing is close."""
     close = difflib.get_close_matches(word, sorted(set(candidates)), n=n, cutoff=0.6)

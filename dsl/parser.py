@@ -18,10 +18,12 @@ from lark import Lark, Token, Transformer, v_args
 from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken
 
 from . import ast
-from .errors import PlanError, PlanRejected, Span
+from .errors import PlanError, PlanRejected, Span, quote
 from .patterns import PatternSyntaxError, compile_pattern
 
 _GRAMMAR = Path(__file__).with_name("grammar.lark")
+# Deepest nesting of `{ … }` and `( … )` accepted (see `_check_nesting`).
+MAX_NESTING = 32
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 # Values may start with digits (`schedule = 1f1b`); the lexer ensures a letter follows.
 _VALUE_WORD = re.compile(r"[A-Za-z0-9_]+")
@@ -63,14 +65,24 @@ def parse_file(path: str | Path) -> ast.Plan:
     """Read and parse a file; unreadable or non-UTF-8 files are E104 diagnostics."""
     name = str(path)
     try:
-        text = Path(path).read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise PlanRejected(
-            [PlanError(Span(name, 0, 0, 0, 0), "E104", f"not UTF-8 text: {e.reason} at byte {e.start}")]
-        ) from None
+        data = Path(path).read_bytes()
     except OSError as e:
         raise PlanRejected([PlanError(Span(name, 0, 0, 0, 0), "E104", e.strerror or str(e))]) from None
-    return parse(text, name)
+    return parse(decode(data, name), name)
+
+
+def decode(data: bytes, file: str) -> str:
+    """Plan bytes → text. Not UTF-8: PlanRejected with E104 at the first bad byte's line and column."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line_start = data.rfind(b"\n", 0, e.start) + 1
+        line = data.count(b"\n", 0, e.start) + 1
+        # The bytes before the first bad one decode: count the column in characters.
+        column = len(data[line_start : e.start].decode("utf-8")) + 1
+        span = Span(file, line, column, line, column + 1)
+        raise PlanRejected([PlanError(span, "E104", f"not UTF-8 text ({e.reason} at byte {e.start})",
+                                      "save the plan as UTF-8")]) from None
 
 
 def parse_value(text: str, origin: str) -> ast.Value:
@@ -89,11 +101,49 @@ def _lark_parse(text: str, file: str, start: str) -> lark.Tree[Any]:
         line = before.count("\n") + 1
         column = len(before) - (before.rfind("\n") + 1) + 1
         raise PlanRejected([PlanError(Span.point(file, line, column), "E102", "NUL byte in plan text")])
+    _check_nesting(text, file)
     try:
         # A final line end makes every statement end the same way.
         return _parser().parse(text + "\n" if start == "start" else text, start=start)
     except UnexpectedInput as e:
         raise PlanRejected([_syntax_error(e, file, text)]) from None
+
+
+def _check_nesting(text: str, file: str) -> None:
+    """Refuse brackets nested deeper than MAX_NESTING, at the bracket that goes too deep.
+
+    Every later phase (the tree builder, checks, formatting, equality of nodes) walks the
+    tree recursively; bounding the depth here, in one linear pass, keeps them all far
+    from Python's recursion limit whatever the input.
+    """
+    if text.count("(") + text.count("{") <= MAX_NESTING:
+        return
+    depth = 0
+    line = column = 1
+    in_string = in_comment = False
+    for ch in text:
+        if ch == "\n":
+            line, column = line + 1, 1
+            in_string = in_comment = False
+            continue
+        if in_comment:
+            pass
+        elif ch == '"':
+            in_string = not in_string
+        elif in_string:
+            pass
+        elif ch == "#":
+            in_comment = True
+        elif ch in "({":
+            depth += 1
+            if depth > MAX_NESTING:
+                raise PlanRejected([PlanError(
+                    Span.point(file, line, column), "E101",
+                    f"`{ch}` nested more than {MAX_NESTING} levels deep",
+                    "plans need only a few levels of `{ … }` and `( … )`")])
+        elif ch in ")}":
+            depth = max(depth - 1, 0)
+        column += 1
 
 
 def _describe(name: str) -> str:
@@ -120,7 +170,7 @@ def _token_text(token: Token) -> str:
         return "end of line"
     if token.type == "$END":
         return "end of file"
-    return f"`{token.value}`"
+    return f"`{quote(str(token.value))}`"
 
 
 def _syntax_error(e: UnexpectedInput, file: str, text: str) -> PlanError:
@@ -234,7 +284,7 @@ class _Builder(Transformer[Token, Any]):
         text = str(t)
         if not form.fullmatch(text):
             self.errors.append(
-                PlanError(_tspan(self.file, t), "E101", f"expected {what}, found `{text}`",
+                PlanError(_tspan(self.file, t), "E101", f"expected {what}, found `{quote(text)}`",
                           "names are letters, digits and `_`, not starting with a digit")
             )
         return text
@@ -335,7 +385,7 @@ class _Builder(Transformer[Token, Any]):
                 if piece:
                     refs.append(ast.Ref(name=piece, span=span))
                     if not _IDENT.fullmatch(piece):
-                        self.errors.append(PlanError(span, "E101", f"expected a mesh dimension, found `{piece}`"))
+                        self.errors.append(PlanError(span, "E101", f"expected a mesh dimension, found `{quote(piece)}`"))
                 column += len(piece) + 1
         return ast.Submesh(name=self._name(name, "a submesh name"), dims=tuple(refs), span=_span(self.file, meta))
 

@@ -155,7 +155,14 @@ def test_unreadable_file_is_a_diagnostic(workdir: Path, capsys: pytest.CaptureFi
     (workdir / "latin1.plan").write_bytes(b"plan caf\xe9 for X\n")
     code, out, err = run(["check", "latin1.plan"], capsys)
     assert (code, out) == (1, "")
-    assert err.splitlines()[0] == "latin1.plan: error[E104]: not UTF-8 text (invalid continuation byte at byte 8)"
+    # The bad byte's line and column, its line quoted with the byte replaced.
+    assert err == (
+        "latin1.plan:1:9: error[E104]: not UTF-8 text (invalid continuation byte at byte 8)\n"
+        "  1 | plan caf\ufffd for X\n"
+        "    |         ^\n"
+        "  hint: save the plan as UTF-8\n"
+        "1 file checked, 1 rejected (1 error)\n"
+    )
 
 
 def test_fmt_rewrites_in_place(workdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
