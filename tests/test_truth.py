@@ -66,4 +66,4 @@ def test_check_false_lowers_a_rejected_plan() -> None:
         compile_plan(BROKEN / "partial_never_reduced.plan", "tiny-llama", 4)
     compiled = compile_plan(BROKEN / "partial_never_reduced.plan", "tiny-llama", 4, check=False)
     assert any(d.code == "E507" and d.severity == "error" for d in compiled.warnings)
-    assert [s.kind for s in compiled.program.steps][0] == "parallelize"
+    assert compiled.program.steps[0].kind == "parallelize"
