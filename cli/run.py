@@ -61,16 +61,10 @@ class _Stop(Exception):
         self.code = code
 
 
-def _plan_seq_len(spec: Any) -> int | None:
-    if spec.packing is not None:
-        return int(spec.packing.seq_len)
-    value = spec.params.get("seq_len")
-    return value if isinstance(value, int) else None
-
-
 def _compile(args: argparse.Namespace, term: Terminal, world: int) -> dict[str, Any]:
     """On rank 0: resolve the sequence length, compile, report; what the other ranks need."""
     from meshplan.dsl import load
+    from meshplan.planner.mesh_facts import plan_seq_len, program_sequence_multiple
     from meshplan.planner.models import ModelSpecError, resolve_model
 
     from .compile import compile_for_cli
@@ -88,7 +82,8 @@ def _compile(args: argparse.Namespace, term: Terminal, world: int) -> dict[str, 
         raise _Stop(1, "plan rejected") from None
     except ModelSpecError as e:
         raise _Stop(term.usage_error("run", f"--model {args.model}: {e}")) from None
-    planned = _plan_seq_len(spec)
+    found = plan_seq_len(spec)
+    planned = found[0] if found else None
     seq_len = args.seq_len or planned or 2048
     limit = getattr(source.config, "max_position_embeddings", None)
     if not args.seq_len and isinstance(limit, int) and seq_len > limit:
@@ -104,9 +99,7 @@ def _compile(args: argparse.Namespace, term: Terminal, world: int) -> dict[str, 
         raise _Stop(code)
     program = compiled.program  # type: ignore[attr-defined]
     term.diagnostics(compiled.warnings)  # type: ignore[attr-defined]
-    tp, cp = program.mesh.size("tp"), program.mesh.size("cp")
-    # Sequence parallelism splits each context-parallel share again, tp ways.
-    multiple = math.lcm(tp * cp, 2 * cp if cp > 1 else 1)
+    multiple = program_sequence_multiple(program)
     if seq_len % multiple:  # checked by the compiler too when the plan has `param seq_len`
         raise _Stop(term.usage_error("run", f"--seq-len {seq_len} must be a multiple of {multiple} "
                                              "(the sequence is split over tp and cp)"))

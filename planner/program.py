@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, TypeVar
 
 from meshplan.dsl.errors import NOWHERE, Span
 from meshplan.dsl.schema import STYLES
@@ -67,6 +67,15 @@ class StyleCall:
                     raise ValueError(f"StyleCall {self.style}: conversion {name!r} has bad placement {value!r}")
         if self.parts < 1:
             raise ValueError(f"StyleCall {self.style}: parts must be ≥ 1, got {self.parts}")
+
+    def placements(self) -> tuple[str | None, ...]:
+        """Every placement the call names: input, output, then each conversion's pair."""
+        return (self.input, self.output, *(p for _, src, dst in self.conversions for p in (src, dst)))
+
+    @property
+    def shards_sequence(self) -> bool:
+        """Does the style split activations along the sequence (dim 1)?"""
+        return self.style == "sequence_parallel" or "shard(1)" in self.placements()
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -173,6 +182,9 @@ STEP_TYPES: Mapping[str, type[Step]] = {
 }
 
 
+S = TypeVar("S", bound=Step)
+
+
 @dataclass(frozen=True, kw_only=True)
 class MeshLayout:
     """The device mesh: dimension names and sizes in canonical order, and submeshes."""
@@ -240,6 +252,10 @@ class Program:
             if missing:
                 raise ValueError(f"Program: a {step.kind} step uses mesh dimension {missing[0]!r}, which the "
                                  f"mesh ({', '.join(sorted(known))}) does not have")
+
+    def steps_of(self, kind: type[S]) -> tuple[S, ...]:
+        """The Program's steps of one kind, in program order."""
+        return tuple(s for s in self.steps if isinstance(s, kind))
 
     def to_python(self) -> str:
         """A standalone script (torch only) that makes exactly the runtime's calls."""

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Protocol
 from meshplan.dsl.errors import PlanError, Span
 from meshplan.dsl.spec import CheckpointSpec, PatternSpec, PlanSpec, TPRuleSpec, UnitSpec
 
+from ..mesh_facts import MeshFacts, plan_seq_len
 from ..program import MeshLayout
 
 if TYPE_CHECKING:
@@ -52,14 +53,14 @@ class Context:
         return self.mesh.size(name) if self.mesh else 1
 
     @property
+    def facts(self) -> MeshFacts | None:
+        """What the mesh implies (`planner.mesh_facts`); None until the mesh pass ran."""
+        return MeshFacts(self.mesh) if self.mesh is not None else None
+
+    @property
     def seq_len(self) -> tuple[int, Span] | None:
         """The training sequence length: packing's, else a `seq_len` param."""
-        if self.spec.packing is not None:
-            return self.spec.packing.seq_len, self.spec.packing.span
-        value = self.spec.params.get("seq_len")
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value, self.spec.param_spans.get("seq_len", self.spec.header_span)
-        return None
+        return plan_seq_len(self.spec)
 
 
 class Pass(Protocol):

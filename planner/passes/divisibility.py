@@ -18,6 +18,7 @@ from typing import Any
 from meshplan.dsl.errors import Span
 from meshplan.dsl.spec import Placement, TPRuleSpec
 
+from ..mesh_facts import sequence_multiple
 from .context import Context
 from .patterns import generic
 from .styles import fused_parts
@@ -115,7 +116,8 @@ class Divisibility:
         seq_len, seq_span = found
         cp_spec = ctx.spec.context_parallel
         cp = ctx.size(cp_spec.on) if cp_spec is not None and cp_spec.on else 1
-        if seq_len % cp == 0 and (seq_len // cp) % n:
+        # The CP chunking is checked on its own (`_context`): here only SP's share of it.
+        if seq_len % cp == 0 and seq_len % sequence_multiple(sp=n, cp=cp, headtail=False):
             # Each context-parallel rank holds seq_len / cp tokens, which SP splits again.
             rule = sp_rules[0]
             if cp == 1:
@@ -139,7 +141,7 @@ class Divisibility:
         if n <= 1:
             return
         seq_len, seq_span = found
-        chunks = 2 * n if cp.load_balance == "headtail" else n
+        chunks = sequence_multiple(cp=n, headtail=cp.load_balance == "headtail")
         if seq_len % chunks:
             why = f"2·cp = {chunks} chunks (head-tail balancing)" if cp.load_balance == "headtail" else f"{n} chunks"
             self._fail(ctx, cp.span, f"sequence length {seq_len} cannot be cut into {why}",

@@ -15,8 +15,6 @@ from meshplan.dsl.spec import MESH_DIMS
 
 from .context import Context, ResolvedUnit
 
-_DATA_PARALLEL = ("dp_replicate", "dp_shard", "cp")
-
 
 def _inside(fqn: str, ancestor: str) -> bool:
     return ancestor == "" or fqn == ancestor or fqn.startswith(ancestor + ".")
@@ -81,11 +79,11 @@ class FsdpStructure:
                           f"swap them: `fully_shard on (dp_replicate, {fsdp.on[0]})`")
 
     def _coverage(self, ctx: Context) -> None:
-        if ctx.mesh is None:
+        facts = ctx.facts
+        if facts is None:
             return
         fsdp = ctx.spec.fully_shard
-        covered = {d for name in (fsdp.on if fsdp else ()) for d in ctx.mesh.expand(name)}
-        missing = [d for d in _DATA_PARALLEL if ctx.size(d) > 1 and d not in covered]
+        missing = facts.uncovered(fsdp.on if fsdp else ())
         if not missing:
             return
         described = ", ".join(f"{d} ({ctx.size(d)} ranks)" for d in sorted(missing, key=MESH_DIMS.index))

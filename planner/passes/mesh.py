@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from meshplan.dsl.spec import PRODUCT_DIMS
 
+from ..mesh_facts import EXPERT_POOL
 from ..program import MeshLayout
 from .context import Context
 
@@ -45,12 +46,14 @@ class MeshArithmetic:
             return
         ep = sizes.get("ep")
         if ep is not None:
-            pool = (sizes.get("dp_shard") or 1) * (sizes.get("cp") or 1)
+            pool = 1
+            for d in EXPERT_POOL:
+                pool *= sizes.get(d) or 1
             ep_dim = spec.dim("ep")
             if ep > 1 and ep_dim is not None and pool % ep:
                 ctx.error(ep_dim.span, "E501",
-                          f"ep = {ep} must divide dp_shard × cp = {pool}: the expert mesh is carved out "
-                          "of those ranks")
+                          f"ep = {ep} must divide {' × '.join(EXPERT_POOL)} = {pool}: the expert mesh is "
+                          "carved out of those ranks")
                 return
         names = tuple(d.name for d in spec.dims)
         shape = tuple(int(sizes[n] or 1) for n in names)

@@ -278,12 +278,11 @@ class Explanation:
 def plan_seq_len(plan: Any, overrides: Any = ()) -> int | None:
     """The training sequence length a plan declares: packing's, else a `seq_len` param."""
     from meshplan.dsl import load
+    from meshplan.planner.mesh_facts import plan_seq_len as declared
 
     spec, _ = load(plan, overrides or ())
-    if spec.packing is not None:
-        return int(spec.packing.seq_len)
-    value = spec.params.get("seq_len")
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
+    found = declared(spec)
+    return found[0] if found else None
 
 
 def attention_backend() -> dict[str, Any] | None:

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
 
+from meshplan.planner.mesh_facts import MeshFacts
 from meshplan.planner.program import FullyShard, Parallelize, Program
 
 from ..parallel.apply import Applied, context_split, context_step
@@ -62,23 +63,22 @@ class Topology:
         layout = program.mesh
         names = tuple(mesh.mesh_dim_names or ())
         subs = dict(layout.submeshes)
-        dp_dims = subs.get("dp") or tuple(d for d in ("dp_replicate", "dp_shard") if d in names)
-        loss_dims = subs.get("loss") or (*dp_dims, *(("cp",) if "cp" in names else ()))
+        facts = MeshFacts(layout)
+        dp_dims, loss_dims = facts.dp_dims, facts.loss_dims
         coord = mesh.get_coordinate() or (0,) * len(names)
         dp_rank = 0
         for d in dp_dims:
             dp_rank = dp_rank * layout.size(d) + coord[names.index(d)]
-        dp_size = math.prod(layout.size(d) for d in dp_dims)
-        loss_size = math.prod(layout.size(d) for d in loss_dims)
+        dp_size, loss_size = facts.dp_size, facts.loss_size
         group = _group(mesh, "loss" if "loss" in subs else None, loss_dims) if loss_size > 1 else None
-        roots = [s for s in program.steps if isinstance(s, FullyShard) and not s.fqns]
+        roots = [s for s in program.steps_of(FullyShard) if not s.fqns]
         divisor = math.prod(layout.size(d) for d in roots[-1].mesh_dims) if roots else 1
         if loss_size > 1 and divisor != loss_size:
             what = (f"fully_shard averages gradients over {divisor}" if roots
                     else "no fully_shard synchronises their gradients")
             raise TrainError(f"the global batch is spread over {loss_size} data-parallel ranks "
                              f"({' × '.join(loss_dims)}) but {what}")
-        tp = any(isinstance(s, Parallelize) for s in program.steps)
+        tp = bool(program.steps_of(Parallelize))
         cp = context_step(program)
         cp_rank = coord[names.index(cp.mesh_dim)] if cp is not None else 0
         return cls(dp_rank, dp_size, group, loss_size, divisor, tp, dist.get_rank(), context_split(program),
