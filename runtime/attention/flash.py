@@ -42,11 +42,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import nn
 
-from .context import context_parallel_of
+from .context import ContextParallelAttention
 from .cp_varlen import cp_varlen_attention
-from .layout import attention_causality
+from .interface import AttentionCall, AttentionFunction, attention_function
 from .varlen import Unpadded, unpad
 
 __all__ = [
@@ -149,55 +148,27 @@ def flash_attn_varlen_kernel(
     return out.to(q.dtype)
 
 
-def make_flash_attention(kernel: VarlenKernel) -> Callable[..., tuple[torch.Tensor, None]]:
+def make_flash_attention(kernel: VarlenKernel) -> AttentionFunction:
     """A transformers attention function that runs `kernel` with flash-attn's varlen
     calling convention (the real kernel, or `reference.varlen_attention` in tests)."""
 
-    def attention(
-        module: nn.Module,
-        query: torch.Tensor,
-        key: torch.Tensor,
-        value: torch.Tensor,
-        attention_mask: torch.Tensor | None,
-        dropout: float = 0.0,
-        scaling: float | None = None,
-        sliding_window: int | None = None,
-        softcap: float | None = None,
-        is_causal: bool | None = None,
-        **kwargs: Any,
-    ) -> tuple[torch.Tensor, None]:
-        causal = attention_causality("meshplan_flash", module, is_causal, kwargs)
-        cp = context_parallel_of(module)
-        if cp is not None:  # the sequence is split over ranks (see runtime.parallel.context)
-            out = cp_varlen_attention(
-                cp,
-                query,
-                key,
-                value,
-                kwargs,
-                causal=causal,
-                window=int(sliding_window) if sliding_window else None,
-                scaling=scaling,
-                dropout=dropout,
-                softcap=softcap,
-                run=lambda pieces: pieces.call(kernel),
-            )
-            return out, None
+    def local(call: AttentionCall) -> torch.Tensor:
         args = flash_varlen_args(
-            query,
-            key,
-            value,
-            attention_mask,
-            dropout=dropout,
-            scaling=scaling,
-            sliding_window=sliding_window,
-            softcap=softcap,
-            causal=causal,
-            **kwargs,
+            call.query, call.key, call.value, call.attention_mask, dropout=call.dropout,
+            scaling=call.scaling, sliding_window=call.sliding_window, softcap=call.softcap,
+            causal=call.causal, **call.kwargs,
         )
-        return args.call(kernel), None
+        return args.call(kernel)
 
-    return attention
+    def context_parallel(call: AttentionCall, cp: ContextParallelAttention) -> torch.Tensor:
+        # The sequence is split over ranks (see runtime.parallel.context).
+        return cp_varlen_attention(
+            cp, call.query, call.key, call.value, call.kwargs, causal=call.causal,
+            window=call.window, scaling=call.scaling, dropout=call.dropout,
+            softcap=call.softcap, run=lambda pieces: pieces.call(kernel),
+        )
+
+    return attention_function("meshplan_flash", local=local, context_parallel=context_parallel)
 
 
 flash_attention_forward = make_flash_attention(flash_attn_varlen_kernel)

@@ -36,45 +36,26 @@ fallback, not a long-context kernel (use `meshplan_flash` or `meshplan_te` on GP
 from __future__ import annotations
 
 from functools import partial
-from typing import Any
 
 import torch
-from torch import nn
 
-from .context import context_parallel_of
 from .exact import attend, order_mask, padding_mask, segment_mask
-from .layout import Segments, attention_causality, find_segments
+from .interface import AttentionCall, attention_function
+from .layout import Segments, find_segments
 
 __all__ = ["sdpa_attention_forward"]
 
 
-def sdpa_attention_forward(
-    module: nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    dropout: float = 0.0,
-    scaling: float | None = None,
-    sliding_window: int | None = None,
-    softcap: float | None = None,
-    is_causal: bool | None = None,
-    **kwargs: Any,
-) -> tuple[torch.Tensor, None]:
-    """The `meshplan_sdpa` attention function (see the module docstring)."""
-    causal = attention_causality("meshplan_sdpa", module, is_causal, kwargs)
-    window = int(sliding_window) if sliding_window else None
-    cp = context_parallel_of(module)
-    if cp is not None:  # the sequence is split over ranks: meshplan's exact CP attention
-        out = cp.attend(query, key, value, kwargs, causal=causal, window=window, scaling=scaling,
-                        dropout=dropout, softcap=softcap)
-        return out, None
+def _sdpa_local(call: AttentionCall) -> torch.Tensor:
+    """The whole sequence is on this rank: the mask from packing info or the model's."""
+    query, key, value = call.query, call.key, call.value
+    causal, window, attention_mask, kwargs = call.causal, call.window, call.attention_mask, call.kwargs
     batch, heads, q_len, _ = query.shape
     k_len = key.shape[2]
     segments: Segments | None = None
     if q_len == k_len:
         segments = find_segments(batch, q_len, query.device, kwargs)
-    run = partial(attend, scale=scaling, dropout=dropout, softcap=softcap)
+    run = partial(attend, scale=call.scaling, dropout=call.dropout, softcap=call.softcap)
     if segments is not None and segments.crosses_rows and batch > 1:
         # Boundaries over the flattened batch (flash-attn varlen semantics): attend
         # over one row of B*T tokens so that a segment may continue across rows.
@@ -84,7 +65,7 @@ def sdpa_attention_forward(
         flat_mask = segment_mask(segments.ids[None], causal=causal, window=window)
         out = run(flat(query), flat(key), flat(value), flat_mask, is_causal=False)
         out = out.reshape(heads, batch, q_len, -1).transpose(0, 1)
-        return out.transpose(1, 2).contiguous(), None
+        return out.transpose(1, 2).contiguous()
     mask: torch.Tensor | None = None
     if segments is not None:
         mask = segment_mask(segments.row_ids(), causal=causal, window=window)
@@ -94,4 +75,10 @@ def sdpa_attention_forward(
         mask = order_mask(q_len, k_len, query.device, causal=causal, window=window)
     # Without a mask (plain causal or full attention) SDPA's own flag picks its fastest kernel.
     out = run(query, key, value, mask, is_causal=mask is None and causal and q_len > 1)
-    return out.transpose(1, 2).contiguous(), None
+    return out.transpose(1, 2).contiguous()
+
+
+# The `meshplan_sdpa` attention function (see the module docstring).
+sdpa_attention_forward = attention_function(
+    "meshplan_sdpa", local=_sdpa_local, context_parallel=AttentionCall.context_parallel
+)

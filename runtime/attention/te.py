@@ -52,9 +52,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .context import context_parallel_of
+from .context import ContextParallelAttention
 from .cp_varlen import CpVarlenArgs, cp_varlen_attention
-from .layout import attention_causality
+from .interface import AttentionCall, AttentionFunction, attention_function
 from .varlen import Unpadded, unpad
 
 __all__ = [
@@ -245,62 +245,32 @@ def te_kernel(args: TEThdArgs) -> Callable[..., torch.Tensor]:
 
 def make_te_attention(
     kernel_for: Callable[[TEThdArgs], Callable[..., torch.Tensor]],
-) -> Callable[..., tuple[torch.Tensor, None]]:
+) -> AttentionFunction:
     """A transformers attention function running `kernel_for(args)` with Transformer
     Engine's `thd` calling convention (the real module, or `reference.thd_attention`)."""
 
-    def attention(
-        module: nn.Module,
-        query: torch.Tensor,
-        key: torch.Tensor,
-        value: torch.Tensor,
-        attention_mask: torch.Tensor | None,
-        dropout: float = 0.0,
-        scaling: float | None = None,
-        sliding_window: int | None = None,
-        softcap: float | None = None,
-        is_causal: bool | None = None,
-        **kwargs: Any,
-    ) -> tuple[torch.Tensor, None]:
-        causal = attention_causality("meshplan_te", module, is_causal, kwargs)
-        cp = context_parallel_of(module)
-        if cp is not None:  # the sequence is split over ranks (see runtime.parallel.context)
-            _refuse_softcap(softcap)  # also on the ring path: the backend's contract
-
-            def run(pieces: CpVarlenArgs) -> torch.Tensor:
-                cp_args = te_cp_args(pieces, training=module.training)
-                return cp_args.call(kernel_for(cp_args))
-
-            out = cp_varlen_attention(
-                cp,
-                query,
-                key,
-                value,
-                kwargs,
-                causal=causal,
-                window=int(sliding_window) if sliding_window else None,
-                scaling=scaling,
-                dropout=dropout,
-                softcap=None,
-                run=run,
-            )
-            return out, None
+    def local(call: AttentionCall) -> torch.Tensor:
         args = te_thd_args(
-            query,
-            key,
-            value,
-            attention_mask,
-            dropout=dropout,
-            scaling=scaling,
-            sliding_window=sliding_window,
-            softcap=softcap,
-            causal=causal,
-            training=module.training,
-            **kwargs,
+            call.query, call.key, call.value, call.attention_mask, dropout=call.dropout,
+            scaling=call.scaling, sliding_window=call.sliding_window, softcap=call.softcap,
+            causal=call.causal, training=call.module.training, **call.kwargs,
         )
-        return args.call(kernel_for(args)), None
+        return args.call(kernel_for(args))
 
-    return attention
+    def context_parallel(call: AttentionCall, cp: ContextParallelAttention) -> torch.Tensor:
+        # The sequence is split over ranks (see runtime.parallel.context).
+        _refuse_softcap(call.softcap)  # also on the ring path: the backend's contract
+
+        def run(pieces: CpVarlenArgs) -> torch.Tensor:
+            cp_args = te_cp_args(pieces, training=call.module.training)
+            return cp_args.call(kernel_for(cp_args))
+
+        return cp_varlen_attention(
+            cp, call.query, call.key, call.value, call.kwargs, causal=call.causal,
+            window=call.window, scaling=call.scaling, dropout=call.dropout, softcap=None, run=run,
+        )
+
+    return attention_function("meshplan_te", local=local, context_parallel=context_parallel)
 
 
 te_attention_forward = make_te_attention(te_kernel)
