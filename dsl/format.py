@@ -26,10 +26,11 @@ _MARK = "\x00"
 def format_plan(plan: ast.Plan) -> str:
     lines: list[str] = []
     previous: ast.Statement | None = None
+    widths = _submesh_widths(plan)
     for statement in plan.statements:
         if previous is not None and _blank_between(previous, statement):
             lines.append("")
-        lines.extend(_statement(statement, plan))
+        lines.extend(_statement(statement, widths))
         previous = statement
     if plan.end_comments:
         if lines:
@@ -96,7 +97,7 @@ def _patterns(patterns: tuple[ast.Pattern, ...]) -> str:
     return ", ".join(p.text for p in patterns)
 
 
-def _statement(s: ast.Statement, plan: ast.Plan) -> list[str]:
+def _statement(s: ast.Statement, widths: dict[int, int]) -> list[str]:
     if isinstance(s, ast.Header):
         return _with_comments(s, "", [f"plan {s.name} for {', '.join(s.archs)}"])
     if isinstance(s, ast.Param):
@@ -108,7 +109,7 @@ def _statement(s: ast.Statement, plan: ast.Plan) -> list[str]:
         return _with_comments(s, "", ["mesh {", *inner, "}"])
     if isinstance(s, ast.Submesh):
         # Align `=` across the run of submeshes this one belongs to.
-        width = max(len(x.name) for x in _run_of(s, plan))
+        width = widths.get(id(s), len(s.name))
         return _with_comments(s, "", [f"submesh {s.name.ljust(width)} = {' * '.join(d.name for d in s.dims)}"])
     head = s.kind
     if s.on:
@@ -119,18 +120,29 @@ def _statement(s: ast.Statement, plan: ast.Plan) -> list[str]:
     return _with_comments(s, "", _with_body(head, s.body, "", inline_ok=True))
 
 
-def _run_of(s: ast.Submesh, plan: ast.Plan) -> list[ast.Submesh]:
+def _submesh_widths(plan: ast.Plan) -> dict[int, int]:
+    """The name width each submesh is aligned to, keyed by `id()`: one pass over the plan.
+
+    A run is consecutive `submesh` statements; a leading comment starts a new run (the
+    blank line the formatter puts before it separates them).
+    """
+    widths: dict[int, int] = {}
     run: list[ast.Submesh] = []
+
+    def close() -> None:
+        width = max((len(x.name) for x in run), default=0)
+        widths.update((id(x), width) for x in run)
+        run.clear()
+
     for statement in plan.statements:
-        if isinstance(statement, ast.Submesh):
-            if statement.leading and run and s not in run:
-                run = []
-            run.append(statement)
-        elif s in run:
-            break
-        else:
-            run = []
-    return run if s in run else [s]
+        if not isinstance(statement, ast.Submesh):
+            close()
+            continue
+        if statement.leading and run:
+            close()
+        run.append(statement)
+    close()
+    return widths
 
 
 def _inline(body: ast.Body) -> str | None:

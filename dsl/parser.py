@@ -452,20 +452,28 @@ def _attach_list(nodes: tuple[N, ...], comments: list[_Comment]) -> tuple[list[N
     A comment at the end of a line that starts no node (a closing brace) is treated as
     one standing on its own line there: it is kept, never dropped.
     """
+    # Nodes and comments are both in line order: one cursor walks the comments, so the
+    # work is linear in nodes + comments (a plan of thousands of lines stays fast).
     out: list[N] = []
-    pending = comments
+    i = 0
     for node in nodes:
         start, end = node.span.line, node.span.end_line
-        before = [c for c in pending if c.line < start]
-        trailing = [c for c in pending if c.line == start and not c.own_line]
-        inside = [c for c in pending if start <= c.line <= end and c not in trailing]
-        pending = [c for c in pending if c.line > end]
+        j = i
+        while j < len(comments) and comments[j].line < start:
+            j += 1
+        k = j
+        while k < len(comments) and comments[k].line <= end:
+            k += 1
+        before, within = comments[i:j], comments[j:k]
+        trailing = next((c for c in within if c.line == start and not c.own_line), None)
+        inside = [c for c in within if c is not trailing]
+        i = k
         node = _attach_inside(node, inside)
         if isinstance(node, ast.Line):
             node = replace(node, leading=tuple(c.text for c in before),
-                           trailing=trailing[0].text if trailing else None)
+                           trailing=trailing.text if trailing else None)
         out.append(node)
-    return out, pending
+    return out, comments[i:]
 
 
 def _attach_inside(node: N, comments: list[_Comment]) -> N:
