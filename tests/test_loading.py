@@ -22,7 +22,7 @@ from meshplan.planner.compile import compile_plan
 from meshplan.planner.models import build_meta_model, resolve_model
 from meshplan.planner.program import Program
 from meshplan.runtime.parallel.apply import apply
-from meshplan.runtime.train.loop import loading
+from meshplan.runtime.weights import loading
 from meshplan.runtime.weights.loading import (
     LoadError,
     full_state_dict,

@@ -57,6 +57,7 @@ from torch.distributed.tensor import DTensor, Partial, Replicate
 from ..attention import forward_kwargs
 from ..parallel.apply import Applied
 from .build import device_of
+from .environment import TrainError
 from .loss import IGNORE_INDEX, loss_sum_and_count, vocab_parallel
 from .topology import Topology
 
@@ -248,15 +249,25 @@ def save_checkpoint(root: str | Path, model: nn.Module | Applied, optimizer: tor
 
 
 def resume(root: str | Path, model: nn.Module | Applied, optimizer: torch.optim.Optimizer,
-           loader: Any = None) -> int:
-    """Restore the latest complete checkpoint under `root` into model, optimizer and
-    loader; returns its step (0 when there is none). A collective."""
-    from ..weights.checkpoint import latest, load
+           loader: Any = None, *, on_warning: Callable[[str], None] | None = None) -> int:
+    """Restore the newest intact checkpoint under `root` into model, optimizer and
+    loader; returns its step (0 when there is none). A damaged checkpoint is skipped
+    with a warning (`on_warning`), down to the newest intact one; none intact, or a
+    checkpoint this run cannot continue (another layout), raises `TrainError`. A collective."""
+    from ..packing import PackingError
+    from ..weights.checkpoint import CheckpointError, load_latest
 
-    directory = latest(root)
-    if directory is None:
+    try:
+        found = load_latest(root, model, optimizer, on_warning=on_warning)
+    except CheckpointError as e:
+        raise TrainError(f"cannot resume from {root}: {e}") from None
+    if found is None:
         return 0
-    step, state = load(directory, model, optimizer)
+    directory, step, state = found
     if state is not None and hasattr(loader, "load_state_dict"):
-        loader.load_state_dict(state)
+        try:
+            loader.load_state_dict(state)
+        except PackingError as e:
+            raise TrainError(f"cannot resume from {directory}: {e} (resume with the layout that saved "
+                             "it: the same --set values, world size and --micro-batch)") from None
     return step

@@ -1,30 +1,49 @@
-"""Checkpoints: atomic save / resume with `torch.distributed.checkpoint` (DCP), and
-export of a consolidated Hugging Face directory.
+"""Checkpoints: atomic save / resume of sharded training state that never runs code on
+load and detects damage, and export of a consolidated Hugging Face directory.
 
     save(checkpoint_dir(root, step), applied, optimizer, step, sampler.state_dict())
-    step, loader_state = load(latest(root), applied, optimizer)
+    found = load_latest(root, applied, optimizer)        # (directory, step, loader state) or None
     export_hf(applied, "out/hf")
+
+Layout of a checkpoint directory (format `meshplan-ckpt/2`):
+
+    tensors/shard-0000R-model-00001-of-00001.safetensors   rank R-1's shards (DCP, safetensors)
+    state.json                                             every non-tensor value (JSON)
+    dataloader/rank-0000R.json                             each rank's data-loader state (JSON)
+    COMPLETE                                               marker: step, layout, sha256 of every file
 
 Guarantees:
 
-- `save(directory, model, optimizer, step, dataloader_state)` writes the model and
-  optimizer state as DCP shards (`get_state_dict`: each rank writes only its own
-  shards), the step, and each rank's data-loader state. It is atomic: everything is
-  written into `<directory>.tmp-<step>`; only after *every* rank reported success does
-  rank 0 write the completion marker `COMPLETE` (to a temporary name, fsynced, then
-  renamed) and rename the directory to its final name (fsyncing the parent). Success is
-  agreed with one all-gather per phase, so an error on one rank makes every rank raise
-  `CheckpointError` (naming the failed ranks) instead of hanging. A crash or error at
-  any earlier point leaves at most a `*.tmp-<step>` directory without a marker: never a
-  directory that `latest()` or `load()` accepts.
-- `latest(root)` returns the complete checkpoint (final name, parseable marker) with
-  the highest step under `root`, or `None`.
-- `load(directory, model, optimizer)` refuses a directory without a valid marker,
-  restores the model's and the optimizer's state in place (bitwise; DCP reshards onto
-  another mesh or world size) and returns `(step, this rank's data-loader state)`.
-  Parameters holding fused rows are stored rank-major for the tensor-parallel size
-  that saved them; the marker records that layout and `load` refuses a model whose
-  fused layout differs (convert through `export_hf` + `load_sharded` instead).
+- Nothing is unpickled, ever. The tensors go through `torch.distributed.checkpoint`
+  (DCP) with its safetensors storage (`HuggingFaceStorageWriter(save_distributed=True)`:
+  each rank writes only its own shards, with their global offsets in the file's
+  safetensors metadata); DCP's global metadata is rebuilt on load from the safetensors
+  headers (`HuggingFaceStorageReader`), so no `.metadata` pickle is written or read. The
+  values that are not tensors (optimizer hyper-parameters, loader positions) are JSON.
+  A directory in the older pickle-based format, or one holding any file its marker does
+  not list (a planted `.metadata`, say), is refused before anything in it is read.
+- `save(directory, model, optimizer, step, dataloader_state)` is atomic: everything is
+  written into `<directory>.tmp-<step>`; only after *every* rank reported success are
+  the files' sha256 digests computed (each rank hashes a share) and does rank 0 write
+  the completion marker `COMPLETE` (a temporary name, fsynced, renamed) and rename the
+  directory to its final name (fsyncing the parent). Success is agreed with one
+  all-gather per phase, so an error on one rank makes every rank raise
+  `CheckpointError` (naming the failed ranks) instead of hanging. A crash at any
+  earlier point leaves at most a `*.tmp-<step>` directory without a marker.
+- `verify(directory)` re-hashes every file (each rank a share) and returns the problems
+  (a file changed, missing or unexpected), the same list on every rank.
+- `latest(root)` is the complete checkpoint (final name, parseable marker) with the
+  highest step under `root`, or `None`; `load_latest(root, …)` walks the complete ones
+  from the highest step down, skips a damaged one with a warning naming the file, and
+  raises `CheckpointError` when checkpoints exist but none is intact.
+- `load(directory, model, optimizer)` refuses a directory without a valid marker or
+  that fails `verify`, restores the model's and the optimizer's state in place (bitwise;
+  DCP reshards onto another mesh or world size) and returns `(step, this rank's
+  data-loader state)`. Any failure while reading (DCP raises `CheckpointException`, a
+  `BaseException`) becomes a `CheckpointError` on every rank. Parameters holding fused
+  rows are stored rank-major for the tensor-parallel size that saved them; the marker
+  records that layout and `load` refuses a model whose fused layout differs (convert
+  through `export_hf` + `load_sharded` instead).
 - `export_hf(model, out_dir)` gathers full tensors (`full_tensor()`, one parameter at
   a time), un-permutes fused rows, keeps one name per tied tensor (as
   `save_pretrained` does), and writes `model.safetensors` (or
@@ -40,12 +59,14 @@ call it with the same arguments) and works in a single process without it.
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
+import math
 import os
 import shutil
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -55,6 +76,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from safetensors.torch import save_file
 from torch import nn
+from torch.distributed.checkpoint import HuggingFaceStorageReader, HuggingFaceStorageWriter
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -73,17 +95,25 @@ __all__ = [
     "MARKER",
     "CheckpointError",
     "checkpoint_dir",
+    "complete_checkpoints",
     "export_hf",
     "is_complete",
     "latest",
     "load",
+    "load_latest",
     "read_marker",
     "save",
+    "verify",
 ]
 
 MARKER = "COMPLETE"
-FORMAT = "meshplan-dcp/1"
+FORMAT = "meshplan-ckpt/2"
+# Formats whose metadata is a pickle: recognised only to be refused by name.
+_PICKLED_FORMATS = ("meshplan-dcp/1",)
+_TENSORS_DIR = "tensors"
+_STATE_FILE = "state.json"
 _LOADER_DIR = "dataloader"
+_SEP = "/"  # joins state-dict paths into one key (parameter names use dots, never slashes)
 
 
 class CheckpointError(RuntimeError):
@@ -112,13 +142,18 @@ def _rank_world() -> tuple[int, int]:
     return 0, 1
 
 
+def _gather(value: Any) -> list[Any]:
+    """Every rank's `value` (an all-gather: every rank must call it)."""
+    if not _distributed():
+        return [value]
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, value)
+    return gathered
+
+
 def _failures(error: str | None) -> list[tuple[int, str]]:
     """Every rank's error from this phase (an all-gather: every rank must call it)."""
-    if not _distributed():
-        return [(0, error)] if error else []
-    gathered: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, error)
-    return [(r, e) for r, e in enumerate(gathered) if e]
+    return [(r, e) for r, e in enumerate(_gather(error)) if e]
 
 
 def _agree(error: str | None, what: str) -> None:
@@ -130,7 +165,8 @@ def _agree(error: str | None, what: str) -> None:
 
 
 def _describe(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}"
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"[:500]
 
 
 def _fsync_dir(path: Path) -> None:
@@ -146,16 +182,25 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    """Write `path` durably: a temporary file, fsync, rename."""
+def _write_json(path: Path, data: Any) -> None:
+    """Write `path` durably: a temporary file, fsync, rename. NaN and infinities are
+    refused (`allow_nan=False`): they are not JSON."""
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2, sort_keys=True)
+        json.dump(data, f, indent=2, sort_keys=True, allow_nan=False)
         f.write("\n")
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
     _fsync_dir(path.parent)
+
+
+def _read_json(path: Path) -> Any:
+    """JSON only: `parse_constant` refuses NaN and infinities, as `_write_json` does."""
+    def refuse(name: str) -> Any:
+        raise ValueError(f"{name} is not JSON")
+
+    return json.loads(path.read_text("utf-8"), parse_constant=refuse)
 
 
 def _replace_dir(tmp: Path, final: Path, overwrite: bool) -> None:
@@ -202,6 +247,155 @@ def _check_materialized(model: nn.Module) -> None:
             raise CheckpointError(f"{name} is on the meta device: call materialize(model) first")
 
 
+# --------------------------------------------------------------------------- state as tensors + JSON
+
+
+def _is_json(value: Any) -> bool:
+    if value is None or isinstance(value, (bool, int, str)):
+        return True
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, (list, tuple)):
+        return all(_is_json(v) for v in value)
+    if isinstance(value, Mapping):
+        return all(isinstance(k, str) and _is_json(v) for k, v in value.items())
+    return False
+
+
+def _descend(value: Any) -> bool:
+    """Walk into dicts, and into lists that hold tensors or dicts (the optimizer's
+    `param_groups`); any other list (betas, parameter names) is one JSON value."""
+    if isinstance(value, Mapping):
+        return True
+    return isinstance(value, (list, tuple)) and any(isinstance(v, (torch.Tensor, Mapping)) for v in value)
+
+
+def _items(value: Any) -> Iterator[tuple[str, Any]]:
+    if isinstance(value, Mapping):
+        for k, v in value.items():
+            if not isinstance(k, (str, int)) or _SEP in str(k):
+                raise CheckpointError(f"state-dict key {k!r} cannot be stored")
+            yield str(k), v
+    else:
+        yield from ((str(i), v) for i, v in enumerate(value))
+
+
+def _split(state: Any, prefix: str = "") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """A nested state dict as {key: tensor} for DCP and {key: JSON value} for the rest."""
+    tensors: dict[str, torch.Tensor] = {}
+    values: dict[str, Any] = {}
+    for key, v in _items(state):
+        path = f"{prefix}{key}"
+        if isinstance(v, torch.Tensor):
+            tensors[path] = v
+        elif _descend(v):
+            t, j = _split(v, path + _SEP)
+            tensors.update(t)
+            values.update(j)
+        elif _is_json(v):
+            values[path] = v
+        else:
+            raise CheckpointError(f"{path}: a {type(v).__name__} cannot be stored in a checkpoint "
+                                  "(tensors and JSON values only)")
+    return tensors, values
+
+
+def _unaliased(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """One key per storage: tied parameters (`lm_head.weight` is `wte.weight`) appear
+    under two names, and safetensors refuses to write shared memory. Loading fills the
+    first name, and so the other, which shares its memory in the model loaded into."""
+    from torch.distributed.tensor import DTensor
+
+    out: dict[str, torch.Tensor] = {}
+    seen: set[tuple[Any, ...]] = set()
+    for key, t in tensors.items():
+        local = t.to_local() if isinstance(t, DTensor) else t
+        if local.numel():
+            identity = (local.device, local.data_ptr(), local.storage_offset(), tuple(local.shape),
+                        local.stride(), local.dtype)
+            if identity in seen:
+                continue
+            seen.add(identity)
+        out[key] = t
+    return out
+
+
+def _restore(template: Any, values: Mapping[str, Any], prefix: str = "") -> Any:
+    """`template` with every non-tensor value replaced by the saved one (tuples stay tuples)."""
+    out: dict[str, Any] | list[Any] = {} if isinstance(template, Mapping) else []
+    for (key, v), original in zip(_items(template), (template.items() if isinstance(template, Mapping)
+                                                     else enumerate(template)), strict=True):
+        path = f"{prefix}{key}"
+        new: Any
+        if isinstance(v, torch.Tensor):
+            new = v
+        elif _descend(v):
+            new = _restore(v, values, path + _SEP)
+        elif path not in values:
+            raise CheckpointError(f"the checkpoint has no value for {path}")
+        else:
+            new = values[path]
+            if isinstance(v, tuple) and isinstance(new, list):
+                new = tuple(new)
+        if isinstance(out, dict):
+            out[original[0]] = new
+        else:
+            out.append(new)
+    return out if isinstance(template, Mapping) else type(template)(out)
+
+
+# --------------------------------------------------------------------------- checksums
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _files(directory: Path) -> list[str]:
+    """Every file under `directory` but the marker, as sorted relative paths."""
+    out = []
+    for path in directory.rglob("*"):
+        if path.is_file() or path.is_symlink():
+            rel = path.relative_to(directory).as_posix()
+            if rel not in (MARKER, f"{MARKER}.tmp"):
+                out.append(rel)
+    return sorted(out)
+
+
+def _hash_share(directory: Path, names: list[str]) -> dict[str, str]:
+    """This rank's share of `names` (every world-size-th), hashed."""
+    rank, world = _rank_world()
+    return {n: _sha256(directory / n) for n in names[rank::world]}
+
+
+def verify(directory: str | Path) -> list[str]:
+    """The problems of a complete checkpoint's files against its marker's digests: a file
+    changed, missing or not listed. The same list on every rank (a collective)."""
+    d = Path(directory)
+    marker = read_marker(d)
+    listed = marker.get("files") if marker is not None else None
+    problems: list[str] = []
+    if not isinstance(listed, dict) or not all(isinstance(v, str) for v in listed.values()):
+        problems.append(f"{d / MARKER}: records no checksums")
+        listed = {}
+    present = _files(d) if d.is_dir() else []
+    problems += [f"{d / n}: missing" for n in sorted(set(listed) - set(present))]
+    problems += [f"{d / n}: not part of the checkpoint" for n in sorted(set(present) - set(listed))]
+    mine: list[str] = []
+    try:
+        digests = _hash_share(d, sorted(set(listed) & set(present)))
+        mine = [f"{d / n}: contents changed (sha256 differs)" for n, h in digests.items() if listed[n] != h]
+    except OSError as exc:
+        mine = [f"{d}: cannot be read ({_describe(exc)})"]
+    for share in _gather(mine):
+        problems += share
+    return sorted(set(problems))
+
+
 # --------------------------------------------------------------------------- locating
 
 
@@ -210,13 +404,16 @@ def checkpoint_dir(root: str | Path, step: int) -> Path:
     return Path(root) / f"step-{step:08d}"
 
 
-def read_marker(directory: str | Path) -> dict[str, Any] | None:
-    """The completion marker of `directory`, or None when it is absent or unreadable."""
-    path = Path(directory) / MARKER
+def _marker_json(directory: Path) -> Any:
     try:
-        data = json.loads(path.read_text("utf-8"))
+        return _read_json(directory / MARKER)
     except (OSError, ValueError):
         return None
+
+
+def read_marker(directory: str | Path) -> dict[str, Any] | None:
+    """The completion marker of `directory`, or None when it is absent or unreadable."""
+    data = _marker_json(Path(directory))
     if not isinstance(data, dict) or data.get("format") != FORMAT or not isinstance(data.get("step"), int):
         return None
     return data
@@ -227,21 +424,41 @@ def is_complete(directory: str | Path) -> bool:
     return ".tmp-" not in d.name and read_marker(d) is not None
 
 
-def latest(root: str | Path) -> Path | None:
-    """The complete checkpoint with the highest step under `root` (None if there is none)."""
+def complete_checkpoints(root: str | Path) -> list[Path]:
+    """The complete checkpoints under `root`, the highest step first."""
     base = Path(root)
     if not base.is_dir():
-        return None
-    best: tuple[int, str, Path] | None = None
+        return []
+    found: list[tuple[int, str, Path]] = []
     for child in base.iterdir():
-        if not child.is_dir() or not is_complete(child):
+        marker = read_marker(child) if child.is_dir() and ".tmp-" not in child.name else None
+        if marker is not None:
+            found.append((int(marker["step"]), child.name, child))
+    return [p for *_, p in sorted(found, reverse=True)]
+
+
+def latest(root: str | Path) -> Path | None:
+    """The complete checkpoint with the highest step under `root` (None if there is none)."""
+    found = complete_checkpoints(root)
+    return found[0] if found else None
+
+
+def _unloadable(root: Path) -> list[str]:
+    """Finished-looking directories under `root` that are no loadable checkpoint: a
+    marker that does not parse, or the pickle-based format."""
+    out: list[str] = []
+    if not root.is_dir():
+        return out
+    for child in sorted(root.iterdir()):
+        if not child.is_dir() or ".tmp-" in child.name or not (child / MARKER).exists():
             continue
-        marker = read_marker(child)
-        assert marker is not None
-        key = (int(marker["step"]), child.name, child)
-        if best is None or key[:2] > best[:2]:
-            best = key
-    return best[2] if best is not None else None
+        data = _marker_json(child)
+        if isinstance(data, dict) and data.get("format") in _PICKLED_FORMATS:
+            out.append(f"{child}: written in the format {data['format']}, whose metadata is a pickle; "
+                       "it is never loaded, since loading a pickle can run code")
+        elif read_marker(child) is None:
+            out.append(f"{child / MARKER}: not a valid marker")
+    return out
 
 
 # --------------------------------------------------------------------------- save / load
@@ -254,17 +471,23 @@ def _state(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[st
     return {"model": msd, "optim": osd}
 
 
+def _loader_file(directory: Path, rank: int) -> Path:
+    return directory / _LOADER_DIR / f"rank-{rank:05d}.json"
+
+
 def _write_rank(tmp: Path, state: dict[str, Any], dataloader_state: Any, rank: int) -> None:
-    """This rank's part of a save: its DCP shards (a collective), then its loader state."""
+    """This rank's part of a save: its shards (a collective), then its loader state."""
+    tensors, values = _split(state)
+    tensors = _unaliased(tensors)
+    if not _is_json(dataloader_state):
+        raise CheckpointError("the data-loader state must be JSON (dicts, lists, numbers, strings)")
+    writer = HuggingFaceStorageWriter(str(tmp / _TENSORS_DIR), save_distributed=True)
     with _single_process_quietly():
-        dcp.save(state, checkpoint_id=str(tmp), no_dist=not _distributed())
-    loader_dir = tmp / _LOADER_DIR
-    loader_dir.mkdir(exist_ok=True)
-    path = loader_dir / f"rank-{rank:05d}.pt"
-    with open(path, "wb") as f:
-        torch.save(dataloader_state, f)
-        f.flush()
-        os.fsync(f.fileno())
+        dcp.save(tensors, storage_writer=writer, no_dist=not _distributed())
+    if rank == 0:
+        _write_json(tmp / _STATE_FILE, values)
+    _loader_file(tmp, rank).parent.mkdir(exist_ok=True)
+    _write_json(_loader_file(tmp, rank), {"state": dataloader_state})
 
 
 def save(directory: str | Path, model: nn.Module | Applied, optimizer: torch.optim.Optimizer | None,
@@ -293,17 +516,26 @@ def save(directory: str | Path, model: nn.Module | Applied, optimizer: torch.opt
     error = None
     try:
         _write_rank(tmp, state, dataloader_state, rank)
-    except Exception as exc:
+    except (Exception, dcp.CheckpointException) as exc:
         error = _describe(exc)
     # Every rank has written (or failed): only now may the checkpoint be committed.
     _agree(error, f"writing {tmp} (nothing was committed)")
 
+    error, digests = None, {}
+    try:
+        digests = _hash_share(tmp, _files(tmp))
+    except OSError as exc:
+        error = _describe(exc)
+    shares = _gather(digests)
+    _agree(error, f"hashing {tmp} (nothing was committed)")
+
     error = None
     if rank == 0:
         try:
+            files = {n: h for share in shares for n, h in share.items()}
             _write_json(tmp / MARKER, {
                 "format": FORMAT, "step": step, "world_size": world, "time": time.time(),
-                "optimizer": optimizer is not None, "fused": _fused_json(fused),
+                "optimizer": optimizer is not None, "fused": _fused_json(fused), "files": files,
             })
             _replace_dir(tmp, final, overwrite)
         except Exception as exc:
@@ -312,15 +544,26 @@ def save(directory: str | Path, model: nn.Module | Applied, optimizer: torch.opt
     return final
 
 
-def load(directory: str | Path, model: nn.Module | Applied,
-         optimizer: torch.optim.Optimizer | None = None, *, program: Program | None = None,
-         strict: bool = True) -> tuple[int, Any]:
-    """Restore model (and optimizer) state in place; returns (step, loader state)."""
-    d = Path(directory)
+def _checked_marker(d: Path) -> dict[str, Any]:
+    data = _marker_json(d) if ".tmp-" not in d.name else None
+    if isinstance(data, dict) and data.get("format") in _PICKLED_FORMATS:
+        raise CheckpointError(f"{d} is in the format {data['format']}, whose metadata is a pickle: it is "
+                              "not loaded, since loading a pickle can run code (save it again with "
+                              "this version)")
     marker = read_marker(d) if ".tmp-" not in d.name else None
     if marker is None:
         raise CheckpointError(f"{d} is not a complete checkpoint (no valid {MARKER} marker: the "
                               "save was interrupted, or this is not a meshplan checkpoint)")
+    return marker
+
+
+def load(directory: str | Path, model: nn.Module | Applied,
+         optimizer: torch.optim.Optimizer | None = None, *, program: Program | None = None,
+         strict: bool = True, verified: bool = False) -> tuple[int, Any]:
+    """Restore model (and optimizer) state in place; returns (step, loader state).
+    `verified=True` skips re-hashing a directory `verify` just passed."""
+    d = Path(directory)
+    marker = _checked_marker(d)
     module, fused = model_and_fused(model, program)
     saved_fused = marker.get("fused", {})
     if saved_fused != _fused_json(fused):
@@ -330,23 +573,68 @@ def load(directory: str | Path, model: nn.Module | Applied,
             "through export_hf + load_sharded")
     if optimizer is not None and not marker.get("optimizer", False):
         raise CheckpointError(f"{d} holds no optimizer state")
+    problems = [] if verified else verify(d)
+    if problems:
+        raise CheckpointError(f"{d} is damaged: " + "; ".join(problems[:3]))
     _check_materialized(module)
-    state = _state(module, optimizer)
-    with _single_process_quietly():
-        dcp.load(state, checkpoint_id=str(d), no_dist=not _distributed())
+    rank, _ = _rank_world()
+    error: str | None = None
+    state: Any = None
+    loader_state: Any = None
+    try:
+        template = _state(module, optimizer)
+        tensors = _unaliased(_split(template)[0])
+        reader = HuggingFaceStorageReader(str(d / _TENSORS_DIR))
+        with _single_process_quietly():
+            dcp.load(tensors, storage_reader=reader, no_dist=not _distributed())
+        values = _read_json(d / _STATE_FILE)
+        if not isinstance(values, dict):
+            raise CheckpointError(f"{d / _STATE_FILE} is not a JSON object")
+        state = _restore(template, values)
+        loader_file = _loader_file(d, rank)
+        if not loader_file.is_file():
+            raise CheckpointError(f"{d} has no data-loader state for rank {rank} (saved by "
+                                  f"{marker.get('world_size')} ranks)")
+        loader_state = _read_json(loader_file).get("state")
+    except CheckpointError as exc:
+        error = str(exc)
+    except (Exception, dcp.CheckpointException) as exc:
+        error = _describe(exc)
+    # Every rank reaches this agreement, whichever of them failed and how.
+    _agree(error, f"reading {d}")
     options = StateDictOptions(strict=strict)
     if optimizer is None:
         set_model_state_dict(module, state["model"], options=options)
     else:
         set_state_dict(module, optimizer, model_state_dict=state["model"],
                        optim_state_dict=state["optim"], options=options)
-    rank, _ = _rank_world()
-    path = d / _LOADER_DIR / f"rank-{rank:05d}.pt"
-    if not path.is_file():
-        raise CheckpointError(f"{d} has no data-loader state for rank {rank} (saved by "
-                              f"{marker.get('world_size')} ranks)")
-    loader_state = torch.load(path, map_location="cpu", weights_only=True)
     return int(marker["step"]), loader_state
+
+
+def load_latest(root: str | Path, model: nn.Module | Applied,
+                optimizer: torch.optim.Optimizer | None = None, *, program: Program | None = None,
+                on_warning: Callable[[str], None] | None = None) -> tuple[Path, int, Any] | None:
+    """Load the newest intact checkpoint under `root`: (directory, step, loader state),
+    or None when `root` holds no checkpoint. A damaged one is skipped with a warning
+    naming the file; checkpoints that are all damaged or unloadable raise `CheckpointError`."""
+    warn = on_warning or (lambda message: warnings.warn(message, stacklevel=3))
+    base = Path(root)
+    refused = _unloadable(base)
+    for message in refused:
+        warn(message)
+    candidates = complete_checkpoints(base)
+    for i, directory in enumerate(candidates):
+        problems = verify(directory)
+        if not problems:
+            step, state = load(directory, model, optimizer, program=program, verified=True)
+            return directory, step, state
+        then = f"falling back to {candidates[i + 1].name}" if i + 1 < len(candidates) else "no older one"
+        warn(f"checkpoint {directory.name} is damaged ({'; '.join(problems[:3])}): {then}")
+    if candidates or refused:
+        raise CheckpointError(f"{base} holds no intact checkpoint: "
+                              + "; ".join(refused + [c.name + " damaged" for c in candidates])
+                              + " (remove them, or use another --checkpoint-dir, to start afresh)")
+    return None
 
 
 # --------------------------------------------------------------------------- export
