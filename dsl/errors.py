@@ -95,6 +95,12 @@ CATALOGUE: dict[str, str] = {
     "W101": "unused parameter",
     "W102": "dimension of size 1",
     "W103": "model is not one the plan is written for",
+    # E6xx / W2xx (plan explain): the plan applied to the model on a fake process group
+    "E601": "dry run failed in the model",
+    "W201": "uneven shards",
+    "W202": "idle ranks",
+    "W203": "collective over a dimension of size 1",
+    "W204": "estimated memory exceeds --gpu-memory",
 }
 
 
