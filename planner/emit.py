@@ -11,11 +11,20 @@ applies both to the same model and compares every parameter's placements.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from importlib.resources import files
-from typing import TYPE_CHECKING
+from typing import cast
 
-if TYPE_CHECKING:
-    from .program import Program, StyleCall
+from .program import (
+    Checkpoint,
+    ContextParallel,
+    FullyShard,
+    Parallelize,
+    Program,
+    S,
+    Step,
+    StyleCall,
+)
 
 
 def _placement(text: str | None) -> str:
@@ -69,14 +78,11 @@ def _styles_module() -> str:
     return body.replace("from __future__ import annotations\n", "").strip("\n")
 
 
-def _where(step: object) -> str:
-    span = getattr(step, "span", None)
-    return f"# {span}" if span is not None and span.line else "#"
+def _where(step: Step) -> str:
+    return f"# {step.span}" if step.span.line else "#"
 
 
 def to_python(program: Program) -> str:
-    from .program import Checkpoint, ContextParallel, FullyShard, Parallelize
-
     lines = [
         f'"""meshplan program: plan `{program.plan}` ({program.source}) for {program.model} '
         f"on {program.world_size} ranks.",
@@ -127,46 +133,77 @@ def to_python(program: Program) -> str:
     ]
     body: list[str] = []
     for step in program.steps:
+        emit = EMITTERS.get(type(step))
+        if emit is None:
+            raise ValueError(f"--emit python: no emitter for {step.kind} steps")
         body.append(f"    {_where(step)}")
-        if isinstance(step, Parallelize):
-            root = f"_module(model, {step.fqn!r})"
-            own = [c for r, c in step.plan if r == ""]
-            if own:
-                body.append(f"    parallelize_module({root}, _mesh(mesh, ({step.mesh_dim!r},)), {style_source(own[0])})")
-            entries = [(r, c) for r, c in step.plan if r]
-            if entries:
-                body.append(f"    parallelize_module({root}, _mesh(mesh, ({step.mesh_dim!r},)), {{")
-                body += [f"        {r!r}: {style_source(c)}," for r, c in entries]
-                body.append("    })")
-            for r, c in entries:
-                if c.parts > 1 and c.style == "conv1d_colwise" and "." in r:
-                    parent = r.rsplit(".", 1)[0]
-                    body.append(f"    rescale_split_sizes({root}.get_submodule({parent!r}), "
-                                f"{root}.get_submodule({r!r}), {c.parts}, _mesh(mesh, ({step.mesh_dim!r},)).size())")
-        elif isinstance(step, Checkpoint):
-            parent, _, child = step.fqn.rpartition(".")
-            extra = ", context_fn=selective_checkpoint_context" if step.mode == "selective" else ""
-            body.append(f"    _parent = _module(model, {parent!r})")
-            body.append(f"    _parent.register_module({child!r}, checkpoint_wrapper(_parent.get_submodule({child!r}), "
-                        f"preserve_rng_state=False{extra}))")
-        elif isinstance(step, ContextParallel):
-            # Not plain torch: the exact attention over a split sequence is meshplan's.
-            body.append("    from meshplan.runtime.parallel.apply import install_context_parallel  # needs meshplan")
-            body.append(f"    install_context_parallel(model, mesh, {step.fqns!r}, {step.mesh_dim!r}, "
-                        f"load_balance={step.load_balance!r}, rotate={step.rotate!r})")
-        elif isinstance(step, FullyShard):
-            mods = ", ".join(f"_module(model, {f!r})" for f in step.fqns) if step.fqns else "model"
-            target = f"[{mods}]" if len(step.fqns) > 1 else mods
-            mp = step.mixed_precision
-            dt = {"bf16": "torch.bfloat16", "fp16": "torch.float16", "fp32": "torch.float32", "fp64": "torch.float64"}
-            policy = "MixedPrecisionPolicy()" if mp is None else (
-                f"MixedPrecisionPolicy(param_dtype={dt.get(mp.param or '', 'None')}, "
-                f"reduce_dtype={dt.get(mp.reduce or '', 'None')}, output_dtype={dt.get(mp.output or '', 'None')}, "
-                f"cast_forward_inputs={mp.cast_forward_inputs})")
-            offload = f"CPUOffloadPolicy(pin_memory={step.offload.pin_memory})" if step.offload else "OffloadPolicy()"
-            body.append(f"    fully_shard({target}, mesh=_mesh(mesh, {step.mesh_dims!r}), "
-                        f"reshard_after_forward={step.reshard_after_forward!r}, mp_policy={policy}, "
-                        f"offload_policy={offload})")
+        body += emit(step)
     lines += body or ["    pass"]
     lines += ["    return model", ""]
     return "\n".join(lines)
+
+
+def _parallelize(step: Parallelize) -> list[str]:
+    body: list[str] = []
+    root = f"_module(model, {step.fqn!r})"
+    own = [c for r, c in step.plan if r == ""]
+    if own:
+        body.append(f"    parallelize_module({root}, _mesh(mesh, ({step.mesh_dim!r},)), {style_source(own[0])})")
+    entries = [(r, c) for r, c in step.plan if r]
+    if entries:
+        body.append(f"    parallelize_module({root}, _mesh(mesh, ({step.mesh_dim!r},)), {{")
+        body += [f"        {r!r}: {style_source(c)}," for r, c in entries]
+        body.append("    })")
+    for r, c in entries:
+        if c.parts > 1 and c.style == "conv1d_colwise" and "." in r:
+            parent = r.rsplit(".", 1)[0]
+            body.append(f"    rescale_split_sizes({root}.get_submodule({parent!r}), "
+                        f"{root}.get_submodule({r!r}), {c.parts}, _mesh(mesh, ({step.mesh_dim!r},)).size())")
+    return body
+
+
+def _checkpoint(step: Checkpoint) -> list[str]:
+    parent, _, child = step.fqn.rpartition(".")
+    extra = ", context_fn=selective_checkpoint_context" if step.mode == "selective" else ""
+    return [f"    _parent = _module(model, {parent!r})",
+            f"    _parent.register_module({child!r}, checkpoint_wrapper(_parent.get_submodule({child!r}), "
+            f"preserve_rng_state=False{extra}))"]
+
+
+def _context_parallel(step: ContextParallel) -> list[str]:
+    # Not plain torch: the exact attention over a split sequence is meshplan's.
+    return ["    from meshplan.runtime.parallel.apply import install_context_parallel  # needs meshplan",
+            f"    install_context_parallel(model, mesh, {step.fqns!r}, {step.mesh_dim!r}, "
+            f"load_balance={step.load_balance!r}, rotate={step.rotate!r})"]
+
+
+_TORCH_DTYPES = {"bf16": "torch.bfloat16", "fp16": "torch.float16", "fp32": "torch.float32",
+                 "fp64": "torch.float64"}
+
+
+def _fully_shard(step: FullyShard) -> list[str]:
+    mods = ", ".join(f"_module(model, {f!r})" for f in step.fqns) if step.fqns else "model"
+    target = f"[{mods}]" if len(step.fqns) > 1 else mods
+    mp = step.mixed_precision
+    dt = _TORCH_DTYPES
+    policy = "MixedPrecisionPolicy()" if mp is None else (
+        f"MixedPrecisionPolicy(param_dtype={dt.get(mp.param or '', 'None')}, "
+        f"reduce_dtype={dt.get(mp.reduce or '', 'None')}, output_dtype={dt.get(mp.output or '', 'None')}, "
+        f"cast_forward_inputs={mp.cast_forward_inputs})")
+    offload = f"CPUOffloadPolicy(pin_memory={step.offload.pin_memory})" if step.offload else "OffloadPolicy()"
+    return [f"    fully_shard({target}, mesh=_mesh(mesh, {step.mesh_dims!r}), "
+            f"reshard_after_forward={step.reshard_after_forward!r}, mp_policy={policy}, "
+            f"offload_policy={offload})"]
+
+
+def _entry(kind: type[S], emit: Callable[[S], list[str]]) -> tuple[type[Step], Callable[[Step], list[str]]]:
+    return kind, cast(Callable[[Step], list[str]], emit)
+
+
+# How the script spells each step kind: the lines of `apply()` it becomes.
+EMITTERS: Mapping[type[Step], Callable[[Step], list[str]]] = dict([
+    _entry(Parallelize, _parallelize),
+    _entry(Checkpoint, _checkpoint),
+    _entry(ContextParallel, _context_parallel),
+    _entry(FullyShard, _fully_shard),
+])

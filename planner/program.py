@@ -14,8 +14,8 @@ before parents.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, ClassVar, Literal, TypeVar
 
 from meshplan.dsl.errors import NOWHERE, Span
@@ -78,10 +78,79 @@ class StyleCall:
         return self.style == "sequence_parallel" or "shard(1)" in self.placements()
 
 
+# Field names by which a step names the modules and the mesh dimensions it touches.
+_MODULE_FIELDS = ("fqn", "fqns")
+_DIM_FIELDS = ("mesh_dim", "mesh_dims")
+
+
 @dataclass(frozen=True, kw_only=True)
 class Step:
+    """One step of a Program: the step protocol.
+
+    A step kind is one subclass here plus one entry in each table that gives it
+    meaning: how the runtime applies it (`runtime.parallel.apply.STEPS`) and how the
+    script spells it (`planner.emit.EMITTERS`); the dry run applies it through the
+    runtime's table. Everything else asks a step what it touches:
+
+    - `modules()`: the FQNs of the modules it changes ("" is the root module);
+    - `dims()`: the mesh dimensions and submeshes it runs on;
+    - `renamed(rename)`: the same step on renamed modules (the dry run keeps one block
+      of each kind), None when none of its modules remain;
+    - `signature(block, index)`: what it does inside `block`, with the block's own name
+      factored out, None when it does nothing there (blocks with equal signatures are
+      measured once).
+
+    By default a step names its modules in the fields `fqn` / `fqns` and its mesh
+    dimensions in `mesh_dim` / `mesh_dims`; a kind that names them otherwise overrides
+    the methods.
+    """
+
     kind: ClassVar[str] = "step"
     span: Span = field(default=NOWHERE, compare=False)
+
+    def _named(self, names: tuple[str, ...]) -> tuple[str, ...]:
+        out: list[str] = []
+        for f in fields(self):
+            if f.name in names:
+                value = getattr(self, f.name)
+                out += [value] if isinstance(value, str) else list(value)
+        return tuple(out)
+
+    def modules(self) -> tuple[str, ...]:
+        return self._named(_MODULE_FIELDS)
+
+    def dims(self) -> tuple[str, ...]:
+        return self._named(_DIM_FIELDS)
+
+    def renamed(self, rename: Callable[[str], str | None]) -> Step | None:
+        changes: dict[str, Any] = {}
+        for f in fields(self):
+            if f.name not in _MODULE_FIELDS:
+                continue
+            value = getattr(self, f.name)
+            if isinstance(value, str):
+                name = rename(value)
+                if name is None:
+                    return None
+                changes[f.name] = name
+            else:
+                after = tuple(n for n in map(rename, value) if n is not None)
+                if value and not after:
+                    return None
+                changes[f.name] = after
+        return replace(self, **changes)
+
+    def signature(self, block: str, index: int) -> tuple[Any, ...] | None:
+        mine = tuple(f[len(block):] for f in self.modules() if f and _inside(f, block))
+        if not mine:
+            return None
+        rest = tuple(getattr(self, f.name) for f in fields(self)
+                     if f.name not in (*_MODULE_FIELDS, "span"))
+        return (self.kind, mine, rest)
+
+
+def _inside(fqn: str, ancestor: str) -> bool:
+    return ancestor == "" or fqn == ancestor or fqn.startswith(ancestor + ".")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -102,6 +171,13 @@ class Parallelize(Step):
             raise ValueError(f"Parallelize {self.fqn!r}: empty plan")
         if not self.mesh_dim:
             raise ValueError(f"Parallelize {self.fqn!r}: no mesh dimension")
+
+    def modules(self) -> tuple[str, ...]:
+        return (self.fqn, *(f"{self.fqn}.{r}".strip(".") for r, _ in self.plan if r))
+
+    def signature(self, block: str, index: int) -> tuple[Any, ...] | None:
+        # One call per block: the call on this block, its plan already block-relative.
+        return (self.kind, self.mesh_dim, self.plan) if self.fqn == block else None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -176,6 +252,17 @@ class FullyShard(Step):
         if isinstance(value, int) and not isinstance(value, bool) and value < 2:
             raise ValueError(f"FullyShard {self.fqns}: reshard_after_forward={value} (an int must be ≥ 2)")
 
+    def signature(self, block: str, index: int) -> tuple[Any, ...] | None:
+        if not self.fqns:
+            return None  # the root unit is the same for every block
+        found = super().signature(block, index)
+        if found is None:
+            return None
+        # A unit that also holds modules outside the block is one unit, shared: blocks in
+        # different such units differ by the unit's position in the program.
+        spans = len(self.fqns) != len(found[1])
+        return (*found, spans, index if spans else -1)
+
 
 STEP_TYPES: Mapping[str, type[Step]] = {
     t.kind: t for t in (Parallelize, Checkpoint, ContextParallel, FullyShard)
@@ -247,8 +334,7 @@ class Program:
                              f"has {self.mesh.world_size} ranks, world_size is {self.world_size}")
         known = set(self.mesh.names) | {n for n, _ in self.mesh.submeshes}
         for step in self.steps:
-            dims = getattr(step, "mesh_dims", None) or (getattr(step, "mesh_dim", None),)
-            missing = [d for d in dims if d is not None and d not in known]
+            missing = [d for d in step.dims() if d not in known]
             if missing:
                 raise ValueError(f"Program: a {step.kind} step uses mesh dimension {missing[0]!r}, which the "
                                  f"mesh ({', '.join(sorted(known))}) does not have")

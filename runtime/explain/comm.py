@@ -40,7 +40,14 @@ import torch
 from torch.distributed.tensor import DTensor, Partial
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from meshplan.planner.program import ContextParallel, FullyShard, MeshLayout, Parallelize, Program
+from meshplan.planner.program import (
+    Checkpoint,
+    ContextParallel,
+    FullyShard,
+    MeshLayout,
+    Parallelize,
+    Program,
+)
 
 from ..parallel.apply import DTYPES
 
@@ -264,7 +271,7 @@ def _inside(fqn: str, ancestor: str) -> bool:
 def fsdp_units(program: Program, parameters: Iterable[str], reduction: Reduction) -> list[Unit]:
     """The units in step order, each with the parameters it manages: a parameter belongs
     to the innermost unit holding its module (FSDP2 skips parameters an inner unit took)."""
-    steps = [s for s in program.steps if isinstance(s, FullyShard)]
+    steps = list(program.steps_of(FullyShard))
     owned: dict[int, list[str]] = {i: [] for i in range(len(steps))}
     for fqn in parameters:
         module = fqn.rsplit(".", 1)[0] if "." in fqn else ""
@@ -357,10 +364,8 @@ def cp_events(program: Program, graph: Any, reduction: Reduction, *, seq_len: in
     """Context-parallel collectives per kept block (see the module docstring)."""
     events: list[CommEvent] = []
     size = itemsize(dtype)
-    checkpointed = [s.fqn for s in program.steps if s.kind == "checkpoint" and getattr(s, "fqn", "")]
-    for step in program.steps:
-        if not isinstance(step, ContextParallel):
-            continue
+    checkpointed = [s.fqn for s in program.steps_of(Checkpoint) if s.fqn]
+    for step in program.steps_of(ContextParallel):
         n = program.mesh.size(step.mesh_dim)
         if n <= 1:
             continue
@@ -375,8 +380,8 @@ def cp_events(program: Program, graph: Any, reduction: Reduction, *, seq_len: in
             head_dim = int(info.get("head_dim") or 1)
             layer = reduction.layer_of(rep)
             block = f"{reduction.stack}.{layer}" if layer is not None else ""
-            tp = next((program.mesh.size(s.mesh_dim) for s in program.steps
-                       if isinstance(s, Parallelize) and s.fqn == block), 1)
+            tp = next((program.mesh.size(s.mesh_dim) for s in program.steps_of(Parallelize)
+                       if s.fqn == block), 1)
             # K and V stacked, of every context-parallel rank: [2, B, kv/tp, seq_len, head_dim].
             full = 2 * micro_batch * max(1, kv // tp) * seq_len * head_dim * size
             recompute = any(_inside(fqn, c) for c in checkpointed)

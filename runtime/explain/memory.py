@@ -105,11 +105,10 @@ class BlockActivations:
 def checkpoint_modes(program: Program, reduction: Reduction) -> dict[int, str]:
     """Full-model layer → checkpoint mode, for the layers the Program checkpoints."""
     out: dict[int, str] = {}
-    for step in program.steps:
-        if isinstance(step, Checkpoint):
-            layer = reduction.layer_of(step.fqn)
-            if layer is not None:
-                out[layer] = step.mode
+    for step in program.steps_of(Checkpoint):
+        layer = reduction.layer_of(step.fqn)
+        if layer is not None:
+            out[layer] = step.mode
     return out
 
 

@@ -311,7 +311,7 @@ def explain(compiled: Compiled, *, seq_len: int, micro_batch: int = 1, param_dty
     if seq_len < 1 or micro_batch < 1:
         raise ValueError(f"seq_len and micro_batch must be ≥ 1, got {seq_len} and {micro_batch}")
     reduction = reduce_program(program, graph, reduce=reduce)
-    fsdp = next((s for s in program.steps if isinstance(s, FullyShard)), None)
+    fsdp = next(iter(program.steps_of(FullyShard)), None)
     compute = compute_dtype(fsdp, param_dtype)
     step: StepTrace | None = None
     error: str | None = None
@@ -330,7 +330,7 @@ def explain(compiled: Compiled, *, seq_len: int, micro_batch: int = 1, param_dty
     units = fsdp_units(program, _unique_params(graph), reduction)
     events = list(step.events) if step else []
     events += fsdp_events(program, units, shards, reduction, param_dtype)
-    cp = next((s for s in program.steps if isinstance(s, ContextParallel)), None)
+    cp = next(iter(program.steps_of(ContextParallel)), None)
     if cp is not None:
         events += cp_events(program, graph, reduction, seq_len=seq_len, micro_batch=micro_batch, dtype=compute)
     blocks = block_activations(program, reduction, step) if step else []

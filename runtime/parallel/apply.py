@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -24,6 +24,7 @@ from meshplan.planner.program import (
     MixedPrecision,
     Parallelize,
     Program,
+    S,
     Step,
 )
 
@@ -70,10 +71,7 @@ def context_split(program: Program) -> ContextSplit | None:
 
 def context_step(program: Program) -> ContextParallel | None:
     """The Program's context-parallel step, if it splits sequences (cp > 1)."""
-    for step in program.steps:
-        if isinstance(step, ContextParallel) and program.mesh.size(step.mesh_dim) > 1:
-            return step
-    return None
+    return next((s for s in program.steps_of(ContextParallel) if program.mesh.size(s.mesh_dim) > 1), None)
 
 
 def apply(program: Program, model: nn.Module, *, mesh: DeviceMesh | None = None,
@@ -102,23 +100,15 @@ def _module(model: nn.Module, fqn: str) -> nn.Module:
 def _check_modules(program: Program, model: nn.Module) -> None:
     names = {name for name, _ in model.named_modules()}
     for step in program.steps:
-        fqns: tuple[str, ...] = ()
-        if isinstance(step, Parallelize):
-            fqns = (step.fqn, *(f"{step.fqn}.{r}".strip(".") for r, _ in step.plan if r))
-        elif isinstance(step, Checkpoint):
-            fqns = (step.fqn,)
-        elif isinstance(step, ContextParallel | FullyShard):
-            fqns = step.fqns
-        missing = [f for f in fqns if f and f not in names]
+        missing = [f for f in step.modules() if f and f not in names]
         if missing:
             raise StepError(f"{_where(step)}: the model has no module `{missing[0]}`: was the program "
                             f"compiled for another model than {type(model).__name__}?")
 
 
-def _parallelize(step: Step, model: nn.Module, mesh: DeviceMesh) -> None:
+def _parallelize(step: Parallelize, model: nn.Module, mesh: DeviceMesh) -> None:
     from torch.distributed.tensor.parallel import parallelize_module
 
-    assert isinstance(step, Parallelize)
     root = _module(model, step.fqn)
     tp_mesh = submesh(mesh, (step.mesh_dim,))
     own = [call for rel, call in step.plan if rel == ""]
@@ -138,10 +128,9 @@ def _kwargs(call: Any) -> dict[str, Any]:
             "parts": call.parts, "dim": call.dim, "conversions": call.conversions}
 
 
-def _checkpoint(step: Step, model: nn.Module, mesh: DeviceMesh) -> None:
+def _checkpoint(step: Checkpoint, model: nn.Module, mesh: DeviceMesh) -> None:
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
-    assert isinstance(step, Checkpoint)
     parent_name, _, child = step.fqn.rpartition(".")
     parent = _module(model, parent_name)
     module = parent.get_submodule(child)
@@ -152,8 +141,7 @@ def _checkpoint(step: Step, model: nn.Module, mesh: DeviceMesh) -> None:
     parent.register_module(child, wrapped)
 
 
-def _context_parallel(step: Step, model: nn.Module, mesh: DeviceMesh) -> None:
-    assert isinstance(step, ContextParallel)
+def _context_parallel(step: ContextParallel, model: nn.Module, mesh: DeviceMesh) -> None:
     try:
         install_context_parallel(model, mesh, step.fqns, step.mesh_dim, load_balance=step.load_balance,
                                  rotate=step.rotate)
@@ -196,10 +184,9 @@ def mixed_precision_policy(mp: MixedPrecision | None) -> Any:
     )
 
 
-def _fully_shard(step: Step, model: nn.Module, mesh: DeviceMesh) -> None:
+def _fully_shard(step: FullyShard, model: nn.Module, mesh: DeviceMesh) -> None:
     from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
 
-    assert isinstance(step, FullyShard)
     modules = [_module(model, f) for f in step.fqns] if step.fqns else [model]
     target: nn.Module | list[nn.Module] = modules[0] if len(modules) == 1 else modules
     offload = CPUOffloadPolicy(pin_memory=step.offload.pin_memory) if step.offload else OffloadPolicy()
@@ -208,9 +195,18 @@ def _fully_shard(step: Step, model: nn.Module, mesh: DeviceMesh) -> None:
                 mp_policy=mixed_precision_policy(step.mixed_precision), offload_policy=offload)
 
 
-STEPS: dict[type[Step], Callable[[Step, nn.Module, DeviceMesh], None]] = {
-    Parallelize: _parallelize,
-    Checkpoint: _checkpoint,
-    ContextParallel: _context_parallel,
-    FullyShard: _fully_shard,
+Applier = Callable[[Step, nn.Module, DeviceMesh], None]
+
+
+def _applier(fn: Callable[[S, nn.Module, DeviceMesh], None]) -> Applier:
+    """A step kind's applier, as the table holds it (the table's key picks the kind)."""
+    return cast(Applier, fn)
+
+
+# How the runtime applies each step kind (the step protocol: planner/program.py `Step`).
+STEPS: dict[type[Step], Applier] = {
+    Parallelize: _applier(_parallelize),
+    Checkpoint: _applier(_checkpoint),
+    ContextParallel: _applier(_context_parallel),
+    FullyShard: _applier(_fully_shard),
 }

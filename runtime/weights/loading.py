@@ -220,9 +220,7 @@ def fused_rows(model: nn.Module, program: Program | None = None) -> dict[str, Fu
     one: from the output hooks `FusedColwiseParallel` installs on its modules."""
     out: dict[str, FusedRows] = {}
     if program is not None:
-        for step in program.steps:
-            if not isinstance(step, Parallelize):
-                continue
+        for step in program.steps_of(Parallelize):
             tp = program.mesh.size(step.mesh_dim)
             for rel, call in step.plan:
                 if call.parts > 1 and call.style in ("colwise", "conv1d_colwise"):
