@@ -2,7 +2,7 @@
 
 Guarantees, for the tensor-parallel dimension: walking the traced ATen graph in order,
 with each ParallelStyle's contract applied at its module's boundary (input conversion,
-sharded weights, output layout) and op rules in between (`planner.layout`):
+sharded weights, output layout) and op rules in between (`planner.ops`):
 - every styled module receives its activation in the layout its plan line declares —
   a plain tensor in another layout would be misread by `from_local` (silently wrong), a
   DTensor in another layout would be redistributed implicitly on every call;
@@ -27,29 +27,12 @@ from meshplan.dsl.errors import Span
 from meshplan.dsl.spec import Placement, TPRuleSpec
 
 from ..graph import ModelGraph, Ref
-from ..layout import (
-    ATTENTION,
-    ELEMENTWISE,
-    FACTORIES,
-    IDENTITY,
-    REDUCTIONS,
-    REPLICATE,
-    UNKNOWN,
-    Layout,
-    LayoutProblem,
-    broadcast,
-    keepdim,
-    map_reshape,
-    normalize,
-    op_name,
-    reduced_dims,
-)
+from ..layout import REPLICATE, UNKNOWN, Layout, LayoutProblem, normalize
+from ..ops import ELEMENTWISE, IDENTITY, OpCall, op_name, propagate, rule_for
 from .context import Context
 from .patterns import generic
 
 LEAF_KINDS = ("linear", "embedding", "conv1d")
-RESHAPES = {"view", "reshape", "_unsafe_view", "view_copy", "unsqueeze", "squeeze", "flatten", "unflatten",
-            "squeeze_copy", "unsqueeze_copy"}
 
 
 class Layouts:
@@ -366,12 +349,16 @@ class _Walk:
 
     def _op(self, node: str, attrs: dict[str, Any], stack: tuple[str, ...]) -> Layout | tuple[Layout, ...]:
         name = op_name(str(attrs.get("op")))
-        if name in FACTORIES:
-            return REPLICATE
-        args = list(attrs.get("args", ()))
+        args = tuple(attrs.get("args", ()))
         kwargs = dict(attrs.get("kwargs", {}))
+        out = tuple(attrs.get("shape") or ())
+        shapes = tuple(attrs.get("shapes") or ())
+        rule = rule_for(name)
+        if rule is not None and rule.fresh:
+            return rule.apply(OpCall(name, (), args, kwargs, out, shapes)) or UNKNOWN
         refs = list(_refs(args)) + list(_refs(kwargs))
         if name == "getitem":
+            # One output of a multi-output op (split, var_mean, attention's tuple).
             source = self.layouts.get(refs[0], REPLICATE) if refs else REPLICATE
             if isinstance(source, tuple):
                 index = args[1] if len(args) > 1 and isinstance(args[1], int) else 0
@@ -400,9 +387,9 @@ class _Walk:
                 return first
             return replace(UNKNOWN, dtensor=True)
         self._weights(name, module, inputs)
-        out_shape = tuple(attrs.get("shape") or ())
+        call = OpCall(name, tuple((lay, s) for _, lay, s in inputs), args, kwargs, out, shapes)
         try:
-            return self._local(name, attrs, args, kwargs, inputs, out_shape)
+            return propagate(call)
         except LayoutProblem as p:
             origin = next((lay.origin for _, lay, _ in inputs if lay.kind != "replicate" and lay.origin), None)
             self.report(origin, f"{p.message} (in `{module}`)", p.code, p.hint)
@@ -433,150 +420,3 @@ class _Walk:
                         hint=f"give `{owner}` the rule {fix}: its weight becomes a replicated DTensor whose "
                              "gradient is summed")
             return
-
-    def _local(self, name: str, attrs: dict[str, Any], args: list[Any], kwargs: dict[str, Any],
-               inputs: list[tuple[str, Layout, tuple[int, ...]]], out: tuple[int, ...]) -> Layout | tuple[Layout, ...]:
-        _, first, in_shape = inputs[0]
-        if name in IDENTITY:
-            return first
-        if name in ELEMENTWISE:
-            return broadcast(name, [(lay, s) for _, lay, s in inputs], out)
-        sharded = [(lay, s) for _, lay, s in inputs if lay.kind != "replicate"]
-        layout = sharded[0][0]
-        if name in RESHAPES and first.kind == "shard":
-            return map_reshape(first, in_shape, out)
-        if name in RESHAPES and first.kind == "partial":
-            return first
-        if name == "expand" and first.kind == "shard" and first.dim is not None:
-            return replace(first, dim=first.dim + len(out) - len(in_shape))
-        if name in ("transpose", "swapaxes") and first.dim is not None:
-            a, b = (normalize(int(x), len(in_shape)) for x in args[1:3])
-            d = first.dim
-            return replace(first, dim=b if d == a else a if d == b else d)
-        if name == "t" and first.dim is not None:
-            return replace(first, dim=1 - first.dim)
-        if name == "permute" and first.dim is not None:
-            order = [normalize(int(x), len(in_shape)) for x in args[1]]
-            return replace(first, dim=order.index(first.dim))
-        if first.kind == "partial" and name not in ("linear", "mm", "matmul", "bmm"):
-            raise LayoutProblem(f"`{name}` is applied to a partial sum that was never reduced", "E507",
-                                "reduce it first: give the producing rowwise a `replicate` or `shard(…)` output")
-        if name == "select" and first.dim is not None:
-            dim = normalize(int(args[1]), len(in_shape))
-            if dim == first.dim:
-                raise LayoutProblem(f"`select` picks one index of sharded dim {dim}")
-            return replace(first, dim=first.dim - (dim < first.dim))
-        if name in ("slice", "narrow") and first.dim is not None:
-            dim = normalize(int(args[1]) if len(args) > 1 else 0, len(in_shape))
-            if dim == first.dim and tuple(out) != tuple(in_shape):
-                raise LayoutProblem(f"`{name}` cuts sharded dim {dim} at fixed offsets: each rank would cut "
-                                    "its own piece at offsets meant for the whole",
-                                    hint="a fused projection must be split by parts: shard it with "
-                                         "`parts = N` and keep the code splitting into N equal chunks")
-            return first
-        if name in ("split", "split_with_sizes", "chunk", "unbind", "tensor_split") and first.dim is not None:
-            return self._split(name, args, first, in_shape, out, attrs)
-        if name in ("cat", "concat", "stack") and first.dim is not None:
-            dim = normalize(int(args[1]) if len(args) > 1 else 0, len(in_shape) + (name == "stack"))
-            layouts = [lay for _, lay, _ in inputs]
-            if any(not lay.same_placement(first) for lay in layouts):
-                raise LayoutProblem(f"`{name}` joins values of different layouts")
-            if name != "stack" and dim == first.dim:
-                raise LayoutProblem(f"`{name}` joins along sharded dim {dim}")
-            return replace(first, dim=first.dim + (name == "stack" and dim <= first.dim))
-        if name in REDUCTIONS:
-            dims = reduced_dims(name, args, kwargs, len(in_shape))
-            if first.kind == "shard" and first.dim is not None:
-                if dims is None or first.dim in dims:
-                    raise LayoutProblem(f"`{name}` reduces over sharded dim {first.dim}: every rank would "
-                                        "normalise or sum over its own piece only",
-                                        hint="gather the value first (rowwise output = replicate or shard(1) "
-                                             "of the sequence), or shard another dimension")
-                if keepdim(name, args, kwargs):
-                    return first
-                return replace(first, dim=first.dim - sum(1 for d in dims if d < first.dim))
-        if name in ("linear", "mm", "matmul", "bmm", "addmm", "baddbmm"):
-            return self._contract(name, inputs, out)
-        if name in ATTENTION:
-            q, k, v = (lay for _, lay, _ in inputs[:3])
-            for other in (k, v):
-                if not other.same_placement(q):
-                    raise LayoutProblem("attention gets query, key and value in different layouts")
-            rank = len(in_shape)
-            if q.kind == "shard" and q.dim == rank - 3:
-                return q  # heads: each rank attends with its own heads
-            raise LayoutProblem(f"attention over a query {q.describe()}: "
-                                + ("each rank would attend only to its own tokens" if q.dim == rank - 2
-                                   else "the scores need whole heads"),
-                                hint="hand attention whole sequences (prepare_input shard(1) -> replicate) "
-                                     "and shard heads with colwise q/k/v")
-        if name == "embedding":
-            ids = inputs[1][1] if len(inputs) > 1 else REPLICATE
-            weight = inputs[0][1]
-            if weight.kind != "replicate":
-                raise LayoutProblem("an embedding table without a rule is sharded")
-            return ids
-        raise LayoutProblem(f"no layout rule for `{name}` on {layout.describe()}",
-                            hint="keep the value replicated around this op, or report the op to meshplan")
-
-    def _split(self, name: str, args: list[Any], first: Layout, in_shape: tuple[int, ...],
-               out: tuple[int, ...], attrs: dict[str, Any]) -> tuple[Layout, ...]:
-        assert first.dim is not None
-        shapes = attrs.get("shapes") or []
-        count = len(shapes) if shapes else (int(args[1]) if name == "chunk" and len(args) > 1 else 1)
-        dim_arg = args[2] if len(args) > 2 else (args[1] if name == "unbind" and len(args) > 1 else 0)
-        dim = normalize(int(dim_arg) if isinstance(dim_arg, int) else 0, len(in_shape))
-        if name == "unbind":
-            if dim == first.dim:
-                raise LayoutProblem(f"`unbind` splits sharded dim {dim} into single indices")
-            return tuple(replace(first, dim=first.dim - (dim < first.dim)) for _ in range(max(count, 1)))
-        if dim != first.dim:
-            return tuple(first for _ in range(max(count, 1)))
-        sizes = {tuple(s)[dim] for s in shapes if s} if shapes else set()
-        if first.parts > 1 and count == first.parts and len(sizes) <= 1:
-            return tuple(replace(first, parts=1) for _ in range(count))
-        raise LayoutProblem(f"`{name}` cuts sharded dim {dim} into pieces of fixed size",
-                            hint="a fused projection is split by parts: use `parts = N` on its style"
-                                 if first.parts == 1 else None)
-
-    def _contract(self, name: str, inputs: list[tuple[str, Layout, tuple[int, ...]]],
-                  out: tuple[int, ...]) -> Layout:
-        (_, a, sa), (_, b, sb) = inputs[0], inputs[1]
-        if name == "linear":
-            # x @ W.T with a weight that no rule sharded (replicated).
-            if b.kind != "replicate":
-                raise LayoutProblem("a projection's weight is sharded but the projection has no rule")
-            if a.kind == "partial":
-                if len(inputs) > 2:
-                    raise LayoutProblem("a projection with a bias gets a partial sum: the bias would be "
-                                        "added once per rank", "E507")
-                return a
-            if a.dim == len(sa) - 1:
-                raise LayoutProblem("a projection with no rule gets its input sharded over the features it "
-                                    "contracts: each rank holds part of the features, the weight all of them",
-                                    hint="give the projection `rowwise`")
-            return replace(a, dim=a.dim)
-        if name in ("addmm", "baddbmm"):
-            (_, a, sa), (_, b, sb) = inputs[1], inputs[2]
-        ra, rb = len(sa), len(sb)
-        a_con, b_con = ra - 1, rb - 2
-        if a.kind == "partial" or b.kind == "partial":
-            other = b if a.kind == "partial" else a
-            if other.kind != "replicate":
-                raise LayoutProblem(f"`{name}` multiplies a partial sum by a sharded value", "E507")
-            return a if a.kind == "partial" else b
-        if a.kind == "shard" and b.kind == "shard":
-            if a.dim == a_con and b.dim == b_con:
-                return Layout("partial", origin=a.origin)
-            if a.dim is not None and a.dim < ra - 2 and a.dim - ra == (b.dim or 0) - rb:
-                return replace(a, dim=a.dim + len(out) - ra)  # same batch dim
-            raise LayoutProblem(f"`{name}` multiplies values sharded on unrelated dimensions")
-        if a.kind == "shard" and a.dim is not None:
-            if a.dim == a_con:
-                raise LayoutProblem(f"`{name}` contracts a dimension that only one operand has sharded")
-            return replace(a, dim=a.dim + len(out) - ra)
-        if b.kind == "shard" and b.dim is not None:
-            if b.dim == b_con:
-                raise LayoutProblem(f"`{name}` contracts a dimension that only one operand has sharded")
-            return replace(b, dim=b.dim + len(out) - rb)
-        return REPLICATE
