@@ -303,3 +303,136 @@ def test_export_refuses_an_existing_directory(tmp_path: Path) -> None:
     assert all(t.dtype == torch.bfloat16 for t in exported.values())
     assert json.loads((out / "config.json").read_text("utf-8"))["dtype"] == "bfloat16"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
+
+
+# --------------------------------------------------------------------------- hostile and damaged
+
+
+class _Planted:
+    """A pickle whose load creates `target`: what a crafted `.metadata` could do."""
+
+    def __init__(self, target: Path) -> None:
+        self.target = target
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (open, (str(self.target), "w"))
+
+
+def _saved_pair(root: Path) -> tuple[torch.nn.Module, torch.optim.Optimizer, dict[int, dict[str, torch.Tensor]]]:
+    """Checkpoints of steps 1 and 2 of one model under `root`; its weights at each step."""
+    model = materialize(meta_model("tiny-llama"))
+    init_random(model, 0)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    weights = {}
+    for step in (1, 2):
+        for p in model.parameters():
+            p.grad = p.detach() * 0.1 + 0.01 * step
+        opt.step()
+        save(checkpoint_dir(root, step), model, opt, step, {"at": step})
+        weights[step] = {k: v.clone() for k, v in full_state_dict(model)}
+    return model, opt, weights
+
+
+def _fresh() -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    model = materialize(meta_model("tiny-llama"))
+    init_random(model, 9)
+    return model, torch.optim.AdamW(model.parameters(), lr=1e-2)
+
+
+def _shard(directory: Path) -> Path:
+    return next((directory / "tensors").glob("*.safetensors"))
+
+
+def test_resume_never_unpickles(tmp_path: Path) -> None:
+    import pickle
+
+    target = tmp_path / "pwned"
+    payload = pickle.dumps(_Planted(target))
+    # A checkpoint of this format with a planted `.metadata`: refused, unread.
+    _saved_pair(tmp_path / "planted")
+    (checkpoint_dir(tmp_path / "planted", 2) / ".metadata").write_bytes(payload)
+    warnings_seen: list[str] = []
+    model, opt = _fresh()
+    found = checkpoint.load_latest(tmp_path / "planted", model, opt, on_warning=warnings_seen.append)
+    assert found is not None and found[1] == 1  # the intact step 1
+    assert ".metadata: not part of the checkpoint" in warnings_seen[0] and "step-00000002" in warnings_seen[0]
+    # The older pickle-based format: refused by name.
+    old = tmp_path / "old" / "step-00000005"
+    old.mkdir(parents=True)
+    (old / MARKER).write_text(json.dumps({"format": "meshplan-dcp/1", "step": 5}), "utf-8")
+    (old / ".metadata").write_bytes(payload)
+    with pytest.raises(CheckpointError, match="whose metadata is a pickle"):
+        load(old, model, opt)
+    with pytest.raises(CheckpointError, match="holds no intact checkpoint.*can run code"):
+        checkpoint.load_latest(old.parent, model, opt, on_warning=lambda _: None)
+    assert not target.exists()
+    pickle.loads(payload)  # the payload is live: loading it would have created the file
+    assert target.exists()
+
+
+def test_damaged_checkpoints_fall_back_with_a_warning(tmp_path: Path) -> None:
+    model, opt, weights = _saved_pair(tmp_path)
+    # A flipped byte in the newest: step 1 is loaded instead, with a warning naming the file.
+    shard = _shard(checkpoint_dir(tmp_path, 2))
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    shard.write_bytes(bytes(data))
+    seen: list[str] = []
+    other, other_opt = _fresh()
+    found = checkpoint.load_latest(tmp_path, other, other_opt, on_warning=seen.append)
+    assert found is not None and found[1:] == (1, {"at": 1})
+    assert len(seen) == 1 and str(shard) in seen[0] and "sha256" in seen[0] and "falling back to step-00000001" in seen[0]
+    assert_bitwise(dict(full_state_dict(other)), weights[1])
+    with pytest.raises(CheckpointError, match="is damaged"):
+        load(checkpoint_dir(tmp_path, 2), other, other_opt)
+    # A truncated shard in the other: none is intact.
+    shard = _shard(checkpoint_dir(tmp_path, 1))
+    shard.write_bytes(shard.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match="holds no intact checkpoint"):
+        checkpoint.load_latest(tmp_path, other, other_opt, on_warning=seen.append)
+    # Even unverified, a read failure (DCP's CheckpointException, a BaseException) is a CheckpointError.
+    with pytest.raises(CheckpointError, match="reading .* failed on rank"):
+        load(checkpoint_dir(tmp_path, 1), other, other_opt, verified=True)
+
+
+def test_garbage_state_and_markers_are_damage(tmp_path: Path) -> None:
+    _saved_pair(tmp_path)
+    (checkpoint_dir(tmp_path, 2) / "state.json").write_text("{garbage", "utf-8")
+    (checkpoint_dir(tmp_path, 1) / MARKER).write_text("\x00\x01", "utf-8")
+    assert checkpoint.verify(checkpoint_dir(tmp_path, 2))[0].endswith("state.json: contents changed (sha256 differs)")
+    seen: list[str] = []
+    model, opt = _fresh()
+    with pytest.raises(CheckpointError, match="holds no intact checkpoint"):
+        checkpoint.load_latest(tmp_path, model, opt, on_warning=seen.append)
+    assert any("step-00000001/COMPLETE: not a valid marker" in s for s in seen)
+    assert any("state.json" in s for s in seen)
+    assert checkpoint.load_latest(tmp_path / "empty", model, opt) is None
+
+
+def damaged_case(program: Program, spec: str, root: str) -> dict[str, Any]:
+    applied, opt = _model(program, spec, seed=1)
+    _train_step(applied, opt, 0)
+    save(checkpoint_dir(root, 1), applied, opt, 1, {"rank": dist.get_rank()})
+    expected = {n: _local(p).clone() for n, p in applied.model.named_parameters()}
+    _train_step(applied, opt, 1)
+    save(checkpoint_dir(root, 2), applied, opt, 2, {"rank": dist.get_rank()})
+    dist.barrier()
+    if dist.get_rank() == 0:  # damage one rank's shard file of step 2
+        shard = sorted((checkpoint_dir(root, 2) / "tensors").glob("*.safetensors"))[-1]
+        data = bytearray(shard.read_bytes())
+        data[-3] ^= 0x40
+        shard.write_bytes(bytes(data))
+    dist.barrier()
+    b, opt_b = _model(program, spec, seed=2)
+    seen: list[str] = []
+    found = checkpoint.load_latest(root, b, opt_b, on_warning=seen.append)
+    same = all(torch.equal(_local(p), expected[n]) for n, p in b.model.named_parameters())
+    return {"step": found[1] if found else None, "loader": found[2] if found else None,
+            "warnings": seen, "same": same}
+
+
+def test_damage_on_one_rank_is_seen_by_all(pool: RankPool, programs: dict[str, Program], tmp_path: Path) -> None:
+    results = pool.run(damaged_case, programs["tiny-llama"], "tiny-llama", str(tmp_path))
+    for rank, r in enumerate(results):
+        assert r["step"] == 1 and r["loader"] == {"rank": rank} and r["same"], r
+        assert len(r["warnings"]) == 1 and "shard-00004" in r["warnings"][0], r["warnings"]
