@@ -20,6 +20,7 @@ from .passes.checkpoints import Checkpoints
 from .passes.context import Context, Pass
 from .passes.coverage import Coverage
 from .passes.divisibility import Divisibility
+from .passes.experts import ExpertPlacement
 from .passes.fsdp import FsdpStructure
 from .passes.layouts import Layouts
 from .passes.mesh import MeshArithmetic
@@ -39,6 +40,7 @@ PASSES: tuple[type[Pass], ...] = (
     ResolvePatterns,
     StyleFit,
     Divisibility,
+    ExpertPlacement,
     Layouts,
     Checkpoints,
     FsdpStructure,

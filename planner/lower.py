@@ -5,6 +5,10 @@ Order of steps, and why:
    must come before FSDP, which shards those DTensors further (2-D FSDP+TP).
 2. context parallel: swaps attention implementations; before AC so the recomputed
    forward runs the same attention.
+2b. expert parallel: shards the fused experts over ep and replaces their forward (before
+   AC, so a recomputed forward dispatches the same way); when the plan has FSDP it also
+   gives the experts their own FSDP unit over the experts' FSDP group, which must exist
+   before the dense unit of their layer (FSDP2 then leaves their parameters to it).
 3. activation checkpointing: wraps blocks; after TP/CP (the wrapper must see the
    parallelised forward) and before FSDP (FSDP's hooks go on the wrapper's module).
 4. FSDP (`FullyShard`), children before parents, root last: FSDP2 groups a module's
@@ -22,6 +26,7 @@ from .passes.context import Context, ResolvedUnit
 from .program import (
     Checkpoint,
     ContextParallel,
+    ExpertParallel,
     FullyShard,
     MixedPrecision,
     Offload,
@@ -55,6 +60,7 @@ def lower(ctx: Context) -> Program:
     steps: list[Step] = []
     steps += _tensor_parallel(ctx, order)
     steps += _context_parallel(ctx, order)
+    steps += _expert_parallel(ctx, order)
     steps += _checkpoints(ctx, order)
     steps += _fully_shard(ctx, order)
     return Program(plan=ctx.spec.name, model=ctx.graph.name, source=ctx.spec.file,
@@ -86,6 +92,13 @@ def _context_parallel(ctx: Context, order: dict[str, int]) -> list[Step]:
     fqns = tuple(sorted(ctx.cp_modules, key=order.__getitem__))
     return [ContextParallel(fqns=fqns, mesh_dim=cp.on, load_balance=cp.load_balance, rotate=cp.rotate,
                             span=cp.span)]
+
+
+def _expert_parallel(ctx: Context, order: dict[str, int]) -> list[Step]:
+    from .passes.experts import expert_step
+
+    step = expert_step(ctx, order)
+    return [step] if step is not None else []
 
 
 def _checkpoints(ctx: Context, order: dict[str, int]) -> list[Step]:

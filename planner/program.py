@@ -264,8 +264,46 @@ class FullyShard(Step):
         return (*found, spans, index if spans else -1)
 
 
+@dataclass(frozen=True, kw_only=True)
+class ExpertParallel(Step):
+    """Shard the fused experts `fqns` (3-D `gate_up_proj`/`down_proj`) `Shard(0)` over the
+    expert mesh: `mesh_dim` (ep) ranks carved, innermost, out of dp_shard × cp × tp.
+
+    Tokens travel to the rank owning their expert by `dispatch` (all-to-all with
+    uneven splits, or all-gather) and come back in order. `replicas`: the dimensions
+    over which the experts' inputs are replicated (tp): each of those ranks routes a
+    slice of the tokens, and the outputs are gathered back. With `fsdp`, the experts get
+    their own FSDP2 unit over the rest of the pool (efsdp = dp_shard·cp·tp / ep, times
+    dp_replicate for HSDP), their gradients divided by `gradient_divide_factor` so that
+    they match the dense parameters' average."""
+
+    kind: ClassVar[str] = "expert_parallel"
+    fqns: tuple[str, ...]
+    mesh_dim: str
+    size: int
+    dispatch: Literal["alltoall", "allgather"] = "alltoall"
+    replicas: tuple[str, ...] = ()
+    fsdp: bool = False
+    hsdp: bool = False
+    reshard_after_forward: bool = True
+    gradient_divide_factor: int = 1
+    mixed_precision: MixedPrecision | None = None
+
+    def __post_init__(self) -> None:
+        if not self.fqns:
+            raise ValueError("ExpertParallel: no expert modules")
+        if not self.mesh_dim:
+            raise ValueError("ExpertParallel: no mesh dimension")
+        if self.size < 2:
+            raise ValueError(f"ExpertParallel: size (ep) must be ≥ 2, got {self.size}")
+        if self.dispatch not in ("alltoall", "allgather"):
+            raise ValueError(f"ExpertParallel: dispatch {self.dispatch!r} is not alltoall or allgather")
+        if self.gradient_divide_factor < 1:
+            raise ValueError(f"ExpertParallel: gradient_divide_factor must be ≥ 1, got {self.gradient_divide_factor}")
+
+
 STEP_TYPES: Mapping[str, type[Step]] = {
-    t.kind: t for t in (Parallelize, Checkpoint, ContextParallel, FullyShard)
+    t.kind: t for t in (Parallelize, Checkpoint, ContextParallel, ExpertParallel, FullyShard)
 }
 
 

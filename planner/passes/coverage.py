@@ -3,9 +3,9 @@
 Guarantees: `cp > 1` has a `context_parallel` section (otherwise its ranks would split
 nothing yet be counted as separate data shards nowhere); `tp > 1` without a
 `tensor_parallel` section is reported as a warning (those ranks compute the same thing);
-`pp > 1` and expert parallelism with `ep > 1` are refused with E511: the plan language
-checks them, but this runtime cannot run them yet, and a plan is never accepted for a
-program that would silently leave a dimension out.
+`ep > 1` has an `expert_parallel` section; `pp > 1` is refused with E511: the plan
+language checks it, but this runtime cannot run it yet, and a plan is never accepted for
+a program that would silently leave a dimension out.
 """
 
 from __future__ import annotations
@@ -37,6 +37,6 @@ class Coverage:
         if ctx.size("pp") > 1:
             ctx.error(span_of("pp"), "E511", f"pp = {ctx.size('pp')}: pipeline parallelism is checked by the "
                       "language but this runtime cannot run it yet", "set pp = 1")
-        if spec.expert_parallel is not None and ctx.size(spec.expert_parallel.on) > 1:
-            ctx.error(spec.expert_parallel.span, "E511", "expert parallelism is checked by the language but this "
-                      "runtime cannot run it yet", "set ep = 1 (FSDP still shards the experts)")
+        if ctx.size("ep") > 1 and spec.expert_parallel is None:
+            ctx.error(span_of("ep"), "E509", f"ep = {ctx.size('ep')} but the plan has no `expert_parallel` section",
+                      "add `expert_parallel on ep { experts model.layers.*.mlp.experts }`, or set ep = 1")

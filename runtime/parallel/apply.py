@@ -20,6 +20,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from meshplan.planner.program import (
     Checkpoint,
     ContextParallel,
+    ExpertParallel,
     FullyShard,
     MixedPrecision,
     Parallelize,
@@ -173,6 +174,19 @@ def install_context_parallel(model: nn.Module, mesh: DeviceMesh, fqns: tuple[str
             rotate=rotate, load_balance=load_balance, fqn=fqn))  # type: ignore[arg-type]
 
 
+def _expert_parallel(step: ExpertParallel, model: nn.Module, mesh: DeviceMesh) -> None:
+    from .experts import ExpertParallelError, install_expert_parallel
+
+    try:
+        install_expert_parallel(model, mesh, step.fqns, step.size, dispatch=step.dispatch,
+                                replicas=step.replicas, fsdp=step.fsdp, hsdp=step.hsdp,
+                                reshard_after_forward=step.reshard_after_forward,
+                                gradient_divide_factor=step.gradient_divide_factor,
+                                mp_policy=mixed_precision_policy(step.mixed_precision))
+    except ExpertParallelError as e:
+        raise StepError(f"{_where(step)}: {e}") from None
+
+
 def mixed_precision_policy(mp: MixedPrecision | None) -> Any:
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
@@ -208,5 +222,6 @@ STEPS: dict[type[Step], Applier] = {
     Parallelize: _applier(_parallelize),
     Checkpoint: _applier(_checkpoint),
     ContextParallel: _applier(_context_parallel),
+    ExpertParallel: _applier(_expert_parallel),
     FullyShard: _applier(_fully_shard),
 }
