@@ -1,0 +1,75 @@
+"""`plan import hf`: transformers' own TP plans written as meshplan plans."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from meshplan.cli.main import main
+from meshplan.planner.compile import compile_plan
+from meshplan.planner.hf_import import STYLES, UNSUPPORTED, HfImportError, hf_source, import_hf
+from meshplan.planner.models import build_meta_model
+
+
+def _import(spec: str) -> str:
+    return import_hf(build_meta_model(hf_source(spec))).text
+
+
+def test_llama_plan_is_transformers_plan(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "llama_hf.plan"
+    assert main(["import", "hf", "tiny-llama", "-o", str(out)]) == 0
+    text = out.read_text(encoding="utf-8")
+    assert "plan llama_hf for LlamaForCausalLM" in text
+    assert "model.layers.*.self_attn.q_proj : colwise " in text
+    assert "lm_head                         : colwise(output = replicate)" in text
+    assert "model.embed_tokens              : rowwise(input = replicate)" in text
+    assert "unit model.layers.*" in text and "root" in text
+    # The written plan is canonical and passes the model-free checks.
+    assert main(["fmt", "--check", str(out)]) == 0
+    assert main(["check", str(out)]) == 0
+    capsys.readouterr()
+    # And it compiles for the model at 4 ranks (dp 2 × tp 2).
+    program = compile_plan(out, "tiny-llama", 4).program
+    assert program.mesh.size("tp") == 2 and program.mesh.size("dp_shard") == 2
+
+
+def test_stdout(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["import", "hf", "qwen3"]) == 0  # a model_type: its defaults, made tiny
+    text = capsys.readouterr().out
+    assert text.startswith("# Qwen3ForCausalLM")
+    assert "model.layers.*.self_attn.q_norm : replicate(input = shard(2), output = shard(2))" in text
+
+
+def test_fused_and_gathered_styles() -> None:
+    phi3 = _import("tiny-phi3")
+    assert "model.layers.*.self_attn.qkv_proj : colwise(output = replicate)" in phi3
+    assert "model.layers.*.self_attn.o_proj   : rowwise(input = replicate)" in phi3
+
+
+def test_unsupported_style_is_an_error(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["import", "hf", "mixtral"]) == 1
+    err = capsys.readouterr().err
+    assert "mixtral" in err and "packed_colwise" in err and "no equivalent yet" in err
+
+
+def test_mla_is_named() -> None:
+    with pytest.raises(HfImportError, match=r"mla_kv_a_proj.*no meshplan equivalent yet"):
+        _import("deepseek_v2")
+
+
+def test_unknown_model_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["import", "hf", "no-such-model"]) == 2
+    assert "unknown model 'no-such-model'" in capsys.readouterr().err
+
+
+def test_every_transformers_style_is_mapped_or_named() -> None:
+    """Every style transformers registers is either written or refused by name."""
+    import transformers.distributed.expert_parallel
+    import transformers.distributed.tensor_parallel  # noqa: F401 (registers the styles)
+    from transformers.distributed.parallel_utils import ALL_PARALLEL_STYLES
+
+    registered = set(ALL_PARALLEL_STYLES.keys())
+    assert registered, "transformers registers no styles"
+    handled = set(STYLES) | set(UNSUPPORTED) | {"replicate"}
+    assert registered <= handled, registered - handled
