@@ -7,7 +7,10 @@ on its last dimension (the features); `body` is that code. Partial-sum cases mak
 `down` leave a partial sum (`rowwise(output = partial)`) and run `tail` on it. A case
 expects either no error at all, or a layout error (E506/E507) with a phrase.
 
-Each case names the rules it exercises.
+Each case names the rules it exercises. The mutation test drops each rule from the
+table, or replaces it by one that accepts anything (returns an unknown layout), and
+requires that some case naming that rule then fails: a rule without a test that can
+catch its removal fails CI.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from torch import Tensor, nn
 from meshplan.dsl.errors import PlanRejected
 from meshplan.planner import compile_plan, ops
 from meshplan.planner.graph import ModelGraph, build_graph
+from meshplan.planner.layout import UNKNOWN
 
 Body = Callable[["Net", Tensor, Tensor, Tensor], Tensor]
 Tail = Callable[["Net", Tensor, Tensor], Tensor]
@@ -283,3 +287,23 @@ def test_every_op_has_one_rule_and_every_rule_says_what_it_guarantees() -> None:
             owners.setdefault(op, []).append(name)
     assert {op: names for op, names in owners.items() if len(names) > 1} == {}
     assert {r for c in CASES for r in c.rules} <= set(ops.RULES)
+
+
+def _permissive(rule: ops.OpRule) -> ops.OpRule:
+    """A rule that accepts every input, partial sums included, and claims nothing."""
+    return ops.OpRule(rule.ops, lambda call: UNKNOWN, takes_partial=True, fresh=rule.fresh)
+
+
+@pytest.mark.parametrize("mutation", ["dropped", "permissive"])
+@pytest.mark.parametrize("rule", sorted(ops.RULES))
+def test_each_rule_is_needed(rule: str, mutation: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without the rule (or with one that accepts anything) some case of it fails."""
+    cases = [c for c in CASES if rule in c.rules]
+    assert cases, f"the `{rule}` rule has no case in tests/test_op_rules.py"
+    assert all(_holds(c) for c in cases)
+    if mutation == "dropped":
+        monkeypatch.delitem(ops.RULES, rule)
+    else:
+        monkeypatch.setitem(ops.RULES, rule, _permissive(ops.RULES[rule]))
+    failing = [c.id for c in cases if not _holds(c)]
+    assert failing, f"every case of `{rule}` still holds with the rule {mutation}"
