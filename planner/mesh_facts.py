@@ -9,8 +9,9 @@ the training topology all need (as torchtitan's `ParallelDims`):
   tokens make up one global batch;
 - the dimensions gradients must be averaged over (dp_replicate, dp_shard, cp), which the
   FSDP mesh must cover;
-- the expert dimensions: `ep` is carved out of dp_shard × cp, and the experts' FSDP group
-  is the complement (pool / ep ranks);
+- the expert dimensions: `ep` is carved out of dp_shard × cp × tp (innermost: an ep group
+  takes tp ranks first, which then split their replicated tokens), and the experts' FSDP
+  group is the complement (pool / ep ranks);
 - pipeline stages per rank (`virtual_stages`, at least one);
 - the sequence multiple a training sequence length must divide by: sequence parallelism
   splits it tp ways; context parallelism cuts it into 2·cp chunks (head-tail) or cp;
@@ -34,8 +35,8 @@ if TYPE_CHECKING:
 
 # Dimensions whose ranks hold different data: gradients must be averaged over them.
 DATA_PARALLEL: tuple[str, ...] = ("dp_replicate", "dp_shard", "cp")
-# The ranks the expert dimension is carved out of.
-EXPERT_POOL: tuple[str, ...] = ("dp_shard", "cp")
+# The ranks the expert dimension is carved out of (torchtitan: ep divides dp_shard·cp·tp).
+EXPERT_POOL: tuple[str, ...] = ("dp_shard", "cp", "tp")
 
 
 def sequence_multiple(*, sp: int = 1, cp: int = 1, headtail: bool = True) -> int:
@@ -117,7 +118,7 @@ class MeshFacts:
 
     @property
     def ep_pool(self) -> int:
-        """The ranks the expert dimension is carved out of (dp_shard × cp)."""
+        """The ranks the expert dimension is carved out of (dp_shard × cp × tp)."""
         return self.product(EXPERT_POOL)
 
     @property
@@ -126,7 +127,7 @@ class MeshFacts:
 
     @property
     def ep_fsdp(self) -> int:
-        """The experts' FSDP group: the complement of ep in dp_shard × cp."""
+        """The experts' FSDP group: the complement of ep in dp_shard × cp × tp."""
         return self.ep_pool // self.ep if self.ep_pool % self.ep == 0 else 0
 
     @property
