@@ -152,49 +152,132 @@ def _first_fit_from(
     return -1
 
 
-@numba.njit(cache=True)
-def _tree_grow(tree: NDArray[np.int32], size: int) -> NDArray[np.int32]:  # pragma: no cover
-    # Double the number of leaves; new leaves are 0 (never chosen), internal nodes rebuilt.
-    new = np.zeros(4 * size, np.int32)
-    new[2 * size : 3 * size] = tree[size : 2 * size]
-    for i in range(2 * size - 1, 0, -1):
-        new[i] = max(new[2 * i], new[2 * i + 1])
-    return new
+# A placement is one step of FFD/BFD over groups of bins: `each` items of one length go
+# into each of `bins` bins first, first + step, first + 2 * step, ..., filling each from
+# slot `slot` on. Placements are recorded in packing order (length class by class, items
+# in sorted order), so the items of one placement are consecutive in the sorted order.
+_P_LEN, _P_ITEM, _P_FIRST, _P_STEP, _P_BINS, _P_EACH, _P_SLOT = range(7)
 
 
 @numba.njit(cache=True)
-def _grow(a: NDArray[np.int64], n: int) -> NDArray[np.int64]:  # pragma: no cover
-    b = np.empty(n, np.int64)
-    b[: a.shape[0]] = a
-    return b
+def _record(
+    placed: NDArray[np.int64], n: int, row: tuple[int, int, int, int, int, int, int]
+) -> tuple[NDArray[np.int64], int]:  # pragma: no cover
+    if n == placed.shape[0]:
+        bigger = np.empty((2 * n, placed.shape[1]), np.int64)
+        bigger[:n] = placed
+        placed = bigger
+    for k in range(len(row)):
+        placed[n, k] = row[k]
+    return placed, n + 1
 
 
 @numba.njit(cache=True)
-def _csr(
-    order: NDArray[np.int32],
-    start: NDArray[np.int64],
-    count: NDArray[np.int64],
-    bin_of: NDArray[np.int32],
-    counts: NDArray[np.int64],
+def _write_bins(
+    placed: NDArray[np.int64],
+    n_placed: int,
     n_bins: int,
+    order: NDArray[np.int32],
+    offsets: NDArray[np.int64],
     out: NDArray[np.int64],
     out_len: NDArray[np.int64],
-) -> NDArray[np.int64]:  # pragma: no cover
-    # Group the sorted items by bin with one stable scatter; inside a bin items keep the
-    # sorted (decreasing length) order. The lengths are written per length class, which
-    # saves a random gather of 8 bytes per item later. Returns the bin offsets.
-    offsets = np.zeros(n_bins + 1, np.int64)
+) -> None:  # pragma: no cover
+    # The CSR layout from the placements: a bin's size is the slot after its last
+    # placement, and its items come in placement order (decreasing length, then sorted
+    # order): the order in which placing item by item would have appended them.
+    offsets[0] = 0
+    for p in range(n_placed):
+        b, step, end = (
+            placed[p, _P_FIRST],
+            placed[p, _P_STEP],
+            placed[p, _P_SLOT] + placed[p, _P_EACH],
+        )
+        for _ in range(placed[p, _P_BINS]):
+            offsets[b + 1] = end
+            b += step
     for b in range(n_bins):
-        offsets[b + 1] = offsets[b] + counts[b]
-    fill = offsets[:-1].copy()
-    for length in range(start.shape[0] - 2, 0, -1):
-        for t in range(start[length], start[length] + count[length]):
-            b = bin_of[t]
-            p = fill[b]
-            out[p] = order[t]
-            out_len[p] = length
-            fill[b] = p + 1
-    return offsets
+        offsets[b + 1] += offsets[b]
+    for p in range(n_placed):
+        length, t, b, step = (
+            placed[p, _P_LEN],
+            placed[p, _P_ITEM],
+            placed[p, _P_FIRST],
+            placed[p, _P_STEP],
+        )
+        each, slot = placed[p, _P_EACH], placed[p, _P_SLOT]
+        for _ in range(placed[p, _P_BINS]):
+            s = offsets[b] + slot
+            for j in range(each):
+                out[s + j] = order[t + j]
+                out_len[s + j] = length
+            t += each
+            b += step
+
+
+@numba.njit(cache=True)
+def _set_run(
+    tree: NDArray[np.int32],
+    runs: NDArray[np.int64],
+    first: int,
+    end: int,
+    room: int,
+    items: int,
+    max_per_bin: int,
+) -> None:  # pragma: no cover
+    # Bins first..end-1 now share one state, kept at the run's first bin, the only one of
+    # them with a non-zero leaf (0 too when the bins are full).
+    runs[first, 0] = end
+    runs[first, 1] = room
+    runs[first, 2] = items
+    _tree_set(tree, tree.shape[0] // 2, first, room if items < max_per_bin else 0)
+
+
+@numba.njit(cache=True)
+def _ffd_place(
+    start: NDArray[np.int64],
+    count: NDArray[np.int64],
+    cap: int,
+    max_per_bin: int,
+    tree: NDArray[np.int32],
+) -> tuple[NDArray[np.int64], int, int]:  # pragma: no cover
+    # FFD over runs: maximal ranges of consecutive bins in one state (room, items). The
+    # first bin with room for a length starts a run; first fit puts q = min(room // length,
+    # max_per_bin - items) items into it, after which it has no room for this length, so
+    # the next items go to the next bin of the run, and so on: the whole run takes q items
+    # per bin and stays one run. Only the run where the items run out splits (bins that
+    # took q, one bin that took the rest, bins that took none). Bins opened for a length
+    # form a run too. The work is per run visited, not per item.
+    size = tree.shape[0] // 2
+    # Run state by first bin (end, room, items): read and written at run starts only, so
+    # the pages of this large, uninitialised array that are never touched cost nothing.
+    runs = np.empty((size, 3), np.int64)
+    placed = np.empty((1024, 7), np.int64)
+    n_placed = 0
+    n_bins = 0
+    for length in range(cap, 0, -1):
+        m = count[length]
+        t = start[length]
+        lo = 0  # no bin left of lo has room for this length
+        while m > 0:
+            if tree[1] >= length:
+                b = _first_fit_from(tree, size, lo, length)
+                bins, room, k0 = runs[b, 0] - b, runs[b, 1], runs[b, 2]
+            else:  # no open bin has room: open new ones
+                b, bins, room, k0 = n_bins, size - n_bins, cap, 0
+            q = min(room // length, max_per_bin - k0)
+            take, each = min(bins, m // q), q
+            if take == 0:  # fewer than q items left: one bin takes them all
+                take, each = 1, m
+            placed, n_placed = _record(placed, n_placed, (length, t, b, 1, take, each, k0))
+            t += take * each
+            m -= take * each
+            _set_run(tree, runs, b, b + take, room - each * length, k0 + each, max_per_bin)
+            if b == n_bins:
+                n_bins += take
+            elif take < bins:  # the rest of the run keeps its state
+                _set_run(tree, runs, b + take, b + bins, room, k0, max_per_bin)
+            lo = b + take
+    return placed, n_placed, n_bins
 
 
 @numba.njit(cache=True)
@@ -205,76 +288,33 @@ def ffd(
     max_per_bin: int,
     seed: int,
     order: NDArray[np.int32],
-    bin_of: NDArray[np.int32],
+    tree: NDArray[np.int32],
+    offsets: NDArray[np.int64],
     out: NDArray[np.int64],
     out_len: NDArray[np.int64],
-) -> NDArray[np.int64]:  # pragma: no cover
+) -> int:  # pragma: no cover
     """First-fit decreasing over all items; exact FFD (each item goes to the first bin,
-    in opening order, with room), computed in O(n + cap + runs * log bins)."""
-    n = lens.shape[0]
+    in opening order, with room). `tree` is zeros, 2 * size long, size a power of two >=
+    the number of items. Fills `offsets[:n_bins + 1]`; returns n_bins."""
     start, count = _sort_desc(lens, cap, over, seed, order)
-    total = 0
-    for length in range(1, cap + 1):
-        total += length * count[length]
-    # First fit leaves at most one bin half empty, so it opens < 2 * total / cap + 1 bins;
-    # the tree still grows if max_per_bin closes bins early.
-    size = 1
-    while size < min(n, 2 * (total // cap) + 2):
-        size *= 2
-    # int32 leaves (cap < 2**31) halve the tree's cache footprint.
-    tree = np.zeros(2 * size, np.int32)  # leaf b: room in bin b, 0 once closed
-    rem = np.empty(size, np.int64)
-    cnt = np.empty(size, np.int64)
-    n_bins = 0
-    for length in range(cap, 0, -1):
-        j = start[length]
-        end = j + count[length]
-        finger = 0
-        while j < end:
-            if tree[1] >= length:
-                # Rooms only shrink, so the first bin with room for this length is never left
-                # of the previous answer for the same length: search onward from it (a finger
-                # search, O(log distance) and cache-local) instead of from the root.
-                b = _first_fit_from(tree, size, finger, length)
-                finger = b
-                # The first bin with room for one item of this length stays the first one
-                # for the next item of the same length as long as it has room: place the
-                # whole run at once, one tree update instead of k.
-                k = min(rem[b] // length, end - j, max_per_bin - cnt[b])
-            else:
-                if n_bins == size:
-                    tree = _tree_grow(tree, size)
-                    size *= 2
-                    rem = _grow(rem, size)
-                    cnt = _grow(cnt, size)
-                b = n_bins
-                n_bins += 1
-                rem[b] = cap
-                cnt[b] = 0
-                k = min(cap // length, end - j, max_per_bin)
-            for t in range(j, j + k):
-                bin_of[t] = b
-            j += k
-            rem[b] -= k * length
-            cnt[b] += k
-            _tree_set(tree, size, b, rem[b] if cnt[b] < max_per_bin else 0)
-    return _csr(order, start, count, bin_of, cnt, n_bins, out, out_len)
+    placed, n_placed, n_bins = _ffd_place(start, count, cap, max_per_bin, tree)
+    _write_bins(placed, n_placed, n_bins, order, offsets, out, out_len)
+    return n_bins
 
 
 @numba.njit(cache=True)
-def _count_add(
-    tree: NDArray[np.int64], size: int, leaf: int, delta: int
-) -> None:  # pragma: no cover
-    i = size + leaf
+def _count_add(tree: NDArray[np.int64], leaf: int, delta: int) -> None:  # pragma: no cover
+    i = tree.shape[0] // 2 + leaf
     while i >= 1:
         tree[i] += delta
         i >>= 1
 
 
 @numba.njit(cache=True)
-def _first_at_least(tree: NDArray[np.int64], size: int, lo: int) -> int:  # pragma: no cover
+def _first_at_least(tree: NDArray[np.int64], lo: int) -> int:  # pragma: no cover
     # Smallest leaf index >= lo with a non-zero count, or -1: climb until a right sibling
     # holds something, then descend to its leftmost non-empty leaf.
+    size = tree.shape[0] // 2
     i = size + lo
     if tree[i] > 0:
         return lo
@@ -289,20 +329,17 @@ def _first_at_least(tree: NDArray[np.int64], size: int, lo: int) -> int:  # prag
 
 
 @numba.njit(cache=True)
-def bfd(
-    lens: NDArray[np.int64],
-    cap: int,
-    over: int,
-    max_per_bin: int,
-    seed: int,
-    order: NDArray[np.int32],
-    bin_of: NDArray[np.int32],
-    out: NDArray[np.int64],
-    out_len: NDArray[np.int64],
-) -> NDArray[np.int64]:  # pragma: no cover
-    """Best-fit decreasing: each item goes to an open bin with the least room that still
-    fits it (ties: the bin that reached that room last), in O(n + cap + runs * log cap)."""
-    start, count = _sort_desc(lens, cap, over, seed, order)
+def _bfd_place(
+    start: NDArray[np.int64], count: NDArray[np.int64], cap: int, max_per_bin: int
+) -> tuple[NDArray[np.int64], int, int]:  # pragma: no cover
+    # BFD keeps, per room c, a stack of the open bins with exactly that room; an item goes
+    # to the top bin of the smallest non-empty stack >= its length. The stacks hold
+    # segments instead of bins: bins first, first + step, ... (top first) in one state.
+    # Best fit puts q = min(c // length, max_per_bin - items) items into the top bin, which
+    # then has no room for this length, so the next items go to the next bin of the same
+    # stack: a whole segment takes q items per bin and lands on the stack of room
+    # c - q * length, reversed (its top bin is pushed first). Only the segment where the
+    # items run out splits. A bin with less room than the shortest item, or full, closes.
     smallest = 1
     for length in range(1, cap + 1):
         if count[length] > 0:
@@ -311,45 +348,79 @@ def bfd(
     size = 1
     while size < cap + 1:
         size *= 2
-    tree = np.zeros(2 * size, np.int64)  # leaf c: number of open bins with room exactly c
-    head = np.full(cap + 1, -1, np.int64)  # per-room stack of bins (intrusive list)
-    nxt = np.empty(1024, np.int64)
-    rem = np.empty(1024, np.int64)
-    cnt = np.empty(1024, np.int64)
+    tree = np.zeros(2 * size, np.int64)  # leaf c: number of segments on stack c
+    head = np.full(cap + 1, -1, np.int64)  # top segment of each stack
+    seg = np.empty((1024, 5), np.int64)  # first bin, step, bins, items per bin, next below
+    n_seg = 0
+    placed = np.empty((1024, 7), np.int64)
+    n_placed = 0
     n_bins = 0
     for length in range(cap, 0, -1):
-        j = start[length]
-        end = j + count[length]
-        while j < end:
-            c = _first_at_least(tree, size, length)
+        m = count[length]
+        t = start[length]
+        while m > 0:
+            c = _first_at_least(tree, length)
             if c >= 0:
-                b = head[c]
-                head[c] = nxt[b]
-                _count_add(tree, size, c, -1)
-                # Once placed, the bin's new room c - length is the tightest fit left for
-                # this length (a tighter one would have been chosen), so a run goes in at once.
-                k = min(c // length, end - j, max_per_bin - cnt[b])
-            else:
-                if n_bins == rem.shape[0]:
-                    nxt = _grow(nxt, 2 * n_bins)
-                    rem = _grow(rem, 2 * n_bins)
-                    cnt = _grow(cnt, 2 * n_bins)
-                b = n_bins
-                n_bins += 1
-                rem[b] = cap
-                cnt[b] = 0
-                k = min(cap // length, end - j, max_per_bin)
-            for t in range(j, j + k):
-                bin_of[t] = b
-            j += k
-            rem[b] -= k * length
-            cnt[b] += k
-            # A bin with less room than the shortest item, or at max_per_bin, is closed.
-            if rem[b] >= smallest and cnt[b] < max_per_bin:
-                nxt[b] = head[rem[b]]
-                head[rem[b]] = b
-                _count_add(tree, size, rem[b], 1)
-    return _csr(order, start, count, bin_of, cnt, n_bins, out, out_len)
+                s = head[c]
+                first, step, bins, k0 = seg[s, 0], seg[s, 1], seg[s, 2], seg[s, 3]
+                room = c
+            else:  # no open bin has room: open new ones
+                s, first, step, bins, k0, room = -1, n_bins, 1, m, 0, cap
+            q = min(room // length, max_per_bin - k0)
+            take, each = min(bins, m // q), q
+            if take == 0:  # fewer than q items left: one bin takes them all
+                take, each = 1, m
+            placed, n_placed = _record(placed, n_placed, (length, t, first, step, take, each, k0))
+            t += take * each
+            m -= take * each
+            if s < 0:
+                n_bins += take
+            elif take == bins:  # the whole segment leaves its stack
+                head[c] = seg[s, 4]
+                _count_add(tree, c, -1)
+            else:  # its rest stays on top
+                seg[s, 0] = first + step * take
+                seg[s, 2] = bins - take
+                s = -1
+            new_room = room - each * length
+            if new_room < smallest or k0 + each >= max_per_bin:
+                continue  # these bins are closed
+            if s < 0:
+                if n_seg == seg.shape[0]:
+                    bigger = np.empty((2 * n_seg, 5), np.int64)
+                    bigger[:n_seg] = seg
+                    seg = bigger
+                s = n_seg
+                n_seg += 1
+            seg[s, 0] = first + step * (take - 1)
+            seg[s, 1] = -step
+            seg[s, 2] = take
+            seg[s, 3] = k0 + each
+            seg[s, 4] = head[new_room]
+            head[new_room] = s
+            _count_add(tree, new_room, 1)
+    return placed, n_placed, n_bins
+
+
+@numba.njit(cache=True)
+def bfd(
+    lens: NDArray[np.int64],
+    cap: int,
+    over: int,
+    max_per_bin: int,
+    seed: int,
+    order: NDArray[np.int32],
+    offsets: NDArray[np.int64],
+    out: NDArray[np.int64],
+    out_len: NDArray[np.int64],
+) -> int:  # pragma: no cover
+    """Best-fit decreasing: each item goes to an open bin with the least room that still
+    fits it (ties: the bin that reached that room last). Fills `offsets[:n_bins + 1]`;
+    returns n_bins."""
+    start, count = _sort_desc(lens, cap, over, seed, order)
+    placed, n_placed, n_bins = _bfd_place(start, count, cap, max_per_bin)
+    _write_bins(placed, n_placed, n_bins, order, offsets, out, out_len)
+    return n_bins
 
 
 @numba.njit(cache=True)

@@ -277,11 +277,21 @@ def _run_kernel(
         n_bins, m = _kernels.greedy(room, cap, over, per_bin, offsets_buf, out, out_len)
         offsets = offsets_buf[: n_bins + 1].copy()
     else:
-        kernel = _kernels.ffd if algorithm == "ffd" else _kernels.bfd
         order = np.empty(n, np.int32)
-        bin_of = np.empty(n, np.int32)
-        offsets = kernel(room, cap, over, per_bin, tie_seed, order, bin_of, out, out_len)
-        del order, bin_of
+        offsets_buf = np.empty(n + 1, np.int64)
+        if algorithm == "ffd":
+            # One leaf per possible bin; numpy's zeros are pages the kernel maps on first
+            # touch, and FFD touches the leaves of run starts only (see _kernels).
+            tree = np.zeros(2 << max(n - 1, 0).bit_length(), np.int32)
+            n_bins = _kernels.ffd(
+                room, cap, over, per_bin, tie_seed, order, tree, offsets_buf, out, out_len
+            )
+        else:
+            n_bins = _kernels.bfd(
+                room, cap, over, per_bin, tie_seed, order, offsets_buf, out, out_len
+            )
+        del order
+        offsets = offsets_buf[: n_bins + 1].copy()
         m = int(offsets[-1])
     if m < n:  # dropped items: do not keep the unused tail alive
         out, out_len = out[:m].copy(), out_len[:m].copy()
