@@ -12,18 +12,23 @@ What every kernel here guarantees, given what the callers in this package ensure
   lengths sum above `cap`, no bin holds more than `max_per_bin` items; bins are numbered
   in the order they were opened;
 - results are pure functions of the arguments (the seed included): no global RNG state;
-- the large arrays (one or two words per item) are allocated by the caller, with numpy:
-  numpy asks Linux for transparent huge pages on large arrays, while an array allocated
-  inside a numba function is faulted in 4 KiB pages, which at 16M items costs about as
-  much as the packing itself;
+- the large arrays (one or two words per item, and FFD's tree with a leaf per possible
+  bin) are allocated by the caller, with numpy: numpy asks Linux for transparent huge
+  pages on large arrays and gets its zeros as untouched pages, while an array allocated
+  inside a numba function is faulted in 4 KiB pages (and np.zeros there writes every
+  one), which at 16M items costs about as much as the packing itself;
 - every kernel is compiled with `cache=True`, so the JIT cost is paid once per machine and
   later processes load the machine code from `__pycache__`.
 
-Complexities: `ffd` and `bfd` are O(n + cap + runs * log(bins or cap)), where a "run" is a
-maximal group of equal-length items placed into one bin at once (at most n, usually far
-fewer): a counting sort replaces the comparison sort, a max segment tree over the bins'
-free space finds the first bin with room (FFD), and per-capacity bin stacks with a count
-tree over capacities find the tightest bin with room (BFD).
+Complexities: `ffd` and `bfd` are O(n + cap + p * log(bins or cap)) for p placements (at
+most n, usually thousands). A counting sort replaces the comparison sort. Placing then
+works on groups of bins, not on items: the first-fit (or best-fit) bin for a length is
+the first of a group of bins in one state, each of which takes the same number of items
+of that length, so a length visits a few groups, and a group is placed in one step (a
+placement). FFD keeps its groups as runs of consecutive bins with a max segment tree over
+their first bins; BFD keeps per-room stacks of segments of bins with a count tree over
+rooms. On 16M SQuAD lengths at seq_len 384 (7.3M bins) each makes about 600 placements:
+the O(n) parts (the sort, writing the CSR arrays from the placements) are the whole cost.
 """
 
 from __future__ import annotations
