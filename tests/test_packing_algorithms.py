@@ -3,8 +3,9 @@ reference algorithms, real-data efficiency, epoch shuffling, and input errors.""
 
 from __future__ import annotations
 
+import hashlib
 import itertools
-from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -14,16 +15,13 @@ from hypothesis import strategies as st
 from meshplan.runtime.packing import (
     ALGORITHMS,
     OVERLONG_POLICIES,
+    SQUAD11_HISTOGRAM,
     PackingError,
     PackResult,
     load_lengths,
     lower_bound_l2,
     pack,
     shuffle_bins,
-)
-
-SQUAD = (
-    Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "squad11_len384_histogram.json"
 )
 
 # ---------------------------------------------------------------------------------------
@@ -59,6 +57,29 @@ def ref_bfd_count(sizes: list[int], cap: int) -> int:
         else:
             room.append(cap - s)
     return len(room)
+
+
+def ref_bfd(sizes: list[int], cap: int, max_per_bin: int | None) -> list[list[int]]:
+    """Best-fit decreasing over item positions, equal sizes in position order: each item
+    goes to the open bin with the least room that fits it; among bins with that room, the
+    one that reached it last (a stack per room)."""
+    limit = max_per_bin or len(sizes)
+    bins: list[list[int]] = []
+    room: list[int] = []
+    reached: list[int] = []  # when each bin last changed room
+    for clock, i in enumerate(sorted(range(len(sizes)), key=lambda i: -sizes[i])):
+        fits = [b for b in range(len(bins)) if room[b] >= sizes[i] and len(bins[b]) < limit]
+        if fits:
+            b = min(fits, key=lambda b: (room[b], -reached[b]))
+        else:
+            b = len(bins)
+            bins.append([])
+            room.append(cap)
+            reached.append(0)
+        bins[b].append(i)
+        room[b] -= sizes[i]
+        reached[b] = clock
+    return bins
 
 
 def ref_next_fit(sizes: list[int], cap: int, max_per_bin: int | None) -> list[list[int]]:
@@ -223,6 +244,45 @@ def test_ffd_and_greedy_equal_the_reference_exactly(
 
 
 @settings(max_examples=200, deadline=None)
+@given(instances(), st.sampled_from(["truncate", "drop"]))
+def test_bfd_equals_the_reference_exactly(
+    inst: tuple[list[int], int, int, int | None], overlong: str
+) -> None:
+    lengths, seq_len, m, max_per_bin = inst
+    if all(x > seq_len for x in lengths):
+        return
+    sizes = _items(lengths, seq_len, overlong, m)
+    keep = [i for i, s in enumerate(sizes) if s > 0]
+    kept = [sizes[i] for i in keep]
+    bfd = pack(
+        lengths,
+        seq_len,
+        "bfd",
+        max_per_bin=max_per_bin,
+        overlong=overlong,
+        seed=None,
+        pad_multiple=m,
+    )
+    assert bins_of(bfd) == [[keep[i] for i in b] for b in ref_bfd(kept, seq_len, max_per_bin)]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(st.sampled_from([1, 2, 3, 5, 8, 13, 21]), min_size=1, max_size=400),
+    st.sampled_from([21, 24, 34, 40]),
+    st.one_of(st.none(), st.integers(1, 4)),
+)
+def test_many_equal_lengths_equal_the_references(
+    lengths: list[int], seq_len: int, max_per_bin: int | None
+) -> None:
+    # Few distinct lengths, many of each: the kernels place whole groups of bins at once,
+    # split them where a length runs out, and open many bins in one step.
+    for algorithm, ref in (("ffd", ref_ffd), ("bfd", ref_bfd)):
+        r = pack(lengths, seq_len, algorithm, max_per_bin=max_per_bin, seed=None)
+        assert bins_of(r) == ref(lengths, seq_len, max_per_bin), algorithm
+
+
+@settings(max_examples=200, deadline=None)
 @given(
     st.integers(1, 40).flatmap(
         lambda c: st.tuples(st.just(c), st.lists(st.integers(1, c), min_size=1, max_size=60))
@@ -268,9 +328,7 @@ def test_result_arrays_are_read_only() -> None:
 
 @pytest.fixture(scope="module")
 def squad() -> np.ndarray:
-    if not SQUAD.is_file():
-        pytest.skip(f"SQuAD histogram not found at {SQUAD}")
-    return load_lengths(SQUAD)
+    return load_lengths(SQUAD11_HISTOGRAM)
 
 
 @pytest.mark.parametrize("algorithm", ["ffd", "bfd"])
@@ -291,6 +349,88 @@ def test_squad_efficiency_matches_whole_dataset_ffd(squad: np.ndarray, algorithm
     assert summary["l1_bound"] == -(-int(squad.sum()) // 384)
     # The order-preserving baseline is far worse: what packing is for.
     assert pack(squad, 384, "greedy").efficiency < 0.80
+
+
+# ---------------------------------------------------------------------------------------
+# Bins frozen at scale: sha256 digests (first 16 hex digits) of indices, offsets, lengths,
+# starts and dropped, as the per-item FFD/BFD kernels of c4f5421 computed them. The
+# kernels now place groups of bins at once; these pin that the bins did not move.
+# ---------------------------------------------------------------------------------------
+
+
+def _uniform(n: int, salt: int) -> np.ndarray:
+    """24-bit integers from a multiplicative hash: the same on every numpy version, unlike
+    its random streams."""
+    i = np.arange(n, dtype=np.uint64) + np.uint64(salt << 32)
+    with np.errstate(over="ignore"):
+        h = (i * np.uint64(0x9E3779B97F4A7C15)) ^ (i >> np.uint64(7))
+        h = h * np.uint64(0xBF58476D1CE4E5B9)
+    return (h >> np.uint64(40)).astype(np.int64)
+
+
+def _frozen_lengths(name: str) -> np.ndarray:
+    squad = load_lengths(SQUAD11_HISTOGRAM)
+    if name == "squad":
+        return squad
+    if name == "squad-1M":  # resampled
+        return squad[_uniform(1_000_000, 1) % squad.shape[0]]
+    if name == "chat-200K":  # long-tailed, 16..8192
+        return (16 + (_uniform(200_000, 2) / 2**24) ** 4 * 8176).astype(np.int64)
+    if name == "uniform-64":
+        return 1 + _uniform(100_000, 3) % 64
+    assert name == "uniform-300"
+    return 1 + _uniform(50_000, 4) % 300
+
+
+def _digest(r: PackResult) -> str:
+    h = hashlib.sha256()
+    for a in (r.indices, r.offsets, r.lengths, r.starts, r.dropped):
+        h.update(np.ascontiguousarray(a, dtype="<i8").tobytes())
+    return h.hexdigest()[:16]
+
+
+FROZEN: list[tuple[str, int, dict[str, Any], int, str, str]] = [
+    # data, seq_len, pack() options, bins, ffd digest, bfd digest
+    ("squad", 384, {}, 40631, "634ec17e48c88a70", "3d1f6a12930b3087"),
+    ("squad", 384, {"seed": None}, 40631, "bb064264e21c7bb1", "20299c6c88abdaf7"),
+    ("squad", 2048, {}, 7466, "276ffe42cb14233b", "f4f0f2593d23304e"),
+    ("squad", 384, {"max_per_bin": 2}, 45335, "8e40062650183ed1", "fd26963f74d48cc1"),
+    ("squad", 2048, {"max_per_bin": 3, "seed": 5}, 29547, "c5e693b95956002e", "c5e693b95956002e"),
+    (
+        "squad",
+        256,
+        {"overlong": "split", "pad_multiple": 8},
+        70933,
+        "ba5a21d9698a832d",
+        "52dcca50ddd8d750",
+    ),
+    ("squad-1M", 384, {}, 457987, "d996bc85cb8942e1", "e44e3e31efe619bb"),
+    ("squad-1M", 2048, {"seed": None}, 84165, "ab7f2a4eb6e3a11f", "33b593fce779acfd"),
+    ("chat-200K", 4096, {"overlong": "truncate"}, 65821, "ef2ab66fd1fa17a6", "4f7fc5f5b37f923a"),
+    ("chat-200K", 8192, {}, 40187, "fe48a7585006d668", "ea3e70facb686a9b"),
+    (
+        "chat-200K",
+        2048,
+        {"overlong": "drop", "max_per_bin": 4},
+        47168,
+        "2afc0e6207925d73",
+        "7178f5a30f531b3d",
+    ),
+    ("uniform-64", 64, {"max_per_bin": 5}, 50933, "6604d86c90dfd3e8", "969cd0815f8ab50d"),
+    ("uniform-64", 100, {}, 32540, "0aea2e2c2c8fc42b", "1a968276d5b160f0"),
+    ("uniform-300", 300, {"seed": 11}, 25056, "b968cfd6e1bd9998", "502dbe49dac668c7"),
+    ("uniform-300", 512, {"max_per_bin": 1}, 50000, "056f3a71dfbcf1d5", "056f3a71dfbcf1d5"),
+]
+
+
+@pytest.mark.parametrize(("data", "seq_len", "options", "bins", "ffd", "bfd"), FROZEN)
+def test_bins_are_those_of_the_per_item_kernels(
+    data: str, seq_len: int, options: dict[str, Any], bins: int, ffd: str, bfd: str
+) -> None:
+    lengths = _frozen_lengths(data)
+    for algorithm, expected in (("ffd", ffd), ("bfd", bfd)):
+        r = pack(lengths, seq_len, algorithm, **options)
+        assert (r.n_bins, _digest(r)) == (bins, expected), algorithm
 
 
 # ---------------------------------------------------------------------------------------
