@@ -11,8 +11,8 @@ from meshplan.dsl.errors import PlanError, PlanRejected
 
 from .check import read_plan
 from .console import Terminal
-from .fmt import write_atomically
-from .options import positive_int
+from .options import MAX_WORLD_SIZE, world_size_arg
+from .outputs import OutputError, check_outputs, write_outputs
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -20,16 +20,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_arguments(p)
     p.add_argument("-o", "--output", metavar="OUT", help="write the program here (atomically) instead of stdout")
     p.add_argument("--emit", choices=("json", "python"), default="json",
-                   help="the program as JSON (default) or as a standalone torch script")
+                   help="the program as JSON or as a standalone torch script (default json)")
     p.add_argument("--json", action="store_true", help="print diagnostics as a JSON list")
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
     """The arguments every model-aware command shares (compile, explain, run)."""
     p.add_argument("--model", required=True, metavar="M",
-                   help="a preset (see plans/models), a Hugging Face directory with config.json, "
-                        "or package.module:factory (runs that code)")
-    p.add_argument("--world-size", type=positive_int, required=True, metavar="N", help="number of ranks")
+                   help="a preset (`plan models` lists them), a local Hugging Face directory with "
+                        "config.json, or package.module:factory (runs that code); nothing is downloaded")
+    p.add_argument("--world-size", type=world_size_arg, required=True, metavar="N",
+                   help=f"number of ranks (1 to {MAX_WORLD_SIZE:,})")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="NAME=VALUE",
                    help="override a param (or a mesh dimension: mesh.DIM=N); repeatable")
 
@@ -39,7 +40,7 @@ def compile_for_cli(args: argparse.Namespace, term: Terminal, command: str) -> t
     """Compile as the CLI does: (Compiled, 0), or (None, exit code) after printing why."""
     from meshplan.planner import compile_plan
     from meshplan.planner.graph import GraphError
-    from meshplan.planner.models import ModelSpecError
+    from meshplan.planner.models import ModelConfigError, ModelSpecError
 
     if not Path(args.file).exists():
         return None, term.usage_error(command, f"no such file: {args.file}")
@@ -51,6 +52,9 @@ def compile_for_cli(args: argparse.Namespace, term: Terminal, command: str) -> t
         return compile_plan(Path(args.file), args.model, args.world_size, args.overrides), 0
     except PlanRejected as e:
         _report(term, e.diagnostics, getattr(args, "json", False))
+        return None, 1
+    except ModelConfigError as e:  # the model is named right but cannot be built: rejected, not misused
+        term.note(f"plan {command}: error: --model {args.model}: {e}")
         return None, 1
     except (ModelSpecError, GraphError) as e:
         return None, term.usage_error(command, f"--model {args.model}: {e}")
@@ -69,6 +73,10 @@ def _report(term: Terminal, diagnostics: list[PlanError], as_json: bool) -> None
 def run(args: argparse.Namespace, term: Terminal) -> int:
     from meshplan.planner import Compiled
 
+    try:  # before any work: a bad output path costs nothing
+        check_outputs({"-o": args.output})
+    except OutputError as e:
+        return term.usage_error("compile", str(e))
     compiled, code = compile_for_cli(args, term, "compile")
     if not isinstance(compiled, Compiled):
         return code
@@ -77,7 +85,7 @@ def run(args: argparse.Namespace, term: Terminal) -> int:
     if not args.json:
         term.diagnostics(compiled.warnings)
     if args.output:
-        write_atomically(Path(args.output), text)
+        write_outputs({Path(args.output): text})
     else:
         term.out.file.write(text)
     mesh = " × ".join(f"{n} {s}" for n, s in zip(program.mesh.names, program.mesh.shape, strict=True))

@@ -161,7 +161,7 @@ def _console(stream: TextIO) -> Console:
 
 
 def plural(n: int, word: str) -> str:
-    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+    return f"{n:,} {word}" if n == 1 else f"{n:,} {word}s"
 
 
 def summary(counts: Mapping[str, int]) -> str:

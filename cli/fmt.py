@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
-import tempfile
 from pathlib import Path
 
 from meshplan.dsl import format_plan, parse
@@ -12,33 +10,13 @@ from meshplan.dsl.errors import PlanRejected
 
 from .check import read_plan
 from .console import Terminal
+from .outputs import write_atomically
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("files", nargs="+", metavar="FILE", help="plan files (`-`: stdin to stdout)")
     p.add_argument("--check", action="store_true",
                    help="change nothing; exit 1 if any file is not formatted")
-
-
-def write_atomically(path: Path, text: str) -> None:
-    """Replace `path` so that readers see the old or the new file, never a part of one."""
-    if path.exists():
-        mode = path.stat().st_mode & 0o7777
-    else:  # a new file gets the permissions open() would give it, not mkstemp's 0600
-        umask = os.umask(0)
-        os.umask(umask)
-        mode = 0o666 & ~umask
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def run(args: argparse.Namespace, term: Terminal) -> int:

@@ -20,32 +20,45 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "pack": ("pack", "pack a sequence-length distribution; report efficiency and rank balance"),
     "run": ("run", "train with a plan under torchrun: compile, apply, train (reference loop)"),
     "import": ("import_hf", "write a plan from a model's own tensor-parallel plan (`plan import hf MODEL`)"),
+    "models": ("models", "list the model presets --model accepts, with family and size"),
+    "explain-code": ("codes", "explain a diagnostic code (E506, W101, …) at length, with an example and the fix"),
 }
+
+# Exit codes, the same for every command (README § Exit codes).
+EXIT_OK, EXIT_REJECTED, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Every option's help ends with its default, unless it already says it (or has none)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if (default in (None, False, [], argparse.SUPPRESS) or "default" in text
+                or not action.option_strings):
+            return text
+        return f"{text} (default: %(default)s)"
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from meshplan.dsl import __version__
+
     parser = argparse.ArgumentParser(
         prog="plan",
         description="meshplan: check, compile and explain PyTorch parallelism plans.",
+        epilog="exit codes: 0 ok, 1 plan rejected (or the model does not fit), 2 usage error, "
+               "3 internal error (a bug: please report it)",
+        formatter_class=_HelpFormatter,
     )
     parser.add_argument("--debug", action="store_true", help="show Python tracebacks of internal errors")
-    parser.add_argument("--version", action="version", version=f"meshplan {_version()}")
+    parser.add_argument("--version", action="version", version=f"meshplan {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (module, help_text) in COMMANDS.items():
-        command = sub.add_parser(name, help=help_text, description=help_text)
+        command = sub.add_parser(name, help=help_text, description=help_text, formatter_class=_HelpFormatter)
         command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                              help="show Python tracebacks of internal errors")
         importlib.import_module(f"meshplan.cli.{module}").add_arguments(command)
     return parser
-
-
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("meshplan")
-    except PackageNotFoundError:
-        return "unknown"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -66,7 +79,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         term.note(f"plan {args.command}: internal error: {type(e).__name__}: {e}")
         term.note("run again with --debug for the traceback, and please report it")
-        return 3
+        return EXIT_INTERNAL
 
 
 if __name__ == "__main__":

@@ -15,7 +15,9 @@ finite, 2 usage (file, model, data).
 from __future__ import annotations
 
 import argparse
+import json
 import math
+import os
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -23,7 +25,7 @@ from typing import Any
 from meshplan.dsl.errors import PlanRejected
 
 from .console import Terminal
-from .options import positive_int
+from .options import micro_batch_arg, positive_int, seq_len_arg
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -38,19 +40,69 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(default: seeded random sequences)")
     p.add_argument("--tokenizer", metavar="DIR", help="a local tokenizer directory, for text data")
     p.add_argument("--steps", type=positive_int, default=10, metavar="N", help="optimizer steps (default 10)")
-    p.add_argument("--seq-len", type=positive_int, metavar="N",
+    p.add_argument("--seq-len", type=seq_len_arg, metavar="N",
                    help="tokens per packed bin (default: the plan's, at most the model's maximum positions)")
-    p.add_argument("--micro-batch", type=positive_int, default=1, metavar="K",
+    p.add_argument("--micro-batch", type=micro_batch_arg, default=1, metavar="K",
                    help="bins per data-parallel rank per step (default 1)")
     p.add_argument("--lr", type=float, default=3e-4, help="AdamW learning rate (default 3e-4)")
-    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
     p.add_argument("--max-grad-norm", type=float, default=1.0, help="clip gradients to this norm (0: never)")
     p.add_argument("--seed", type=int, default=0, help="weights, data and shuffling seed")
-    p.add_argument("--log-every", type=positive_int, default=1, metavar="N")
+    p.add_argument("--log-every", type=positive_int, default=1, metavar="N", help="print the loss every N steps")
     p.add_argument("--checkpoint-dir", metavar="DIR",
                    help="save checkpoints here, and resume from the latest complete one")
-    p.add_argument("--checkpoint-every", type=int, default=0, metavar="K",
+    p.add_argument("--checkpoint-every", type=_count, default=0, metavar="K",
                    help="save every K steps (and after the last; 0: after the last only)")
+    p.add_argument("--metrics", metavar="FILE",
+                   help="append one JSON line per step (loss, grad norm, tokens, seconds; exact floats) "
+                        "to FILE, on rank 0")
+
+
+def _count(text: str) -> int:
+    """argparse type: an integer ≥ 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer ≥ 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer ≥ 0, got {value}")
+    return value
+
+
+def _writable_dir(path: Path, option: str) -> str | None:
+    """Why `path` cannot be (or become) a directory to write in; None when it can."""
+    if path.exists():
+        if not path.is_dir():
+            return f"{option} {path}: exists and is not a directory"
+        return None if os.access(path, os.W_OK | os.X_OK) else f"{option} {path}: not writable"
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        return f"{option} {path}: {parent} is not a directory"
+    return None if os.access(parent, os.W_OK | os.X_OK) else f"{option} {path}: {parent} is not writable"
+
+
+def _check_arguments(args: argparse.Namespace) -> str | None:
+    """What is wrong with the numbers and paths given, before any work (None: nothing)."""
+    for option, value, low in (("--lr", args.lr, 0.0), ("--weight-decay", args.weight_decay, 0.0),
+                               ("--max-grad-norm", args.max_grad_norm, 0.0)):
+        if not math.isfinite(value) or value < low:
+            return f"{option} {value}: expected a finite number ≥ {low:g}"
+    if args.checkpoint_dir:
+        problem = _writable_dir(Path(args.checkpoint_dir), "--checkpoint-dir")
+        if problem:
+            return problem
+    if args.checkpoint_every and not args.checkpoint_dir:
+        return "--checkpoint-every needs --checkpoint-dir"
+    if args.metrics:
+        metrics = Path(args.metrics)
+        if metrics.is_dir():
+            return f"--metrics {metrics}: is a directory"
+        problem = _writable_dir(metrics.parent, "--metrics")
+        if problem:
+            return problem
+    return None
 
 
 class _Stop(Exception):
@@ -71,6 +123,9 @@ def _compile(args: argparse.Namespace, term: Terminal, world: int) -> dict[str, 
 
     if not Path(args.file).exists():
         raise _Stop(term.usage_error("run", f"no such file: {args.file}"))
+    problem = _check_arguments(args)
+    if problem:
+        raise _Stop(term.usage_error("run", problem))
     overrides = list(args.overrides)
     if args.seq_len and any(o.split("=", 1)[0].strip() == "seq_len" for o in overrides):
         raise _Stop(term.usage_error("run", "give --seq-len or --set seq_len=…, not both"))
@@ -120,7 +175,7 @@ def _share(payload: list[Any]) -> list[Any]:
 def run(args: argparse.Namespace, term: Terminal) -> int:
     import torch.distributed as dist
 
-    from meshplan.runtime.train.environment import init
+    from meshplan.runtime.train.environment import init, is_peer_failure
 
     env = init()
     try:
@@ -129,13 +184,52 @@ def run(args: argparse.Namespace, term: Terminal) -> int:
         if env.is_main and str(stop):
             term.note(f"plan run: {stop}")
         return stop.code
+    except Exception as e:
+        if not is_peer_failure(e):
+            raise
+        # Every survivor says it: rank 0 may be the one that died.
+        term.note(_peer_failure(args, env, e))
+        return 1
     finally:
         if env.initialised_here and dist.is_initialized():
             dist.destroy_process_group()
 
 
+def _peer_failure(args: argparse.Namespace, env: Any, error: BaseException) -> str:
+    """What a surviving rank says when a collective broke because another rank went away."""
+    from meshplan.runtime.train.environment import failed_ranks
+    from meshplan.runtime.weights.checkpoint import latest
+
+    gone = failed_ranks()
+    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    who = (f"rank{'s' if len(gone) > 1 else ''} {', '.join(map(str, gone))} failed (the process exited)"
+           if gone else f"another rank failed ({first[:200]})")
+    if args.checkpoint_dir:
+        found = latest(args.checkpoint_dir)
+        where = f"the newest complete checkpoint, {found}" if found else f"the start ({args.checkpoint_dir} holds no checkpoint yet)"
+        how = (f"run the same command again to resume from {where}; under torchrun "
+               "--max-restarts N this happens by itself")
+    else:
+        how = "nothing was checkpointed: give --checkpoint-dir DIR (and torchrun --max-restarts N) to resume after a failure"
+    return f"plan run (rank {env.rank}): {who}; {how}"
+
+
+def _metrics_writer(path: str | None, enabled: bool) -> Any:
+    """A step callback appending exact figures as JSON lines (rank 0), or None."""
+    if not path or not enabled:
+        return None
+
+    def write(stats: Any) -> None:
+        record = {"step": stats.step, "loss": stats.loss, "grad_norm": stats.grad_norm,
+                  "tokens": stats.tokens, "targets": stats.targets, "seconds": stats.seconds}
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+
+    return write
+
+
 def _run(args: argparse.Namespace, term: Terminal, env: Any) -> int:
-    from meshplan.cli.progress import ProgressDisplay
+    from meshplan.cli.progress import Phases, ProgressDisplay
     from meshplan.planner.program import Program
     from meshplan.runtime.packing import PackingError
     from meshplan.runtime.parallel.apply import StepError, context_step
@@ -144,8 +238,12 @@ def _run(args: argparse.Namespace, term: Terminal, env: Any) -> int:
     from meshplan.runtime.train.environment import TrainError
     from meshplan.runtime.train.loop import TrainConfig, make_optimizer, resume, train
     from meshplan.runtime.train.topology import Topology
+    from meshplan.runtime.weights.checkpoint import CheckpointError
     from meshplan.runtime.weights.loading import LoadError
 
+    say = term.note if env.is_main else (lambda *a, **k: None)
+    phases = Phases(say)
+    phases(f"compiling {args.file} for {args.model} on {env.world_size} rank{'s' if env.world_size != 1 else ''}")
     payload: list[Any] = [None, None]
     if env.is_main:
         try:
@@ -158,8 +256,8 @@ def _run(args: argparse.Namespace, term: Terminal, env: Any) -> int:
     program = Program.from_json(shared["program"])
     packing = shared["packing"]
     seq_len = int(packing["seq_len"])
-    say = term.note if env.is_main else (lambda *a, **k: None)
 
+    phases("building the model: meta device, the plan's parallelism, local shards, weights")
     try:
         applied, backend, weights = build_applied(program, args.model, seed=args.seed,
                                                   device=env.device)
@@ -170,6 +268,7 @@ def _run(args: argparse.Namespace, term: Terminal, env: Any) -> int:
         raise _Stop(2, f"--model {args.model}: {e}") from None
     model = applied.model
     config = getattr(model, "config", None)
+    phases(f"loading and packing the data ({args.data})")
     try:
         sequences = load_sequences(args.data, vocab_size=int(getattr(config, "vocab_size", 0)),
                                    seq_len=seq_len, tokenizer=args.tokenizer, seed=args.seed)
@@ -207,16 +306,32 @@ def _run(args: argparse.Namespace, term: Terminal, env: Any) -> int:
     optimizer = make_optimizer(model, train_config)
     start = 0
     if args.checkpoint_dir:
-        start = resume(args.checkpoint_dir, applied, optimizer, loader)
+        phases(f"looking for a checkpoint in {args.checkpoint_dir}")
+        try:
+            start = resume(args.checkpoint_dir, applied, optimizer, loader,
+                           on_warning=lambda message: say(f"  warning: {message}"))
+        except TrainError as e:
+            raise _Stop(1, str(e)) from None
         if start:
             say(f"  resumed from step {start} in {args.checkpoint_dir}")
     if start >= args.steps:
         say(f"nothing to do: the checkpoint is at step {start}, --steps is {args.steps}")
         return 0
+    phases(f"step {start + 1}: the first step also warms up (allocations, kernels)")
+    metrics = _metrics_writer(args.metrics, env.is_main)
     with ProgressDisplay(total=args.steps, stream=term.err.file, log_every=args.log_every,
                          enabled=env.is_main) as display:
-        history = train(applied, optimizer, loader, topology, train_config, start_step=start,
-                        on_step=display, checkpoint_root=args.checkpoint_dir)
+        def on_step(stats: Any) -> None:
+            display(stats)
+            if metrics is not None:
+                metrics(stats)
+
+        try:
+            history = train(applied, optimizer, loader, topology, train_config, start_step=start,
+                            on_step=on_step, checkpoint_root=args.checkpoint_dir,
+                            on_checkpoint=display.checkpoint)
+        except (TrainError, CheckpointError) as e:
+            raise _Stop(1, str(e)) from None
     if not history:
         raise _Stop(1, "no step ran")
     timed = history[1:] or history  # the first step pays for warm-up

@@ -14,12 +14,27 @@ from .format import format_plan
 from .parser import parse, parse_file
 from .spec import PlanSpec
 
+
+def _version() -> str:
+    # The one place the version is written is pyproject.toml; the installed metadata
+    # carries it here.
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("meshplan")
+    except PackageNotFoundError:  # run from a checkout that was never installed
+        return "unknown"
+
+
+__version__ = _version()
+
 __all__ = [
     "CheckResult",
     "PlanError",
     "PlanRejected",
     "PlanSpec",
     "Span",
+    "__version__",
     "check",
     "format_plan",
     "load",

@@ -77,6 +77,22 @@ class ModelSpecError(ValueError):
         super().__init__(_one_line(message))
 
 
+class ModelConfigError(ModelSpecError):
+    """The spec names a model, but its config cannot describe one (a size of 0, say)."""
+
+
+# Config sizes that must be positive integers when present: a vocabulary, width or head
+# count of 0 builds a model with empty tensors that every later check would pass.
+POSITIVE_SIZES: tuple[str, ...] = (
+    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+    "num_key_value_heads", "head_dim", "max_position_embeddings", "moe_intermediate_size",
+    "num_local_experts", "num_experts", "n_routed_experts", "num_experts_per_tok",
+    "n_embd", "n_head", "n_layer", "n_positions", "n_inner",
+)
+# `org/name`, as on the Hugging Face Hub.
+_HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
 @dataclass(frozen=True, eq=False)
 class ModelSource:
     """A resolved model: where it comes from, its config, and how to build it.
@@ -169,6 +185,22 @@ def _unknown_preset_message(spec: str, presets: list[str]) -> str:
     return f"{head}; presets are {', '.join(presets)}"
 
 
+def _hub_id_message(spec: str) -> str:
+    """For `org/name` that is no local directory: nothing is downloaded; what to pass."""
+    match = None
+    for name in list_presets():
+        source = str(load_preset(name).get("_source", ""))
+        if f"huggingface.co/{spec.lower()}/" in source.lower():
+            match = name
+            break
+    head = (f"'{spec}' looks like a Hugging Face Hub id and is not a local directory; meshplan "
+            "downloads nothing")
+    if match:
+        return f"{head}: the preset '{match}' holds this model's published config (--model {match})"
+    return (f"{head}: pass a preset name (`plan models` lists them), a local directory holding the "
+            "model's config.json (weights are optional), or package.module:factory")
+
+
 def _parse_json(text: str, where: str) -> dict[str, Any]:
     try:
         data = json.loads(text)
@@ -210,6 +242,8 @@ def resolve_model(spec: str | nn.Module | ModelSource) -> ModelSource:
         raise ModelSpecError(f"model '{text}' is a file; give the directory that holds config.json")
     if _FACTORY_RE.match(text):
         return _from_factory(text)
+    if _HUB_ID_RE.match(text) and not text.startswith((".", "~")):
+        raise ModelSpecError(_hub_id_message(text))
     if "/" in text or "\\" in text or text.startswith((".", "~")):
         raise ModelSpecError(f"model directory '{text}' does not exist")
     if ":" in text:
@@ -273,6 +307,7 @@ def _from_values(
     model_type = values.get("model_type")
     if not isinstance(model_type, str) or not model_type:
         raise ModelSpecError(f"{where} has no model_type")
+    _check_sizes(values, where)
     kwargs = {k: v for k, v in values.items() if k != "model_type"}
     # `torch_dtype` is the published key; transformers 5 calls it `dtype`.
     if "torch_dtype" in kwargs:
@@ -306,6 +341,15 @@ def _from_values(
         path=path,
         weights=weights,
     )
+
+
+def _check_sizes(values: Mapping[str, Any], where: str) -> None:
+    for key in POSITIVE_SIZES:
+        value = values.get(key)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ModelConfigError(f"{where}: `{key}` is {json.dumps(value)}; it must be a positive integer")
 
 
 def _architecture_class(architectures: Any, config: Any, where: str) -> type[nn.Module]:

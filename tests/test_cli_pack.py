@@ -9,10 +9,7 @@ import numpy as np
 import pytest
 
 from meshplan.cli.main import main
-
-from .conftest import ROOT
-
-SQUAD = ROOT.parent / "shared" / "data" / "squad11_len384_histogram.json"
+from meshplan.runtime.packing import SQUAD11_HISTOGRAM as SQUAD
 
 
 def run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
@@ -24,7 +21,6 @@ def run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, 
     return code, out, err
 
 
-@pytest.mark.skipif(not SQUAD.exists(), reason="shared/data is not beside the checkout")
 def test_squad_json_figures(capsys: pytest.CaptureFixture[str]) -> None:
     code, out, err = run(["pack", str(SQUAD), "--seq-len", "2048", "--dp", "8", "--json"], capsys)
     assert (code, err) == (0, "")
@@ -65,4 +61,4 @@ def test_usage_errors_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     code, _, err = run(["pack", str(tmp_path / "missing.npy"), "--seq-len", "8"], capsys)
     assert (code, err) == (2, f"plan pack: error: no such file: {tmp_path / 'missing.npy'}\n")
     code, _, err = run(["pack", str(tmp_path), "--seq-len", "0"], capsys)
-    assert code == 2 and "expected a positive integer, got 0" in err
+    assert code == 2 and "argument --seq-len: 0 is out of range: expected 1 to 16,777,216 (tokens per bin)" in err

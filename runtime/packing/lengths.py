@@ -26,6 +26,10 @@ from .errors import PackingError
 SUFFIXES: tuple[str, ...] = (".npy", ".json", ".jsonl")
 
 
+# The most sequences a histogram may expand to (their int64 lengths alone take 8 GiB).
+MAX_SEQUENCES = 2**30
+
+
 def load_lengths(path: str | Path) -> NDArray[np.int64]:
     """Sequence lengths stored in `path` (see the module docstring for the formats)."""
     p = Path(path)
@@ -90,8 +94,12 @@ def _from_histogram(p: Path) -> NDArray[np.int64]:
         raise PackingError(
             f'{p}: "counts" must be >= 0; counts[{negative[0]}] is {counts[negative[0]]}'
         )
-    if sum(counts) == 0:
+    total = sum(counts)
+    if total == 0:
         raise PackingError(f"{p}: the histogram holds no sequences")
+    if total > MAX_SEQUENCES:  # checked before np.repeat allocates 8 bytes per sequence
+        raise PackingError(f"{p}: the histogram holds {total:,} sequences; at most "
+                           f"{MAX_SEQUENCES:,} can be expanded (8 GiB of lengths)")
     c = np.asarray(counts, dtype=np.int64)
     return np.repeat(np.arange(1, c.shape[0] + 1, dtype=np.int64), c)
 
