@@ -20,8 +20,8 @@ from typing import TYPE_CHECKING, Any
 
 from .compile import add_model_arguments, compile_for_cli
 from .console import Terminal
-from .fmt import write_atomically
-from .options import positive_int
+from .options import memory_size, micro_batch_arg, seq_len_arg
+from .outputs import OutputError, check_outputs, write_outputs
 
 if TYPE_CHECKING:
     from rich.console import RenderableType
@@ -46,15 +46,19 @@ _COLOURS = {"parameters": "#4e79a7", "gradients": "#f28e2b", "optimizer (AdamW)"
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("file", metavar="FILE", help="the plan")
     add_model_arguments(p)
-    p.add_argument("--micro-batch", type=positive_int, default=1, metavar="B",
-                   help="samples per rank per step (default 1)")
-    p.add_argument("--seq-len", type=positive_int, default=None, metavar="S",
-                   help="tokens per sample (default: the plan's packing seq_len or `param seq_len`)")
+    p.add_argument("--micro-batch", type=micro_batch_arg, default=1, metavar="B",
+                   help="sequences per rank per step (default 1)")
+    p.add_argument("--seq-len", type=seq_len_arg, default=None, metavar="S",
+                   help="tokens per sequence, a multiple of what sequence/context parallelism split it "
+                        "into (default: the plan's packing seq_len or `param seq_len`)")
     p.add_argument("--param-dtype", choices=DTYPE_CHOICES, default="fp32",
                    help="dtype parameters, gradients and optimizer states are stored in (default fp32; "
                         "compute uses the plan's mixed precision)")
-    p.add_argument("--gpu-memory", type=_size, default=None, metavar="SIZE",
-                   help="memory per GPU (e.g. 80GB): warn when a rank's estimated peak exceeds it")
+    p.add_argument("--gpu-memory", type=memory_size, default=None, metavar="SIZE",
+                   help="memory per GPU with its unit (80GiB, 80GB, 512MiB; GB = GiB = 2^30 bytes): "
+                        "warn when a rank's estimated peak exceeds it (default: no budget)")
+    p.add_argument("--fail-over-budget", action="store_true",
+                   help="exit 1 when a rank's estimated peak exceeds --gpu-memory (for CI)")
     p.add_argument("--rank", type=int, default=None, metavar="R",
                    help="show rank R's coordinates and the ranks it talks to along each dimension")
     p.add_argument("--json", action="store_true", help="print the figures as JSON, and nothing else")
@@ -62,19 +66,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--html", metavar="OUT.html", help="write the mesh, memory and communication as HTML")
 
 
-def _size(text: str) -> int:
-    from meshplan.runtime.explain.report import parse_bytes
-
-    try:
-        return parse_bytes(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-
-
 def run(args: argparse.Namespace, term: Terminal) -> int:
     from meshplan.planner import Compiled
+    from meshplan.planner.mesh_facts import program_sequence_multiple
     from meshplan.runtime.explain.report import explain, plan_seq_len
 
+    if args.fail_over_budget and args.gpu_memory is None:
+        return term.usage_error("explain", "--fail-over-budget needs --gpu-memory SIZE")
+    try:  # before any work: a bad output path costs nothing
+        check_outputs({"--svg": args.svg, "--html": args.html})
+    except OutputError as e:
+        return term.usage_error("explain", str(e))
     compiled, code = compile_for_cli(args, term, "explain")
     if not isinstance(compiled, Compiled):
         return code
@@ -85,24 +87,29 @@ def run(args: argparse.Namespace, term: Terminal) -> int:
     if seq_len is None:
         return term.usage_error("explain", "the plan declares no sequence length (packing seq_len or "
                                            "`param seq_len`): give --seq-len")
+    multiple = program_sequence_multiple(program)
+    if seq_len % multiple:
+        return term.usage_error("explain", f"--seq-len {seq_len} is not a multiple of {multiple}, the "
+                                           "pieces sequence/context parallelism split it into on this mesh")
     ex = explain(compiled, seq_len=seq_len, micro_batch=args.micro_batch, param_dtype=args.param_dtype,
                  gpu_memory=args.gpu_memory)
-    if args.svg:
-        write_atomically(Path(args.svg), svg(ex))
-    if args.html:
-        write_atomically(Path(args.html), html_page(ex))
+    write_outputs({Path(path): make(ex) for path, make in ((args.svg, svg), (args.html, html_page)) if path})
+    over = args.fail_over_budget and any(m.peak > args.gpu_memory for m in ex.memory)
     if args.json:
         data = ex.to_json()
         data["diagnostics"] = [d.to_json() for d in compiled.warnings]
         if args.rank is not None:
             data["rank"] = _rank_json(ex, args.rank)
         term.out.file.write(json.dumps(data, indent=2) + "\n")
-        return 0
+        return 1 if over else 0
     term.diagnostics(compiled.warnings)
     render(ex, term, rank=args.rank)
     for path in (args.svg, args.html):
         if path:
             term.note(f"wrote {path}")
+    if over:
+        term.note("plan explain: a rank's estimated peak exceeds --gpu-memory (--fail-over-budget)")
+        return 1
     return 0
 
 
