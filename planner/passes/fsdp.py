@@ -63,10 +63,10 @@ class FsdpStructure:
                           related=((u1.spec.span, "the other unit"),))
         if ctx.mesh is not None:
             ranks = ctx.size(fsdp.on[-1])
-            for unit in fsdp.units + ((fsdp.root,) if fsdp.root else ()):
-                n = unit.reshard_after_forward
+            for written in fsdp.units + ((fsdp.root,) if fsdp.root else ()):
+                n = written.reshard_after_forward
                 if isinstance(n, int) and not isinstance(n, bool) and (ranks % n or n >= ranks):
-                    ctx.error(unit.span, "E505", f"`reshard_after_forward = {n}` must be a divisor of the "
+                    ctx.error(written.span, "E505", f"`reshard_after_forward = {n}` must be a divisor of the "
                               f"{ranks} ranks FSDP shards over (`{fsdp.on[-1]}`), smaller than it",
                               "keep parameters resharded over a subgroup, e.g. the ranks of one node")
         if ctx.mesh is not None and len(fsdp.on) == 2:

@@ -68,7 +68,7 @@ class ResolvePatterns:
             self._units(ctx)
 
     def _match(self, ctx: Context, pattern: PatternSpec) -> list[str]:
-        found = select(pattern.text, self.fqns)
+        found: list[str] = select(pattern.text, self.fqns)
         if not found:
             close = nearest(pattern.text, self.fqns)
             hint = ("did you mean " + " or ".join(f"`{c}`" for c in close) + "?") if close else (
