@@ -4,7 +4,9 @@ how much traffic, and which ranks talk to which — a dry run, on a laptop.
 The numbers come from `meshplan.runtime.explain` (the runtime's own apply on a meta model
 over a fake process group, scaled from one block per kind); this module only renders
 them: the mesh and its groups, the module tree with repeated blocks collapsed, memory
-per rank class, activations per block, communication per mesh dimension, warnings.
+per rank class, activations per block, communication per mesh dimension; the dry run's
+warnings are diagnostics on the plan lines (stderr, with the compiler's), and a model that
+fails in the dry run is an error on the line whose step touched the failing module (exit 1).
 `--json` prints the same numbers as JSON (and nothing else on stdout); `--svg`/`--html`
 write a picture of the mesh and the memory breakdown, atomically.
 """
@@ -15,6 +17,7 @@ import argparse
 import html
 import json
 import math
+import traceback
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -26,6 +29,7 @@ from .outputs import OutputError, check_outputs, write_outputs
 if TYPE_CHECKING:
     from rich.console import RenderableType
 
+    from meshplan.dsl.errors import PlanError
     from meshplan.runtime.explain.report import Explanation
 
 DTYPE_CHOICES = ("fp32", "bf16", "fp16")
@@ -67,6 +71,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, term: Terminal) -> int:
+    from meshplan.dsl.errors import PlanRejected
     from meshplan.planner import Compiled
     from meshplan.planner.mesh_facts import program_sequence_multiple
     from meshplan.runtime.explain.report import explain, plan_seq_len
@@ -91,18 +96,30 @@ def run(args: argparse.Namespace, term: Terminal) -> int:
     if seq_len % multiple:
         return term.usage_error("explain", f"--seq-len {seq_len} is not a multiple of {multiple}, the "
                                            "pieces sequence/context parallelism split it into on this mesh")
-    ex = explain(compiled, seq_len=seq_len, micro_batch=args.micro_batch, param_dtype=args.param_dtype,
-                 gpu_memory=args.gpu_memory)
+    try:
+        ex = explain(compiled, seq_len=seq_len, micro_batch=args.micro_batch, param_dtype=args.param_dtype,
+                     gpu_memory=args.gpu_memory)
+    except PlanRejected as e:  # the model failed in the dry run: an error on the plan line
+        if getattr(args, "debug", False):
+            traceback.print_exception(e, file=term.err.file)
+        diagnostics = [*compiled.warnings, *e.diagnostics]
+        if args.json:
+            term.out.file.write(json.dumps({"diagnostics": _diagnostics_json(diagnostics)}, indent=2) + "\n")
+        else:
+            term.diagnostics(diagnostics)
+            term.note(f"plan rejected ({len(e.errors)} error{'s' if len(e.errors) != 1 else ''})")
+        return 1
+    diagnostics = [*compiled.warnings, *ex.diagnostics]
     write_outputs({Path(path): make(ex) for path, make in ((args.svg, svg), (args.html, html_page)) if path})
     over = args.fail_over_budget and any(m.peak > args.gpu_memory for m in ex.memory)
     if args.json:
         data = ex.to_json()
-        data["diagnostics"] = [d.to_json() for d in compiled.warnings]
+        data["diagnostics"] = _diagnostics_json(diagnostics)
         if args.rank is not None:
             data["rank"] = _rank_json(ex, args.rank)
         term.out.file.write(json.dumps(data, indent=2) + "\n")
         return 1 if over else 0
-    term.diagnostics(compiled.warnings)
+    term.diagnostics(diagnostics)
     render(ex, term, rank=args.rank)
     for path in (args.svg, args.html):
         if path:
@@ -111,6 +128,10 @@ def run(args: argparse.Namespace, term: Terminal) -> int:
         term.note("plan explain: a rank's estimated peak exceeds --gpu-memory (--fail-over-budget)")
         return 1
     return 0
+
+
+def _diagnostics_json(diagnostics: list[PlanError]) -> list[dict[str, object]]:
+    return [d.to_json() for d in sorted(diagnostics, key=lambda d: d.sort_key())]
 
 
 # --------------------------------------------------------------------------- text
@@ -131,7 +152,7 @@ def render(ex: Explanation, term: Terminal, *, rank: int | None = None) -> None:
 def _render(ex: Explanation, term: Terminal, rank: int | None) -> None:
     from rich.text import Text
 
-    from meshplan.runtime.explain.report import human_bytes
+    from meshplan.runtime.explain.sizes import human_bytes
 
     p = ex.program
     head = Text(f"plan {p.plan} for {p.model} on {p.world_size} ranks", style="bold")
@@ -149,6 +170,9 @@ def _render(ex: Explanation, term: Terminal, rank: int | None) -> None:
     _print(term, _tree(ex))
     _section(term, "Memory per rank")
     _print(term, _memory_table(ex))
+    computed = [c for c in ex.classes if not c.measured]
+    if computed:
+        term.print(f"  computed from the placements, not applied: {', '.join(f'rank {c.rank}' for c in computed)}")
     if ex.blocks:
         _section(term, f"Activations per block ({ex.trace.seq_len if ex.trace else ex.seq_len} tokens "
                        f"× {ex.micro_batch} per rank, {ex.compute_dtype})")
@@ -162,12 +186,6 @@ def _render(ex: Explanation, term: Terminal, rank: int | None) -> None:
         term.print(f"\nattention: {_attention(ex.attention)}")
     else:
         term.print("\nattention: (no backend selection available in meshplan.runtime.attention)")
-    if ex.warnings:
-        _section(term, "Warnings")
-        for w in ex.warnings:
-            line = Text("  warning: ", style="bold yellow")
-            line.append(w)
-            term.print(line)
 
 
 def _print(term: Terminal, renderable: RenderableType) -> None:
@@ -202,7 +220,7 @@ def _mesh(ex: Explanation, term: Terminal, rank: int | None) -> None:
     from rich import box
     from rich.table import Table
 
-    from meshplan.runtime.explain.dryrun import coordinates
+    from meshplan.runtime.explain.world import coordinates
 
     layout = ex.program.mesh
     dims = " × ".join(f"{n} {s}" for n, s in zip(layout.names, layout.shape, strict=True))
@@ -256,7 +274,7 @@ def _grid(ex: Explanation, max_rows: int = 8, max_cols: int = 16) -> RenderableT
     from rich import box
     from rich.table import Table
 
-    from meshplan.runtime.explain.dryrun import coordinates
+    from meshplan.runtime.explain.world import coordinates
 
     layout = ex.program.mesh
     rows, cols, n_rows, n_cols = _grid_axes(ex)
@@ -323,7 +341,7 @@ def _memory_table(ex: Explanation) -> RenderableType:
     from rich import box
     from rich.table import Table
 
-    from meshplan.runtime.explain.report import human_bytes
+    from meshplan.runtime.explain.sizes import human_bytes
 
     table = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False)
     table.add_column("per rank")
@@ -346,7 +364,8 @@ def _block_table(ex: Explanation) -> RenderableType:
     from rich import box
     from rich.table import Table
 
-    from meshplan.runtime.explain.report import _ranges, human_bytes
+    from meshplan.runtime.explain.report import _ranges
+    from meshplan.runtime.explain.sizes import human_bytes
 
     table = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False)
     for col, justify in (("layers", "left"), ("count", "right"), ("checkpoint", "left"),
@@ -367,7 +386,7 @@ def _comm_table(ex: Explanation) -> RenderableType:
     from rich.table import Table
 
     from meshplan.runtime.explain.comm import KIND_LABELS
-    from meshplan.runtime.explain.report import human_bytes
+    from meshplan.runtime.explain.sizes import human_bytes
 
     table = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False)
     for col, justify in (("dimension", "left"), ("source", "left"), ("collective", "left"),
@@ -381,7 +400,7 @@ def _comm_table(ex: Explanation) -> RenderableType:
 
 
 def _rank_json(ex: Explanation, rank: int) -> dict[str, Any]:
-    from meshplan.runtime.explain.dryrun import coordinates
+    from meshplan.runtime.explain.world import coordinates
 
     layout = ex.program.mesh
     return {"rank": rank, "coordinates": coordinates(layout, rank),
@@ -394,8 +413,8 @@ def _rank_json(ex: Explanation, rank: int) -> dict[str, Any]:
 def svg(ex: Explanation) -> str:
     """A standalone SVG: the mesh grid (ranks coloured by their data-parallel group) and a
     stacked bar of each rank class's memory."""
-    from meshplan.runtime.explain.dryrun import coordinates
-    from meshplan.runtime.explain.report import human_bytes
+    from meshplan.runtime.explain.sizes import human_bytes
+    from meshplan.runtime.explain.world import coordinates
 
     layout = ex.program.mesh
     rows, cols, n_rows, n_cols = _grid_axes(ex)
@@ -474,7 +493,7 @@ def svg(ex: Explanation) -> str:
 def html_page(ex: Explanation) -> str:
     """A standalone HTML page: the SVG picture plus the memory and communication tables."""
     from meshplan.runtime.explain.comm import KIND_LABELS
-    from meshplan.runtime.explain.report import human_bytes
+    from meshplan.runtime.explain.sizes import human_bytes
 
     def table(head: list[str], rows: list[list[str]]) -> str:
         th = "".join(f"<th>{_x(h)}</th>" for h in head)
@@ -486,7 +505,7 @@ def html_page(ex: Explanation) -> str:
     comm = [[r.dim, KIND_LABELS.get(r.kind, r.kind), r.op.replace("_", "-"), str(r.group_size), str(r.count),
              human_bytes(r.bytes), human_bytes(r.wire_bytes)] for r in ex.comm]
     title = f"{ex.program.plan} for {ex.program.model} on {ex.program.world_size} ranks"
-    warnings = "".join(f"<li>{_x(w)}</li>" for w in ex.warnings)
+    warnings = "".join(f"<li>{_x(str(d))}</li>" for d in ex.diagnostics)
     return (
         "<!doctype html>\n<html><head><meta charset=\"utf-8\">"
         f"<title>{_x(title)}</title><style>"

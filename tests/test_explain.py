@@ -19,16 +19,12 @@ import pytest
 from meshplan.cli.main import main
 from meshplan.planner import compile_plan
 from meshplan.planner.models import build_meta_model, load_preset, resolve_model
-from meshplan.runtime.explain.dryrun import (
-    ParamShard,
-    coordinates,
-    dry_run,
-    measure_shards,
-    rank_at,
-    rank_classes,
-    reduce_program,
-)
-from meshplan.runtime.explain.report import explain, human_bytes, mesh_groups, parse_bytes
+from meshplan.runtime.explain.dryrun import dry_run
+from meshplan.runtime.explain.reduction import reduce_program
+from meshplan.runtime.explain.report import explain, mesh_groups
+from meshplan.runtime.explain.shards import ParamShard, measure_shards, rank_classes
+from meshplan.runtime.explain.sizes import human_bytes, parse_bytes
+from meshplan.runtime.explain.world import coordinates, rank_at
 
 from .conftest import ROOT, assert_golden
 
@@ -73,7 +69,6 @@ def test_scaled_activations_and_tensor_parallel_traffic_equal_the_full_trace(six
     reduced = explain(compiled, seq_len=64, micro_batch=2)
     full = explain(compiled, seq_len=64, micro_batch=2, reduce=False)
     assert reduced.reduction.kept == (0, 5) and full.reduction.kept == tuple(range(6))
-    assert reduced.trace_error is None
     assert reduced.to_json()["memory"] == full.to_json()["memory"]
     assert reduced.comm == full.comm
     tp = {(r.op, r.kind): r.count for r in reduced.comm if r.dim == "tp"}
@@ -102,8 +97,12 @@ def test_uneven_shards_form_rank_classes_that_match_applying_as_those_ranks() ->
     ex = explain(compiled, seq_len=64, trace=False)
     first, second = ex.memory
     assert first.parameters == second.parameters and first.optimizer > second.optimizer
-    assert any(w.startswith("uneven shards: model.embed_tokens.weight [256, 64] is [86, 64] on 2 ranks, "
-                            "[84, 64] on 1 rank") for w in ex.warnings)
+    uneven = [d for d in ex.diagnostics if d.code == "W201"]
+    assert uneven and all(d.severity == "warning" for d in uneven)
+    # On the unit lines whose shard group splits them: embed_tokens is in the root unit.
+    assert [(d.span.line, d.span.column) for d in uneven] == [(16, 3), (17, 3)]
+    assert uneven[1].message.startswith("uneven shards: model.embed_tokens.weight [256, 64] is [86, 64] on "
+                                        "2 ranks, [84, 64] on 1 rank")
     # Computed from the placements (not applied) gives the same shapes.
     computed = measure_shards(program, compiled.graph.source, reduction, measure_limit=1)
     assert not computed[1].measured
@@ -114,8 +113,9 @@ def test_idle_ranks_are_reported() -> None:
     compiled = compile_plan(FSDP, "tiny-llama", 48, [])
     ex = explain(compiled, seq_len=64, trace=False)
     assert sum(c.count for c in ex.classes) == 48
-    idle = [w for w in ex.warnings if w.startswith("idle ranks:")]
-    assert idle and "model.layers.*.self_attn.q_proj.weight (16 ranks)" in idle[0]
+    idle = [d for d in ex.diagnostics if d.code == "W202"]
+    assert idle and "model.layers.*.self_attn.q_proj.weight (16 ranks)" in idle[0].message
+    assert idle[0].span.line == 16 and idle[0].hint
 
 
 def test_classes_of_a_two_dimensional_mesh() -> None:
@@ -173,6 +173,8 @@ def test_golden_text(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.Mon
                            "--gpu-memory", "1MB", "--rank", "5"], capsys)
     assert code == 0, err
     assert_golden("explain/llama_tiny-llama_w8_tp2.txt", out)
+    # The dry run's warnings: diagnostics on the plan lines, on stderr, as `plan check` prints them.
+    assert_golden("explain/llama_tiny-llama_w8_tp2.stderr", err)
 
 
 def test_json_svg_html(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
@@ -210,3 +212,60 @@ def test_cli_errors(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.Monk
     with pytest.raises(SystemExit) as info:
         main(["explain", "plans/fsdp.plan", "--model", "tiny-llama", "--world-size", "2", "--gpu-memory", "lots"])
     assert info.value.code == 2
+
+
+# --------------------------------------------------------------------------- a model that fails
+
+
+BROKEN = """plan broken for LlamaForCausalLM
+
+mesh {
+  dp_shard = auto
+  tp = 2
+}
+
+tensor_parallel on tp {
+  model.layers.*.self_attn.q_proj : rowwise
+}
+
+fully_shard on dp_shard {
+  unit model.layers.*
+  root
+}
+"""
+
+
+def test_a_model_that_fails_in_the_dry_run_is_an_error_on_the_plan_line(tmp_path: Path) -> None:
+    """q_proj rowwise without its input sharded: the compiler rejects it (E506); lowered
+    anyway, the traced step fails in q_proj's matmul. That is E601 on the tensor-parallel
+    line, naming the module and the line of modeling_llama.py that called it."""
+    import linecache
+    from io import StringIO
+
+    from meshplan.cli.console import Terminal
+    from meshplan.dsl.errors import PlanRejected
+
+    plan = tmp_path / "broken.plan"
+    plan.write_text(BROKEN, encoding="utf-8")
+    compiled = compile_plan(plan, "tiny-llama", 4, [], check=False)
+    assert [d.code for d in compiled.warnings] == ["E506"]
+    with pytest.raises(PlanRejected) as info:
+        explain(compiled, seq_len=64)
+    (d,) = info.value.diagnostics
+    assert (d.code, d.severity, d.span.line, d.span.column) == ("E601", "error", 9, 3)
+    assert d.message.startswith("the dry run failed in `model.layers.0.self_attn.q_proj` (forward, "
+                                "modeling_llama.py:")
+    assert "RuntimeError: a and b must have same reduction dim" in d.message
+    (source, note), = d.related
+    assert source.file.endswith("modeling_llama.py")
+    assert "self.q_proj(hidden_states)" in linecache.getline(source.file, source.line)
+    assert note.startswith("raised in `") and d.hint
+    # Rendered as every diagnostic is: location, code, the plan line and a caret.
+    err = StringIO()
+    term = Terminal(stdout=StringIO(), stderr=err)
+    term.remember(str(plan), BROKEN)
+    term.diagnostics(info.value.diagnostics)
+    lines = err.getvalue().splitlines()
+    assert lines[0].startswith(f"{plan}:9:3: error[E601]: the dry run failed in `model.layers.0.self_attn.q_proj`")
+    assert lines[1:3] == ["  9 |   model.layers.*.self_attn.q_proj : rowwise",
+                          "    |   ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^"]

@@ -167,7 +167,6 @@ def test_estimates_match_a_real_run(pool: Any, plan: str, model: str, overrides:
         text = text.replace("load_balance = headtail", "load_balance = headtail\n  rotate = ring")
     compiled = compile_plan(text, model, WORLD, overrides)
     ex = explain(compiled, seq_len=SEQ, micro_batch=MICRO)
-    assert ex.trace_error is None
     assert [c.count for c in ex.classes] == [WORLD]  # even shards: one class
     results = pool.run(_real_step, compiled.program.to_json(), model)
     estimate = ex.memory[0]

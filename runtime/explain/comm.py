@@ -5,7 +5,7 @@ Sources, in order of trust:
 
 - Tensor / sequence parallel, loss parallel and the gradient all-reduce of replicated
   parameters are *counted*: `CommCounter` sees every collective DTensor issues while
-  `runtime.explain.dryrun.trace_step` runs one forward + backward of the reduced model on fake
+  `runtime.explain.trace.trace_step` runs one forward + backward of the reduced model on fake
   tensors (activation checkpointing included, so recomputed collectives are counted).
   Collectives inside a block are multiplied by the number of layers the block stands
   for.
@@ -50,12 +50,15 @@ from meshplan.planner.program import (
 )
 
 from ..parallel.apply import DTYPES
+from ..parallel.mesh import MeshError, submesh
+from .reduction import Reduction, inside
+from .world import clean_name
 
 if TYPE_CHECKING:
     from torch import nn
     from torch.distributed.device_mesh import DeviceMesh
 
-    from .dryrun import ParamShard, Reduction
+    from .shards import ParamShard
 
 __all__ = ["CommCounter", "CommEvent", "CommRow", "Unit", "cp_events", "fsdp_events", "fsdp_units",
            "group_names", "summarize"]
@@ -114,9 +117,9 @@ def group_names(mesh: DeviceMesh, layout: MeshLayout) -> dict[str, tuple[str, in
     names = list(mesh.mesh_dim_names or ()) + [n for n, _ in layout.submeshes]
     for name in names:
         try:
-            sub = mesh[name]
+            sub = submesh(mesh, (name,))
             group = sub.get_group()
-        except (KeyError, RuntimeError, ValueError):
+        except (MeshError, KeyError, RuntimeError, ValueError):
             continue
         out.setdefault(group.group_name, (name, sub.size()))
     return out
@@ -229,8 +232,6 @@ class CommCounter(TorchDispatchMode):
         """Gradients left `Partial` (replicated parameters such as sequence-parallel norm
         weights) are all-reduced before the optimizer uses them (FSDP2 does it in its
         post-backward): one all-reduce each, in the gradient's dtype."""
-        from .dryrun import clean_name
-
         mesh_names = {v[0]: v for v in self.groups.values()}
         for name, p in model.named_parameters():
             grad = p.grad
@@ -264,10 +265,6 @@ class Unit:
     layer: int | None  # the stack layer it is, if it is one block
 
 
-def _inside(fqn: str, ancestor: str) -> bool:
-    return ancestor == "" or fqn == ancestor or fqn.startswith(ancestor + ".")
-
-
 def fsdp_units(program: Program, parameters: Iterable[str], reduction: Reduction) -> list[Unit]:
     """The units in step order, each with the parameters it manages: a parameter belongs
     to the innermost unit holding its module (FSDP2 skips parameters an inner unit took)."""
@@ -278,7 +275,7 @@ def fsdp_units(program: Program, parameters: Iterable[str], reduction: Reduction
         best: tuple[int, int] | None = None
         for i, step in enumerate(steps):
             for root in step.fqns or ("",):
-                if _inside(module, root):
+                if inside(module, root):
                     depth = root.count(".") + 1 if root else 0
                     if best is None or depth > best[0]:
                         best = (depth, i)
@@ -384,7 +381,7 @@ def cp_events(program: Program, graph: Any, reduction: Reduction, *, seq_len: in
                        if s.fqn == block), 1)
             # K and V stacked, of every context-parallel rank: [2, B, kv/tp, seq_len, head_dim].
             full = 2 * micro_batch * max(1, kv // tp) * seq_len * head_dim * size
-            recompute = any(_inside(fqn, c) for c in checkpointed)
+            recompute = any(inside(fqn, c) for c in checkpointed)
 
             def add(op: str, phase: str, nbytes: int, times: int, dim: str = step.mesh_dim,
                     n: int = n, layer: int | None = layer) -> None:

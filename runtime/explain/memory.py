@@ -16,7 +16,7 @@ Exact (from the dry run's shards, as FSDP2 and DTensor allocate them):
 
 Estimated:
 
-- **activations**: traced on fake tensors (`runtime.explain.dryrun.trace_step`): one forward
+- **activations**: traced on fake tensors (`runtime.explain.trace.trace_step`): one forward
   of the reduced model with the plan's tensor/sequence parallelism applied (so the
   per-rank reductions are the real ones), in the compute dtype, at the plan's sequence
   length (split by context parallelism) and `--micro-batch`, tracking the live bytes of
@@ -57,7 +57,9 @@ from typing import Any
 from meshplan.planner.program import Checkpoint, Program
 
 from .comm import Unit, compute_dtype, itemsize, reduce_dtype, unit_numels
-from .dryrun import BlockTrace, ParamShard, RankClass, Reduction, StepTrace
+from .reduction import Reduction
+from .shards import ParamShard, RankClass
+from .trace import BlockTrace, StepTrace
 
 __all__ = ["BlockActivations", "Memory", "block_activations", "buffer_bytes", "fsdp_buffers", "memory_of"]
 

@@ -22,9 +22,10 @@ import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from meshplan.dsl.errors import PlanError, PlanRejected
 from meshplan.planner.program import ContextParallel, FullyShard, MeshLayout, Program
 
-from ..parallel.mesh import build_mesh
+from ..parallel.mesh import product_dims
 from .comm import (
     CommEvent,
     CommRow,
@@ -35,19 +36,13 @@ from .comm import (
     fsdp_units,
     summarize,
 )
-from .dryrun import (
-    RankClass,
-    Reduction,
-    StepTrace,
-    coordinates,
-    fake_world,
-    measure_rank_zero,
-    measure_shards,
-    rank_at,
-    reduce_program,
-    trace_step,
-)
+from .diagnostics import dry_run_error, findings
+from .failure import TraceFailure
 from .memory import BlockActivations, Memory, block_activations, buffer_bytes, memory_of
+from .reduction import Reduction, reduce_program
+from .shards import RankClass, measure_rank_zero, measure_shards
+from .trace import StepTrace, trace_step
+from .world import coordinates, fake_world, rank_at
 
 if TYPE_CHECKING:
     from meshplan.planner.compile import Compiled
@@ -92,8 +87,6 @@ class DimGroups:
 
 def mesh_groups(layout: MeshLayout, limit: int = 4) -> list[DimGroups]:
     """Every dimension and submesh: its groups of ranks (the first `limit`)."""
-    from ..parallel.mesh import product_dims
-
     names, shape = product_dims(layout)
     strides: dict[str, int] = {}
     acc = 1
@@ -220,9 +213,8 @@ class Explanation:
     compute_dtype: str
     gpu_memory: int | None = None
     trace: StepTrace | None = None
-    trace_error: str | None = None
     events: list[CommEvent] = field(default_factory=list)
-    warnings: list[str] = field(default_factory=list)
+    diagnostics: list[PlanError] = field(default_factory=list)  # warnings W2xx on plan lines
     attention: dict[str, Any] | None = None
 
     @property
@@ -247,14 +239,15 @@ class Explanation:
                          "param_dtype": self.param_dtype, "compute_dtype": self.compute_dtype,
                          "gpu_memory_bytes": self.gpu_memory,
                          "reduced_layers": list(self.reduction.kept), "attention": self.attention},
-            "memory": {**self.rank0.to_json(), "classes": [m.to_json() for m in self.memory]},
+            "memory": {**self.rank0.to_json(),
+                       "classes": [{**m.to_json(), "measured": c.measured}
+                                   for m, c in zip(self.memory, self.classes, strict=True)]},
             "activations": {
                 "outside_blocks_bytes": self.trace.outside if self.trace else None,
                 "tokens_per_rank": self.trace.seq_len * self.micro_batch if self.trace else None,
                 "blocks": [{"layers": _ranges(list(b.layers)), "count": len(b.layers),
                             "checkpoint": b.mode, "saved_bytes": b.saved, "kept_bytes": b.kept}
                            for b in self.blocks],
-                "error": self.trace_error,
             },
             "communication": {
                 "rows": [{"dim": r.dim, "source": r.kind, "op": r.op, "group_size": r.group_size,
@@ -271,7 +264,7 @@ class Explanation:
                                      "local_shape": list(p.local_shape), "placements": list(p.placements),
                                      "mesh_dims": list(p.mesh_dims), "dtype": p.dtype} for p in m.params]}
                         for m in self.modules],
-            "warnings": list(self.warnings),
+            "diagnostics": [d.to_json() for d in self.diagnostics],
         }
 
 
@@ -314,128 +307,37 @@ def explain(compiled: Compiled, *, seq_len: int, micro_batch: int = 1, param_dty
     fsdp = next(iter(program.steps_of(FullyShard)), None)
     compute = compute_dtype(fsdp, param_dtype)
     step: StepTrace | None = None
-    error: str | None = None
-    # Rank 0's fake world serves both the shards and the traced step: one mesh to build.
-    with fake_world(program.world_size, 0):
-        mesh = build_mesh(program.mesh)
-        if trace:
-            try:
+    try:
+        # Rank 0's fake world serves both the shards and the traced step: one mesh to build.
+        with fake_world(program.mesh, 0) as mesh:
+            if trace:
                 step = trace_step(program, graph.source, reduction, seq_len=seq_len,
                                   micro_batch=micro_batch, dtype=compute, mesh=mesh)
-            except Exception as exc:  # a model the fake trace cannot run: say so, keep the rest
-                error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}".strip()
-        first = measure_rank_zero(program, graph.source, reduction, param_dtype=param_dtype, mesh=mesh)
-    classes = measure_shards(program, graph.source, reduction, param_dtype=param_dtype, first=first)
+            first = measure_rank_zero(program, graph.source, reduction, param_dtype=param_dtype, mesh=mesh)
+        classes = measure_shards(program, graph.source, reduction, param_dtype=param_dtype, first=first)
+    except TraceFailure as failure:
+        raise PlanRejected([dry_run_error(program, failure)]) from failure
     shards = classes[0].shards
     units = fsdp_units(program, _unique_params(graph), reduction)
     events = list(step.events) if step else []
     events += fsdp_events(program, units, shards, reduction, param_dtype)
-    cp = next(iter(program.steps_of(ContextParallel)), None)
-    if cp is not None:
+    if program.steps_of(ContextParallel):
         events += cp_events(program, graph, reduction, seq_len=seq_len, micro_batch=micro_batch, dtype=compute)
     blocks = block_activations(program, reduction, step) if step else []
     buffers = buffer_bytes(graph, classes[0].buffers, reduction)
     memory = [memory_of(c, program=program, graph=graph, reduction=reduction, units=units, trace=step,
                         blocks=blocks, storage=param_dtype, buffer_bytes=buffers) for c in classes]
-    out = Explanation(
+    comm = summarize(events, reduction)
+    return Explanation(
         program=program, graph=graph, reduction=reduction, classes=classes, units=units, memory=memory,
-        blocks=blocks, comm=summarize(events, reduction), modules=module_rows(graph, reduction, classes[0]),
+        blocks=blocks, comm=comm, modules=module_rows(graph, reduction, classes[0]),
         groups=mesh_groups(program.mesh), seq_len=seq_len, micro_batch=micro_batch,
-        param_dtype=param_dtype, compute_dtype=compute, gpu_memory=gpu_memory, trace=step,
-        trace_error=error, events=events, attention=attention_backend(),
+        param_dtype=param_dtype, compute_dtype=compute, gpu_memory=gpu_memory, trace=step, events=events,
+        diagnostics=findings(program, classes, reduction, units, comm, memory, gpu_memory),
+        attention=attention_backend(),
     )
-    out.warnings = _warnings(out)
-    return out
 
 
 def _unique_params(graph: ModelGraph) -> list[str]:
     aliases = {name for group in graph.tied for name in group[1:]}
     return [p for p in graph.parameters if p not in aliases]
-
-
-# --------------------------------------------------------------------------- warnings
-
-
-def _warnings(ex: Explanation) -> list[str]:
-    out: list[str] = []
-    first = ex.classes[0].shards
-    # Uneven shards and idle ranks, one line per parameter pattern (layers folded).
-    patterns: dict[str, dict[str, Any]] = {}
-    for fqn, base in first.items():
-        sizes: dict[tuple[int, ...], int] = {}
-        for cls in ex.classes:
-            shape = cls.shards[fqn].local_shape
-            sizes[shape] = sizes.get(shape, 0) + cls.count
-        if len(sizes) < 2:
-            continue
-        found = ex.reduction.split(fqn)
-        pattern = f"{ex.reduction.stack}.*.{found[1]}" if found else fqn
-        entry = patterns.setdefault(pattern, {"global": base.global_shape, "sizes": sizes})
-        entry["sizes"] = sizes
-    lines: list[str] = []
-    idle: list[tuple[str, int]] = []
-    for pattern, entry in patterns.items():
-        ordered = sorted(entry["sizes"].items(), key=lambda kv: -math.prod(kv[0]))
-        parts = [f"{list(shape)} on {n} rank{'s' if n != 1 else ''}" for shape, n in ordered]
-        lines.append(f"{pattern} {list(entry['global'])} is {', '.join(parts)}")
-        empty = sum(n for shape, n in ordered if math.prod(shape) == 0)
-        if empty:
-            idle.append((pattern, empty))
-    if lines:
-        more = f"; and {len(lines) - 3} more parameters" if len(lines) > 3 else ""
-        out.append("uneven shards: " + "; ".join(lines[:3]) + more + " (FSDP pads every shard to the largest)")
-    if idle:
-        names = ", ".join(f"{p} ({n} ranks)" for p, n in idle[:3])
-        more = f" and {len(idle) - 3} more" if len(idle) > 3 else ""
-        out.append(f"idle ranks: some ranks hold no element of {names}{more}, yet store the padded "
-                   "shard and join the collectives")
-    # Collectives over a single rank.
-    single = sorted({(r.dim, r.op, r.kind) for r in ex.comm if r.group_size == 1})
-    for dim, op, kind in single:
-        name = op.replace("_", "-")
-        out.append(f"`{dim}` has size 1 but still runs {'an' if name[0] in 'aeiou' else 'a'} {name} per "
-                   f"{'FSDP unit' if kind in ('fsdp', 'hsdp') else 'call'} ({_kind(kind)}): "
-                   f"use a 1-D FSDP mesh or drop the dimension")
-    if ex.gpu_memory is not None:
-        for m in ex.memory:
-            if m.peak > ex.gpu_memory:
-                out.append(f"rank {m.rank} ({m.count} rank{'s' if m.count != 1 else ''}): estimated peak "
-                           f"{human_bytes(m.peak)} exceeds --gpu-memory {human_bytes(ex.gpu_memory)}")
-    if ex.trace_error:
-        out.append(f"activations and tensor-parallel communication could not be traced: {ex.trace_error}")
-    if any(not c.measured for c in ex.classes):
-        n = sum(not c.measured for c in ex.classes)
-        out.append(f"{n} rank class{'es' if n != 1 else ''} computed from placements, not applied")
-    return out
-
-
-def _kind(kind: str) -> str:
-    from .comm import KIND_LABELS
-
-    return KIND_LABELS.get(kind, kind)
-
-
-def human_bytes(n: float) -> str:
-    """1536 → `1.5 KiB`; exact below 1 KiB."""
-    if n < 1024:
-        return f"{int(n)} B"
-    for unit in ("KiB", "MiB", "GiB", "TiB", "PiB"):
-        n /= 1024
-        if n < 1024 or unit == "PiB":
-            return f"{n:.1f} {unit}" if n < 100 else f"{n:.0f} {unit}"
-    return f"{n:.0f} PiB"  # pragma: no cover
-
-
-def parse_bytes(text: str) -> int:
-    """`80GB`, `80 GiB`, `81920MB`, `1e9` → bytes (GB and GiB both mean 2**30)."""
-    import re
-
-    units = {"": 1, "b": 1, "k": 2**10, "kb": 2**10, "kib": 2**10, "m": 2**20, "mb": 2**20, "mib": 2**20,
-             "g": 2**30, "gb": 2**30, "gib": 2**30, "t": 2**40, "tb": 2**40, "tib": 2**40}
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-z]*)\s*", text.lower())
-    if match is None or match.group(2) not in units:
-        raise ValueError(f"not a size: {text!r} (e.g. 80GB)")
-    value = float(match.group(1)) * units[match.group(2)]
-    if value <= 0:
-        raise ValueError(f"not a positive size: {text!r}")
-    return int(value)
