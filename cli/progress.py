@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
 if TYPE_CHECKING:
@@ -11,8 +14,22 @@ if TYPE_CHECKING:
 from meshplan.runtime.train.loop import StepStats
 
 __all__ = [
+    "Phases",
     "ProgressDisplay",
 ]
+
+
+@dataclass
+class Phases:
+    """One line as each phase before training begins (compile, build, data, resume,
+    first step), with the seconds since the run started: the first step can be a
+    minute away, and a silent terminal looks like a hang."""
+
+    say: Callable[[str], None]
+    start: float = field(default_factory=time.perf_counter)
+
+    def __call__(self, what: str) -> None:
+        self.say(f"[{time.perf_counter() - self.start:6.1f} s] {what} …")
 
 
 @dataclass
@@ -57,6 +74,13 @@ class ProgressDisplay:
     def __exit__(self, *exc: object) -> None:
         if self._progress is not None:
             self._progress.stop()
+
+    def checkpoint(self, path: Path, step: int, seconds: float) -> None:
+        """One line per checkpoint saved."""
+        if self._progress is None:
+            return
+        self._progress.console.print(f"checkpoint: step {step} saved in {path} ({seconds:.1f} s)",
+                                     markup=False, highlight=False)
 
     def __call__(self, stats: StepStats) -> None:
         if self._progress is None:

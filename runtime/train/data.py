@@ -17,8 +17,9 @@ Sources (`load_sequences`):
 
 Guarantees:
 
-- Every token id is checked against the model's vocabulary before training starts, and
-  every problem with a file is a `DataError` naming the file and line.
+- Every token id is checked against the model's vocabulary before training starts, data
+  in which no token has a target (all sequences of one token) is refused, and every
+  problem with a file is a `DataError` naming the file and line.
 - `PackedData` packs once (the plan's `packing` algorithm, overlong policy and seed) and
   `PackedData.loader(dp_rank, dp_size, micro_batch)` yields, per step, the `micro_batch`
   collated bins of this data-parallel rank, forever (epoch after epoch). Every rank of a
@@ -179,6 +180,11 @@ def load_sequences(source: str | Path | None, *, vocab_size: int, seq_len: int,
     if top >= vocab_size:
         raise DataError(f"--data {path}: token id {top} is outside the model's vocabulary "
                         f"of {vocab_size}")
+    if all(len(s) < 2 for s in seqs):
+        # A causal LM learns each token from the ones before it: a lone token has no
+        # target, and training would report a loss of 0 over nothing.
+        raise DataError(f"--data {path}: every sequence has a single token, so no token has a "
+                        "target to learn; sequences need two tokens or more")
     return seqs
 
 

@@ -212,13 +212,15 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, micro_batches
 def train(model: nn.Module | Applied, optimizer: torch.optim.Optimizer,
           batches: Iterable[Sequence[Batch]], topology: Topology, config: TrainConfig, *,
           start_step: int = 0, on_step: Callable[[StepStats], None] | None = None,
-          checkpoint_root: str | Path | None = None) -> list[StepStats]:
+          checkpoint_root: str | Path | None = None,
+          on_checkpoint: Callable[[Path, int, float], None] | None = None) -> list[StepStats]:
     """Run steps `start_step + 1 … config.steps`; returns their statistics.
 
     `batches` yields, per step, this rank's micro-batches (e.g. a `data.PackedLoader`,
     whose state is checkpointed with the model). `on_step` sees every step's statistics
     (rank 0 shows them). With `checkpoint_root` and `config.checkpoint_every`, a
-    checkpoint is saved every that many steps and after the last one.
+    checkpoint is saved every that many steps and after the last one; `on_checkpoint`
+    sees each one's directory, step and seconds.
     """
     module = model.model if isinstance(model, Applied) else model
     history: list[StepStats] = []
@@ -235,7 +237,10 @@ def train(model: nn.Module | Applied, optimizer: torch.optim.Optimizer,
             on_step(stats)
         every = config.checkpoint_every
         if checkpoint_root is not None and every and (step % every == 0 or step == config.steps):
-            save_checkpoint(checkpoint_root, model, optimizer, step, batches)
+            began = time.perf_counter()
+            path = save_checkpoint(checkpoint_root, model, optimizer, step, batches)
+            if on_checkpoint is not None:
+                on_checkpoint(path, step, time.perf_counter() - began)
     return history
 
 
