@@ -1,8 +1,8 @@
 """What a plan may say: sections, their settings and items, styles, and value types.
 
 The grammar only knows shapes (`KIND on X { key = value … }`); this table gives them
-meaning. To add a ParallelStyle, register a `StyleSchema` in `STYLES` (and its runtime
-class in `runtime/styles.py`); to add a section, a `SectionSchema` in `SECTIONS` and
+meaning. A ParallelStyle is one record of the style registry (`dsl/styles.py`,
+re-exported here as `STYLES`); to add a section, a `SectionSchema` in `SECTIONS` and
 its interpretation in `dsl/check.py`.
 """
 
@@ -325,70 +325,8 @@ SECTIONS: Mapping[str, SectionSchema] = {
 
 # ---------------------------------------------------------------------- styles
 
-# Module kinds a style may be applied to (the planner knows each module's kind).
-ModuleKind = Literal["linear", "embedding", "conv1d", "norm", "any"]
-
-
-@dataclass(frozen=True)
-class StyleSchema:
-    doc: str
-    args: Mapping[str, SettingSchema] = field(default_factory=dict)
-    conversions: bool = False
-    applies_to: tuple[ModuleKind, ...] = ("any",)
-
-
-PLACEMENT = PlacementType()
-LOCAL_TRUE = SettingSchema(BoolType(), True, doc="hand plain local tensors to the code after the module")
-LOCAL_FALSE = SettingSchema(BoolType(), False, doc="hand plain local tensors to the code after the module")
-PARTS = SettingSchema(IntType(1), 1, doc="a fused projection of N equal parts; each part is sharded")
-
-STYLES: Mapping[str, StyleSchema] = {
-    "colwise": StyleSchema(
-        "Shard the weight's output features (ColwiseParallel); Embedding: shard the embedding dim.",
-        args={"input": SettingSchema(PLACEMENT, Placement("replicate")),
-              "output": SettingSchema(PLACEMENT, Placement("shard", -1)),
-              "local_output": LOCAL_TRUE, "parts": PARTS},
-        applies_to=("linear", "embedding"),
-    ),
-    "rowwise": StyleSchema(
-        "Shard the weight's input features (RowwiseParallel); Embedding: shard the vocabulary.",
-        args={"input": SettingSchema(PLACEMENT, Placement("shard", -1)),
-              "output": SettingSchema(PLACEMENT, Placement("replicate")),
-              "local_output": LOCAL_TRUE},
-        applies_to=("linear", "embedding"),
-    ),
-    "conv1d_colwise": StyleSchema(
-        "ColwiseParallel for GPT-2's transposed Conv1D (weight is [in, out]).",
-        args={"input": SettingSchema(PLACEMENT, Placement("replicate")),
-              "output": SettingSchema(PLACEMENT, Placement("shard", -1)),
-              "local_output": LOCAL_TRUE, "parts": PARTS},
-        applies_to=("conv1d",),
-    ),
-    "conv1d_rowwise": StyleSchema(
-        "RowwiseParallel for GPT-2's transposed Conv1D (weight is [in, out]).",
-        args={"input": SettingSchema(PLACEMENT, Placement("shard", -1)),
-              "output": SettingSchema(PLACEMENT, Placement("replicate")),
-              "local_output": LOCAL_TRUE},
-        applies_to=("conv1d",),
-    ),
-    "sequence_parallel": StyleSchema(
-        "Run a norm (or dropout) on sequence shards; its weight stays replicated.",
-        args={"dim": SettingSchema(IntType(None), 1, doc="the sequence dimension"),
-              "local_output": LOCAL_FALSE},
-        applies_to=("norm",),
-    ),
-    "prepare_input": StyleSchema(
-        "Convert a module's inputs: `shard(1) -> replicate`, or `name: shard(1) -> replicate`.",
-        args={"local_output": LOCAL_FALSE}, conversions=True,
-    ),
-    "prepare_output": StyleSchema(
-        "Convert a module's outputs: `replicate -> shard(1)`.",
-        args={"local_output": LOCAL_TRUE}, conversions=True,
-    ),
-    "replicate": StyleSchema(
-        "Keep the module's parameters replicated over the dimension (as DTensors).",
-        args={"input": SettingSchema(PLACEMENT, Placement("replicate")),
-              "output": SettingSchema(PLACEMENT, Placement("replicate")),
-              "local_output": LOCAL_TRUE},
-    ),
-}
+# Styles are records of the style registry (dsl/styles.py), which reads the value types
+# above: imported last, so that either module may be imported first.
+from .styles import STYLES as STYLES  # noqa: E402
+from .styles import ModuleKind as ModuleKind  # noqa: E402
+from .styles import StyleSchema as StyleSchema  # noqa: E402

@@ -1,24 +1,35 @@
-"""Program → a standalone Python script that uses only torch (a context-parallel step
-excepted: it imports meshplan's exact attention over a split sequence, which torch lacks).
+"""Program → a standalone Python script that uses only torch (context- and expert-parallel
+steps excepted: they import meshplan's attention over a split sequence and its token
+dispatch, which torch lacks).
 
 The script defines `build_mesh(device_type)` and `apply(model, mesh)` and makes exactly
 the calls the runtime makes, in the same order, each preceded by the plan line it came
-from. Styles torch lacks come from `meshplan/runtime/parallel/styles.py`, which imports only
-torch and is inlined verbatim (read as a data file of the installed package, not
-imported), so script and runtime cannot drift apart; the compiler's soundness test
-applies both to the same model and compares every parameter's placements.
+from. Every step kind has one entry in `EMITTERS` (the step protocol, `program.Step`).
+
+Styles are written from the style registry (`meshplan.dsl.styles`): each style call
+becomes its record's constructor call, the very record `runtime.parallel.registry`
+builds from, and the torch classes it names are imported. The styles torch lacks are
+inlined from `planner.emitted_styles.SOURCE`: a checked-in copy of the body of
+`runtime/parallel/styles.py` (which imports only torch), tested equal to it. Nothing is
+read from the installed package's files, and the planner imports no runtime module; the
+compiler's soundness test applies script and runtime to one model and compares every
+parameter's placements.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from importlib.resources import files
 from typing import cast
 
+from meshplan.dsl.styles import STYLES, TORCH_TP
+
+from .emitted_styles import SOURCE as STYLES_SOURCE
 from .program import (
     Checkpoint,
     ContextParallel,
+    ExpertParallel,
     FullyShard,
+    MixedPrecision,
     Parallelize,
     Program,
     S,
@@ -27,55 +38,26 @@ from .program import (
 )
 
 
-def _placement(text: str | None) -> str:
-    if text is None:
-        return "None"
-    if text == "replicate":
-        return "Replicate()"
-    if text == "partial":
-        return "Partial()"
-    return f"Shard({text[6:-1]})"
-
-
 def style_source(call: StyleCall) -> str:
-    """The constructor expression of the ParallelStyle the runtime builds for `call`."""
-    io = f"input_layouts={_placement(call.input)}, output_layouts={_placement(call.output)}"
-    local = f"use_local_output={call.local_output}"
-    if call.style == "colwise" and call.parts > 1:
-        return f"FusedColwiseParallel({call.parts}, {io}, {local})"
-    if call.style in ("colwise", "rowwise"):
-        cls = "ColwiseParallel" if call.style == "colwise" else "RowwiseParallel"
-        return f"{cls}({io}, {local})"
-    if call.style == "conv1d_colwise":
-        return f"Conv1DColwiseParallel({call.parts}, {io}, {local})"
-    if call.style == "conv1d_rowwise":
-        return f"Conv1DRowwiseParallel({io}, {local})"
-    if call.style == "sequence_parallel":
-        return f"SequenceParallel(sequence_dim={call.dim}, {local})"
-    if call.style == "replicate":
-        return f"ReplicateParallel({io}, {local})"
-    named = [(n, s, d) for n, s, d in call.conversions if n is not None]
-    positional = [(s or d, d or s) for n, s, d in call.conversions if n is None]
-    if call.style == "prepare_output":
-        src = ", ".join(_placement(s) for s, _ in positional)
-        dst = ", ".join(_placement(d) for _, d in positional)
-        return f"PrepareModuleOutput(output_layouts=({src},), desired_output_layouts=({dst},), {local})"
-    args = []
-    if positional:
-        args.append("input_layouts=(" + ", ".join(_placement(s) for s, _ in positional) + ",)")
-        args.append("desired_input_layouts=(" + ", ".join(_placement(d) for _, d in positional) + ",)")
-    if named:
-        args.append("input_kwarg_layouts={" + ", ".join(f"{n!r}: {_placement(s or d)}" for n, s, d in named) + "}")
-        args.append("desired_input_kwarg_layouts={"
-                    + ", ".join(f"{n!r}: {_placement(d or s)}" for n, s, d in named) + "}")
-    return f"PrepareModuleInput({', '.join([*args, local])})"
+    """The constructor expression of the ParallelStyle the runtime builds for `call`
+    (from the style registry's record, as the runtime's `make_style`)."""
+    return str(STYLES[call.style].source(call))
 
 
-def _styles_module() -> str:
-    text = files("meshplan.runtime.parallel").joinpath("styles.py").read_text(encoding="utf-8")
-    # Drop the module docstring and the __future__ import (the script has its own).
-    body = text.split('"""', 2)[2] if text.lstrip().startswith('"""') else text
-    return body.replace("from __future__ import annotations\n", "").strip("\n")
+def _torch_imports(program: Program) -> list[str]:
+    """Import lines for the torch constructors the program's styles use (the registry
+    names them), with torch's placements and `parallelize_module`."""
+    names: dict[str, set[str]] = {TORCH_TP: {"parallelize_module"}}
+    for step in program.steps_of(Parallelize):
+        for _, call in step.plan:
+            built = STYLES[call.style].construct(call)
+            if built.module.split(".")[0] == "torch":
+                names.setdefault(built.module, set()).add(built.name)
+    lines = ["from torch.distributed.tensor import Partial, Replicate, Shard"]
+    for module, found in sorted(names.items()):
+        line = f"from {module} import {', '.join(sorted(found))}"
+        lines += [line] if len(line) <= 100 else [f"from {module} import (", *(f"    {n}," for n in sorted(found)), ")"]
+    return lines
 
 
 def _where(step: Step) -> str:
@@ -100,10 +82,10 @@ def to_python(program: Program) -> str:
         "from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper",
         "from torch.distributed.device_mesh import init_device_mesh",
         "from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard",
-        "from torch.distributed.tensor.parallel import parallelize_module",
+        *_torch_imports(program),
         "",
         "# ---- ParallelStyles torch lacks (meshplan/runtime/parallel/styles.py, verbatim) ----",
-        _styles_module(),
+        STYLES_SOURCE,
         "",
         "# ---- the program ----",
         "",
@@ -181,15 +163,28 @@ _TORCH_DTYPES = {"bf16": "torch.bfloat16", "fp16": "torch.float16", "fp32": "tor
                  "fp64": "torch.float64"}
 
 
+def _mixed_precision(mp: MixedPrecision | None) -> str:
+    dt = _TORCH_DTYPES
+    return "MixedPrecisionPolicy()" if mp is None else (
+        f"MixedPrecisionPolicy(param_dtype={dt.get(mp.param or '', 'None')}, "
+        f"reduce_dtype={dt.get(mp.reduce or '', 'None')}, output_dtype={dt.get(mp.output or '', 'None')}, "
+        f"cast_forward_inputs={mp.cast_forward_inputs!r})")
+
+
+def _expert_parallel(step: ExpertParallel) -> list[str]:
+    # Not plain torch: token dispatch to the experts' ranks is meshplan's.
+    return ["    from meshplan.runtime.parallel.experts import install_expert_parallel  # needs meshplan",
+            f"    install_expert_parallel(model, mesh, {step.fqns!r}, {step.size!r}, dispatch={step.dispatch!r}, "
+            f"replicas={step.replicas!r}, fsdp={step.fsdp!r}, hsdp={step.hsdp!r}, "
+            f"reshard_after_forward={step.reshard_after_forward!r}, "
+            f"gradient_divide_factor={step.gradient_divide_factor!r}, "
+            f"mp_policy={_mixed_precision(step.mixed_precision)})"]
+
+
 def _fully_shard(step: FullyShard) -> list[str]:
     mods = ", ".join(f"_module(model, {f!r})" for f in step.fqns) if step.fqns else "model"
     target = f"[{mods}]" if len(step.fqns) > 1 else mods
-    mp = step.mixed_precision
-    dt = _TORCH_DTYPES
-    policy = "MixedPrecisionPolicy()" if mp is None else (
-        f"MixedPrecisionPolicy(param_dtype={dt.get(mp.param or '', 'None')}, "
-        f"reduce_dtype={dt.get(mp.reduce or '', 'None')}, output_dtype={dt.get(mp.output or '', 'None')}, "
-        f"cast_forward_inputs={mp.cast_forward_inputs})")
+    policy = _mixed_precision(step.mixed_precision)
     offload = f"CPUOffloadPolicy(pin_memory={step.offload.pin_memory})" if step.offload else "OffloadPolicy()"
     return [f"    fully_shard({target}, mesh=_mesh(mesh, {step.mesh_dims!r}), "
             f"reshard_after_forward={step.reshard_after_forward!r}, mp_policy={policy}, "
@@ -205,5 +200,6 @@ EMITTERS: Mapping[type[Step], Callable[[Step], list[str]]] = dict([
     _entry(Parallelize, _parallelize),
     _entry(Checkpoint, _checkpoint),
     _entry(ContextParallel, _context_parallel),
+    _entry(ExpertParallel, _expert_parallel),
     _entry(FullyShard, _fully_shard),
 ])

@@ -19,23 +19,18 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Any, ClassVar, Literal, TypeVar
 
 from meshplan.dsl.errors import NOWHERE, Span
-from meshplan.dsl.schema import STYLES
 from meshplan.dsl.spec import MESH_DIMS
+from meshplan.dsl.styles import STYLES, placement_of, shards_sequence
 
 SCHEMA_VERSION = 1
 DTYPES = ("bf16", "fp16", "fp32", "fp64")
 
 
-def _placement_ok(text: str) -> bool:
-    if text in ("replicate", "partial"):
-        return True
-    if text.startswith("shard(") and text.endswith(")"):
-        try:
-            int(text[6:-1])
-        except ValueError:
-            return False
-        return True
-    return False
+def _placement_ok(text: object) -> bool:
+    try:
+        return isinstance(text, str) and placement_of(text) is not None
+    except ValueError:
+        return False
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -75,7 +70,7 @@ class StyleCall:
     @property
     def shards_sequence(self) -> bool:
         """Does the style split activations along the sequence (dim 1)?"""
-        return self.style == "sequence_parallel" or "shard(1)" in self.placements()
+        return bool(shards_sequence(self.style, self.placements()))
 
 
 # Field names by which a step names the modules and the mesh dimensions it touches.

@@ -17,6 +17,7 @@ from typing import Any
 
 from meshplan.dsl.errors import Span
 from meshplan.dsl.spec import Placement, TPRuleSpec
+from meshplan.dsl.styles import STYLES, shards_sequence
 
 from ..mesh_facts import sequence_multiple
 from .context import Context
@@ -55,37 +56,25 @@ class Divisibility:
         ctx.error(span, "E505", fact + where, hint, related)
 
     def _module(self, ctx: Context, fqn: str, rule: TPRuleSpec, n: int) -> None:
+        """The size the rule's style shards on this module (the style registry's
+        `divides`), per part for a fused projection, and its heads."""
         graph = ctx.graph
         info = graph.module(fqn)
-        style = rule.style.name
-        a = info.attrs
+        divides = STYLES[rule.style.name].divides.get(info.kind)
+        size = info.attrs.get(divides.attr) if divides is not None else None
+        if divides is None or not isinstance(size, int):
+            return
         span = rule.style.span
-        parent = graph.modules.get(fqn.rsplit(".", 1)[0]) if "." in fqn else None
-        heads = parent.attrs if parent is not None and parent.kind == "attention" else None
-        if info.kind in ("linear", "conv1d") and style in ("colwise", "conv1d_colwise"):
-            out = a.get("out_features")
-            parts = fused_parts(graph, fqn) or ((out,) if isinstance(out, int) else ())
-            for size in parts:
-                if size % n:
-                    self._fail(ctx, span, f"{size} output features{' per part' if len(parts) > 1 else ''} "
-                               f"cannot be split {_ways(n)}", fqn)
-                    return
-            if heads is not None and isinstance(out, int):
-                self._heads(ctx, fqn, span, heads, out, n, fused=len(parts) > 1)
-        elif info.kind in ("linear", "conv1d") and style in ("rowwise", "conv1d_rowwise"):
-            width = a.get("in_features")
-            if isinstance(width, int) and width % n:
-                self._fail(ctx, span, f"{width} input features cannot be split {_ways(n)}", fqn)
+        parts = (fused_parts(graph, fqn) or (size,)) if divides.per_part else (size,)
+        for part in parts:
+            if part % n:
+                per = " per part" if len(parts) > 1 else ""
+                self._fail(ctx, span, f"{divides.fact.format(n=part)}{per} cannot be split {_ways(n)}", fqn,
+                           divides.hint)
                 return
-            if heads is not None and isinstance(width, int):
-                self._heads(ctx, fqn, span, heads, width, n, fused=False)
-        elif info.kind == "embedding":
-            vocab, width = a.get("num_embeddings"), a.get("embedding_dim")
-            if style == "rowwise" and isinstance(vocab, int) and vocab % n:
-                self._fail(ctx, span, f"a vocabulary of {vocab} tokens cannot be split {_ways(n)}", fqn,
-                           "pad the vocabulary to a multiple of the tp size, or leave the embedding replicated")
-            elif style == "colwise" and isinstance(width, int) and width % n:
-                self._fail(ctx, span, f"{width} embedding features cannot be split {_ways(n)}", fqn)
+        parent = graph.modules.get(fqn.rsplit(".", 1)[0]) if "." in fqn else None
+        if divides.heads and parent is not None and parent.kind == "attention":
+            self._heads(ctx, fqn, span, parent.attrs, size, n, fused=len(parts) > 1)
 
     def _heads(self, ctx: Context, fqn: str, span: Span, attrs: Mapping[str, Any], size: int,
                n: int, *, fused: bool) -> None:
@@ -163,10 +152,6 @@ class Divisibility:
 
 def _shards_sequence(rule: TPRuleSpec) -> bool:
     style = rule.style
-    if style.name == "sequence_parallel":
-        return True
-    for key in ("input", "output"):
-        p = style.args.get(key)
-        if isinstance(p, Placement) and p.kind == "shard" and p.dim == 1:
-            return True
-    return any(c.source == Placement("shard", 1) or c.target == Placement("shard", 1) for c in style.conversions)
+    placements = (style.args.get("input"), style.args.get("output"),
+                  *(p for c in style.conversions for p in (c.source, c.target)))
+    return bool(shards_sequence(style.name, tuple(str(p) if isinstance(p, Placement) else None for p in placements)))

@@ -25,6 +25,7 @@ from typing import Any
 
 from meshplan.dsl.errors import Span
 from meshplan.dsl.spec import Placement, TPRuleSpec
+from meshplan.dsl.styles import STYLES
 
 from ..graph import ModelGraph, Ref
 from ..layout import REPLICATE, UNKNOWN, Layout, LayoutProblem, normalize
@@ -159,7 +160,7 @@ class _Walk:
         if attrs.get("op") == "placeholder":
             owner = str(attrs.get("fqn", "")).rsplit(".", 1)[0]
             rule = self.styled.get(owner)
-            if rule is not None and rule.style.name in ("sequence_parallel", "replicate") and owner in consumer_stack:
+            if rule is not None and STYLES[rule.style.name].contract.replicated_params and owner in consumer_stack:
                 return replace(REPLICATE, dtensor=True)  # these styles make their weights DTensors
             return layout
         producer_stack = tuple(attrs.get("module_stack") or ())
@@ -229,14 +230,15 @@ class _Walk:
             return layout
         rank = len(self._shape(value))
         local = bool(style.args.get("local_output", False))
-        if style.name in ("sequence_parallel", "replicate"):
+        contract = STYLES[style.name].contract  # the style registry's layout contract
+        if contract.replicated_params:
             if index != 0:
                 return layout
             want = (Layout("shard", normalize(int(str(style.args.get("dim", 1))), rank))
-                    if style.name == "sequence_parallel" else _declared(style.args.get("input"), rank))
+                    if contract.input == "sequence" else _declared(style.args.get("input"), rank))
             self._check(module, rule, "input", layout, want)
             return replace(want, dtensor=True, origin=rule.span)
-        if style.name == "prepare_input":
+        if contract.input == "conversions":
             arg = call.inputs[index]
             for position, conv in enumerate(style.conversions):
                 hit = conv.name == arg.name if conv.name is not None else position == index
@@ -254,14 +256,15 @@ class _Walk:
         style = rule.style
         rank = len(self._shape(value))
         local = bool(style.args.get("local_output", True))
-        if style.name == "sequence_parallel":
+        contract = STYLES[style.name].contract  # the style registry's layout contract
+        if contract.output == "sequence":
             dim = normalize(int(str(style.args.get("dim", 1))), rank)
             return Layout("shard", dim, dtensor=not local, origin=rule.span)
-        if style.name == "replicate":
+        if contract.replicated_params and contract.output == "declared":
             out = _declared(style.args.get("output"), rank)
             return replace(out, dtensor=not local,
                            origin=rule.span if out.kind != "replicate" or not local else None)
-        if style.name == "prepare_output":
+        if contract.output == "conversions":
             call = self.graph.calls(module)
             index = next((i for i, a in enumerate(call.outputs) if a.node == value), None)
             for position, conv in enumerate(style.conversions):

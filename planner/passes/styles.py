@@ -11,8 +11,8 @@ patterns name attention modules. One error per rule, naming the first offender.
 
 from __future__ import annotations
 
-from meshplan.dsl.schema import STYLES
 from meshplan.dsl.spec import Placement, TPRuleSpec
+from meshplan.dsl.styles import STYLES
 
 from ..graph import ModelGraph
 from .context import Context
@@ -45,14 +45,7 @@ def weight_placement(graph: ModelGraph, module: str, rule: TPRuleSpec | None) ->
     """How a style lays out a module's weight: `shard(0)`, `shard(1)` or `replicate`."""
     if rule is None or module not in graph.modules:
         return "replicate"
-    kind, style = graph.modules[module].kind, rule.style.name
-    if kind == "embedding":
-        return {"rowwise": "shard(0)", "colwise": "shard(1)"}.get(style, "replicate")
-    if kind == "linear":
-        return {"colwise": "shard(0)", "rowwise": "shard(1)"}.get(style, "replicate")
-    if kind == "conv1d":
-        return {"conv1d_colwise": "shard(1)", "conv1d_rowwise": "shard(0)"}.get(style, "replicate")
-    return "replicate"
+    return str(STYLES[rule.style.name].weight(graph.modules[module].kind))
 
 
 class StyleFit:
@@ -109,7 +102,7 @@ class StyleFit:
         info = ctx.graph.module(fqn)
         schema = STYLES[style.name]
         more = f" (and {count - 1} more)" if count > 1 else ""
-        if "any" not in schema.applies_to and info.kind not in schema.applies_to:
+        if not schema.fits(info.kind):
             made_for = " and ".join(_KIND_WORDS.get(k, k) for k in schema.applies_to)
             hint = None
             if info.kind == "conv1d" and style.name in ("colwise", "rowwise"):
@@ -122,7 +115,7 @@ class StyleFit:
             ctx.error(style.span, "E504",
                       f"`{style.name}` is made for {made_for}; `{fqn}`{more} is {info.type}", hint)
             return True
-        parts = fused_parts(ctx.graph, fqn) if style.name in ("colwise", "conv1d_colwise") else None
+        parts = fused_parts(ctx.graph, fqn) if "parts" in schema.args else None
         wanted = int(str(style.args.get("parts", 1)))
         if parts is not None and wanted != len(parts):
             ctx.error(style.span, "E504",

@@ -32,7 +32,8 @@ from meshplan.planner.program import (
 from ..attention.context import CP_ATTRIBUTE, ContextParallelAttention
 from .context import ContextSplit, shard_batch
 from .mesh import build_mesh, submesh
-from .styles import make_style, rescale_split_sizes, selective_checkpoint_context
+from .registry import make_style
+from .styles import rescale_split_sizes, selective_checkpoint_context
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp64": torch.float64}
 
@@ -114,19 +115,14 @@ def _parallelize(step: Parallelize, model: nn.Module, mesh: DeviceMesh) -> None:
     tp_mesh = submesh(mesh, (step.mesh_dim,))
     own = [call for rel, call in step.plan if rel == ""]
     if own:  # a style on the block module itself
-        parallelize_module(root, tp_mesh, make_style(**_kwargs(own[0])))
-    plan = {rel: make_style(**_kwargs(call)) for rel, call in step.plan if rel}
+        parallelize_module(root, tp_mesh, make_style(own[0]))
+    plan = {rel: make_style(call) for rel, call in step.plan if rel}
     if plan:
         parallelize_module(root, tp_mesh, plan)
     for rel, call in step.plan:
         if call.parts > 1 and call.style == "conv1d_colwise" and "." in rel:
             parent = root.get_submodule(rel.rsplit(".", 1)[0])
             rescale_split_sizes(parent, root.get_submodule(rel), call.parts, tp_mesh.size())
-
-
-def _kwargs(call: Any) -> dict[str, Any]:
-    return {"style": call.style, "input": call.input, "output": call.output, "local_output": call.local_output,
-            "parts": call.parts, "dim": call.dim, "conversions": call.conversions}
 
 
 def _checkpoint(step: Checkpoint, model: nn.Module, mesh: DeviceMesh) -> None:

@@ -1,7 +1,11 @@
-"""ParallelStyles torch lacks, and the mapping from a Program's style calls to styles.
+"""ParallelStyles torch lacks, and the helpers their steps need.
 
-This module imports nothing but torch: `plan compile --emit python` inlines it into
-the standalone script, so the script and the runtime run the very same code.
+This module imports nothing but torch: `plan compile --emit python` writes its body
+into the standalone script, so the script and the runtime run the very same code. The
+emitter does not read this file: it writes `planner.emitted_styles.SOURCE`, a copy
+of the body checked in as a string, which a test holds equal to this file
+(`MESHPLAN_UPDATE_GOLDEN=1` rewrites it). Which style is built by which class is the
+style registry's business (`meshplan.dsl.styles`, `runtime.parallel.registry`).
 
 - `FusedColwiseParallel`: a Linear whose output packs `parts` equal projections
   (Phi-3's `qkv_proj`, `gate_up_proj`). Plain colwise would hand rank r a slice that
@@ -32,35 +36,15 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import (
     DTensor,
-    Partial,
     Placement,
     Replicate,
     Shard,
     distribute_module,
     distribute_tensor,
 )
-from torch.distributed.tensor.parallel import (
-    ColwiseParallel,
-    PrepareModuleInput,
-    PrepareModuleOutput,
-    RowwiseParallel,
-    SequenceParallel,
-)
+from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
 from torch.distributed.tensor.parallel.style import ParallelStyle
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
-
-
-def placement(text: str | None) -> Placement | None:
-    """`shard(1)` / `replicate` / `partial` (a Program's spelling) → a torch Placement."""
-    if text is None:
-        return None
-    if text == "replicate":
-        return Replicate()
-    if text == "partial":
-        return Partial()
-    if text.startswith("shard(") and text.endswith(")"):
-        return Shard(int(text[6:-1]))
-    raise ValueError(f"not a placement: {text!r}")
 
 
 def fused_row_order(out_features: int, parts: int, tp: int) -> torch.Tensor:
@@ -215,42 +199,6 @@ class ReplicateParallel(ParallelStyle):
             _hook(partial(self._prepare_input, self.input_layouts)),
             _hook(partial(self._prepare_output, self.output_layouts, self.use_local_output)),
         )
-
-
-def make_style(style: str, *, input: str | None = None, output: str | None = None,
-               local_output: bool = True, parts: int = 1, dim: int = 1,
-               conversions: tuple[tuple[str | None, str | None, str | None], ...] = ()) -> ParallelStyle:
-    """A Program's style call → the ParallelStyle instance the runtime applies."""
-    i, o = placement(input), placement(output)
-    if style == "colwise":
-        if parts > 1:
-            return FusedColwiseParallel(parts, input_layouts=i, output_layouts=o, use_local_output=local_output)
-        return ColwiseParallel(input_layouts=i, output_layouts=o, use_local_output=local_output)
-    if style == "rowwise":
-        return RowwiseParallel(input_layouts=i, output_layouts=o, use_local_output=local_output)
-    if style == "conv1d_colwise":
-        return Conv1DColwiseParallel(parts, input_layouts=i, output_layouts=o, use_local_output=local_output)
-    if style == "conv1d_rowwise":
-        return Conv1DRowwiseParallel(input_layouts=i, output_layouts=o, use_local_output=local_output)
-    if style == "sequence_parallel":
-        return SequenceParallel(sequence_dim=dim, use_local_output=local_output)
-    if style == "replicate":
-        return ReplicateParallel(input_layouts=i, output_layouts=o, use_local_output=local_output)
-    if style in ("prepare_input", "prepare_output"):
-        named = {n: (placement(s), placement(d)) for n, s, d in conversions if n is not None}
-        positional = [(placement(s), placement(d)) for n, s, d in conversions if n is None]
-        src = tuple(s if s is not None else d for s, d in positional)
-        dst = tuple(d if d is not None else s for s, d in positional)
-        if style == "prepare_output":
-            return PrepareModuleOutput(output_layouts=cast(Any, src), desired_output_layouts=cast(Any, dst),
-                                       use_local_output=local_output)
-        return PrepareModuleInput(
-            input_layouts=cast(Any, src) or None, desired_input_layouts=cast(Any, dst) or None,
-            input_kwarg_layouts=cast(Any, {n: s or d for n, (s, d) in named.items()}) or None,
-            desired_input_kwarg_layouts=cast(Any, {n: d or s for n, (s, d) in named.items()}) or None,
-            use_local_output=local_output,
-        )
-    raise ValueError(f"unknown style {style!r}")
 
 
 def rescale_split_sizes(parent: nn.Module, child: nn.Module, parts: int, tp: int) -> None:

@@ -1,0 +1,328 @@
+"""The style registry: one record per ParallelStyle, everything meshplan knows about it.
+
+A record says
+- how a plan spells it: its arguments and their types (`args`), whether it takes
+  layout conversions (`conversions`) — read by the language's checks;
+- which module kinds it is made for (`applies_to`) — read by the planner's style pass;
+- its layout contract (`contract`): what it does to its module's input, output and
+  weights — read by layout propagation, the tied-weight check and FSDP;
+- what must divide (`divides`): the module sizes it shards, per module kind — read by
+  the divisibility pass;
+- whether it always splits the sequence (`sequence`) — read by the sequence checks and
+  the derived sequence multiple;
+- how torch builds it (`build`): the dotted name of its constructor and the
+  constructor's arguments, as torch-free data (placements are `Placement`s). The
+  runtime imports the constructor by that name and converts the placements
+  (`runtime.parallel.registry.make_style`); `--emit python` writes the same call as
+  source (`source`), so the script and the runtime cannot build different styles.
+
+Adding a style is one record here (plus, when torch lacks the style, its class in
+`runtime/parallel/styles.py`, which the script inlines) and its tests. This module
+imports neither torch nor the planner: the language reads it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+from .schema import BoolType, IntType, PlacementType, SettingSchema
+from .spec import Placement
+
+# Module kinds a style may be applied to (the planner knows each module's kind).
+ModuleKind = Literal["linear", "embedding", "conv1d", "norm", "any"]
+
+TORCH_TP = "torch.distributed.tensor.parallel"
+MESHPLAN_STYLES = "meshplan.runtime.parallel.styles"
+
+
+def placement_of(text: str | None) -> Placement | None:
+    """A Program's placement text (`shard(1)`, `replicate`, `partial`) → a Placement;
+    None stays None. ValueError for anything else."""
+    if text is None:
+        return None
+    if text in ("replicate", "partial"):
+        return Placement(text)  # type: ignore[arg-type]
+    if text.startswith("shard(") and text.endswith(")"):
+        inner = text[6:-1]
+        digits = inner[1:] if inner.startswith("-") else inner
+        if digits.isascii() and digits.isdigit():
+            return Placement("shard", int(inner))
+    raise ValueError(f"not a placement: {text!r}")
+
+
+# ------------------------------------------------------------------ the torch call
+
+
+class CallArgs(Protocol):
+    """A style call's resolved arguments, as a Program holds them (`planner.program.StyleCall`)."""
+
+    @property
+    def style(self) -> str: ...
+    @property
+    def input(self) -> str | None: ...
+    @property
+    def output(self) -> str | None: ...
+    @property
+    def local_output(self) -> bool: ...
+    @property
+    def parts(self) -> int: ...
+    @property
+    def dim(self) -> int: ...
+    @property
+    def conversions(self) -> tuple[tuple[str | None, str | None, str | None], ...]: ...
+
+
+@dataclass(frozen=True)
+class Named:
+    """A mapping argument (`{'hidden_states': Shard(1)}`), kept as ordered pairs."""
+
+    pairs: tuple[tuple[str, Placement | None], ...]
+
+
+# A constructor argument: plain values, placements, tuples of placements, or a mapping
+# from argument names to placements (PrepareModuleInput's kwarg layouts).
+Arg = None | bool | int | Placement | tuple[Placement | None, ...] | Named
+
+
+@dataclass(frozen=True)
+class Construct:
+    """One constructor call: `constructor(*args, **dict(kwargs))`."""
+
+    constructor: str  # dotted name: module path, then the class
+    args: tuple[Arg, ...] = ()
+    kwargs: tuple[tuple[str, Arg], ...] = ()
+
+    @property
+    def name(self) -> str:
+        return self.constructor.rsplit(".", 1)[-1]
+
+    @property
+    def module(self) -> str:
+        return self.constructor.rsplit(".", 1)[0]
+
+    def source(self) -> str:
+        """The call as Python source, in the names the emitted script defines."""
+        parts = [render(a) for a in self.args] + [f"{k}={render(v)}" for k, v in self.kwargs]
+        return f"{self.name}({', '.join(parts)})"
+
+
+def render(value: Arg) -> str:
+    """An argument as Python source (placements as torch's `Shard(d)`, `Replicate()`, …)."""
+    if value is None or isinstance(value, bool):
+        return repr(value)
+    if isinstance(value, int):
+        return repr(int(value))
+    if isinstance(value, Placement):
+        if value.kind == "shard":
+            return f"Shard({int(value.dim or 0)})"
+        return "Replicate()" if value.kind == "replicate" else "Partial()"
+    if isinstance(value, Named):
+        return "{" + ", ".join(f"{k!r}: {render(v)}" for k, v in value.pairs) + "}"
+    return "(" + ", ".join(render(v) for v in value) + ",)" if value else "()"
+
+
+def _io(call: CallArgs) -> tuple[tuple[str, Arg], ...]:
+    return (("input_layouts", placement_of(call.input)), ("output_layouts", placement_of(call.output)),
+            ("use_local_output", call.local_output))
+
+
+def _local(call: CallArgs) -> tuple[tuple[str, Arg], ...]:
+    return (("use_local_output", call.local_output),)
+
+
+def _positional(call: CallArgs) -> list[tuple[Placement | None, Placement | None]]:
+    """Unnamed conversions as (from, to), a side left `none` taking the other's layout."""
+    out = []
+    for name, src, dst in call.conversions:
+        if name is None:
+            s, d = placement_of(src), placement_of(dst)
+            out.append((s if s is not None else d, d if d is not None else s))
+    return out
+
+
+def _named(call: CallArgs) -> list[tuple[str, Placement | None, Placement | None]]:
+    out = []
+    for name, src, dst in call.conversions:
+        if name is not None:
+            s, d = placement_of(src), placement_of(dst)
+            out.append((name, s if s is not None else d, d if d is not None else s))
+    return out
+
+
+def _colwise(call: CallArgs) -> Construct:
+    if call.parts > 1:
+        return Construct(f"{MESHPLAN_STYLES}.FusedColwiseParallel", (call.parts,), _io(call))
+    return Construct(f"{TORCH_TP}.ColwiseParallel", (), _io(call))
+
+
+def _prepare_input(call: CallArgs) -> Construct:
+    kwargs: list[tuple[str, Arg]] = []
+    positional, named = _positional(call), _named(call)
+    if positional:
+        kwargs += [("input_layouts", tuple(s for s, _ in positional)),
+                   ("desired_input_layouts", tuple(d for _, d in positional))]
+    if named:
+        kwargs += [("input_kwarg_layouts", Named(tuple((n, s) for n, s, _ in named))),
+                   ("desired_input_kwarg_layouts", Named(tuple((n, d) for n, _, d in named)))]
+    return Construct(f"{TORCH_TP}.PrepareModuleInput", (), (*kwargs, *_local(call)))
+
+
+def _prepare_output(call: CallArgs) -> Construct:
+    positional = _positional(call)
+    return Construct(f"{TORCH_TP}.PrepareModuleOutput", (), (
+        ("output_layouts", tuple(s for s, _ in positional)),
+        ("desired_output_layouts", tuple(d for _, d in positional)), *_local(call)))
+
+
+# ------------------------------------------------------------------ the record
+
+
+@dataclass(frozen=True)
+class Divides:
+    """A module size a style shards, which the mesh dimension must divide."""
+
+    attr: str  # the module's attribute in the model graph (`out_features`, …)
+    fact: str  # what it is, `{n}` for the size: "{n} output features"
+    per_part: bool = False  # a fused projection (`parts = N`): each part's size
+    heads: bool = False  # behind q/k/v/o projections: whole heads, so head counts divide too
+    hint: str | None = None
+
+
+Side = Literal["declared", "sequence", "conversions", "untouched"]
+
+
+@dataclass(frozen=True)
+class Contract:
+    """What a style does at its module's boundary.
+
+    `input` / `output`: `declared` — converted to the style's `input` / `output`
+    argument; `sequence` — sharded along the `dim` argument (sequence parallelism);
+    `conversions` — converted as the style's conversions say; `untouched` — left alone.
+    `weights`: module kind → the weight's placement (absent: replicated).
+    `replicated_params`: the module's parameters become replicated DTensors (their
+    gradients are then summed over the dimension).
+    """
+
+    input: Side = "declared"
+    output: Side = "declared"
+    weights: Mapping[str, str] = field(default_factory=dict)
+    replicated_params: bool = False
+
+
+@dataclass(frozen=True)
+class StyleSchema:
+    """One ParallelStyle (see the module docstring)."""
+
+    doc: str
+    build: Callable[[CallArgs], Construct]
+    args: Mapping[str, SettingSchema] = field(default_factory=dict)
+    conversions: bool = False
+    applies_to: tuple[ModuleKind, ...] = ("any",)
+    contract: Contract = Contract()
+    divides: Mapping[str, Divides] = field(default_factory=dict)
+    sequence: bool = False  # always splits activations along the sequence
+
+    def construct(self, call: CallArgs) -> Construct:
+        return self.build(call)
+
+    def source(self, call: CallArgs) -> str:
+        """The constructor call `--emit python` writes for `call`."""
+        return self.build(call).source()
+
+    def weight(self, kind: str) -> str:
+        """How the style lays out the weight of a module of `kind`."""
+        return self.contract.weights.get(kind, "replicate")
+
+    def fits(self, kind: str) -> bool:
+        return "any" in self.applies_to or kind in self.applies_to
+
+
+StyleRecord = StyleSchema
+
+
+def shards_sequence(style: str, placements: tuple[str | None, ...]) -> bool:
+    """Does a call of `style` naming `placements` (input, output, conversions) split
+    activations along the sequence (dim 1)?"""
+    return STYLES[style].sequence or "shard(1)" in placements
+
+
+PLACEMENT = PlacementType()
+LOCAL_TRUE = SettingSchema(BoolType(), True, doc="hand plain local tensors to the code after the module")
+LOCAL_FALSE = SettingSchema(BoolType(), False, doc="hand plain local tensors to the code after the module")
+PARTS = SettingSchema(IntType(1), 1, doc="a fused projection of N equal parts; each part is sharded")
+REPLICATED = SettingSchema(PLACEMENT, Placement("replicate"))
+SHARD_LAST = SettingSchema(PLACEMENT, Placement("shard", -1))
+
+# What colwise / rowwise shard on Linear-like modules (GPT-2's Conv1D has the same
+# attributes, stored transposed).
+_OUT = Divides("out_features", "{n} output features", per_part=True, heads=True)
+_IN = Divides("in_features", "{n} input features", heads=True)
+
+STYLES: Mapping[str, StyleSchema] = {
+    "colwise": StyleSchema(
+        "Shard the weight's output features (ColwiseParallel); Embedding: shard the embedding dim.",
+        build=_colwise,
+        args={"input": REPLICATED, "output": SHARD_LAST, "local_output": LOCAL_TRUE, "parts": PARTS},
+        applies_to=("linear", "embedding"),
+        contract=Contract(weights={"linear": "shard(0)", "embedding": "shard(1)"}),
+        divides={"linear": _OUT, "conv1d": _OUT,
+                 "embedding": Divides("embedding_dim", "{n} embedding features")},
+    ),
+    "rowwise": StyleSchema(
+        "Shard the weight's input features (RowwiseParallel); Embedding: shard the vocabulary.",
+        build=lambda call: Construct(f"{TORCH_TP}.RowwiseParallel", (), _io(call)),
+        args={"input": SHARD_LAST, "output": REPLICATED, "local_output": LOCAL_TRUE},
+        applies_to=("linear", "embedding"),
+        contract=Contract(weights={"linear": "shard(1)", "embedding": "shard(0)"}),
+        divides={"linear": _IN, "conv1d": _IN,
+                 "embedding": Divides("num_embeddings", "a vocabulary of {n} tokens",
+                                      hint="pad the vocabulary to a multiple of the tp size, or leave the "
+                                           "embedding replicated")},
+    ),
+    "conv1d_colwise": StyleSchema(
+        "ColwiseParallel for GPT-2's transposed Conv1D (weight is [in, out]).",
+        build=lambda call: Construct(f"{MESHPLAN_STYLES}.Conv1DColwiseParallel", (call.parts,), _io(call)),
+        args={"input": REPLICATED, "output": SHARD_LAST, "local_output": LOCAL_TRUE, "parts": PARTS},
+        applies_to=("conv1d",),
+        contract=Contract(weights={"conv1d": "shard(1)"}),
+        divides={"linear": _OUT, "conv1d": _OUT},
+    ),
+    "conv1d_rowwise": StyleSchema(
+        "RowwiseParallel for GPT-2's transposed Conv1D (weight is [in, out]).",
+        build=lambda call: Construct(f"{MESHPLAN_STYLES}.Conv1DRowwiseParallel", (), _io(call)),
+        args={"input": SHARD_LAST, "output": REPLICATED, "local_output": LOCAL_TRUE},
+        applies_to=("conv1d",),
+        contract=Contract(weights={"conv1d": "shard(0)"}),
+        divides={"linear": _IN, "conv1d": _IN},
+    ),
+    "sequence_parallel": StyleSchema(
+        "Run a norm (or dropout) on sequence shards; its weight stays replicated.",
+        build=lambda call: Construct(f"{TORCH_TP}.SequenceParallel", (),
+                                     (("sequence_dim", call.dim), *_local(call))),
+        args={"dim": SettingSchema(IntType(None), 1, doc="the sequence dimension"),
+              "local_output": LOCAL_FALSE},
+        applies_to=("norm",),
+        contract=Contract(input="sequence", output="sequence", replicated_params=True),
+        sequence=True,
+    ),
+    "prepare_input": StyleSchema(
+        "Convert a module's inputs: `shard(1) -> replicate`, or `name: shard(1) -> replicate`.",
+        build=_prepare_input,
+        args={"local_output": LOCAL_FALSE}, conversions=True,
+        contract=Contract(input="conversions", output="untouched"),
+    ),
+    "prepare_output": StyleSchema(
+        "Convert a module's outputs: `replicate -> shard(1)`.",
+        build=_prepare_output,
+        args={"local_output": LOCAL_TRUE}, conversions=True,
+        contract=Contract(input="untouched", output="conversions"),
+    ),
+    "replicate": StyleSchema(
+        "Keep the module's parameters replicated over the dimension (as DTensors).",
+        build=lambda call: Construct(f"{MESHPLAN_STYLES}.ReplicateParallel", (), _io(call)),
+        args={"input": REPLICATED, "output": REPLICATED, "local_output": LOCAL_TRUE},
+        contract=Contract(replicated_params=True),
+    ),
+}

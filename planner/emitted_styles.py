@@ -1,0 +1,203 @@
+"""The body of `runtime/parallel/styles.py` (the ParallelStyles torch lacks), as the text
+`plan compile --emit python` writes into the standalone script.
+
+The emitter writes this string; it never reads a source file of the installed package.
+`tests/test_registry.py` holds it equal to the runtime module's body (after the module
+docstring and the `__future__` import), so the script runs the runtime's very code;
+`MESHPLAN_UPDATE_GOLDEN=1 pytest tests/test_registry.py` rewrites it after an edit there.
+"""
+
+SOURCE = r'''
+from functools import partial
+from typing import Any, cast
+
+import torch
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import (
+    DTensor,
+    Placement,
+    Replicate,
+    Shard,
+    distribute_module,
+    distribute_tensor,
+)
+from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+from torch.distributed.tensor.parallel.style import ParallelStyle
+from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+
+
+def fused_row_order(out_features: int, parts: int, tp: int) -> torch.Tensor:
+    """Row permutation from packed order ([part][rank][row]) to rank-major ([rank][part][row])."""
+    if out_features % (parts * tp):
+        raise ValueError(f"{out_features} features are not {parts} parts divisible by tp {tp}")
+    rows = torch.arange(out_features).view(parts, tp, out_features // (parts * tp))
+    return rows.transpose(0, 1).reshape(-1)
+
+
+def _param(module: nn.Module, name: str) -> nn.Parameter | None:
+    value = getattr(module, name, None)
+    return value if isinstance(value, nn.Parameter) else None
+
+
+def _hook(fn: Any) -> Any:
+    """distribute_module's callbacks may return new inputs/outputs; torch types them as None."""
+    return cast(Any, fn)
+
+
+def _rank_major(t: torch.Tensor, dim: int, parts: int, tp: int) -> torch.Tensor:
+    order = fused_row_order(t.shape[dim], parts, tp).to(t.device) if t.device.type != "meta" else None
+    if order is None:  # meta tensors have no values to move: only the shape matters
+        return t
+    return t.index_select(dim, order)
+
+
+def _packed_from_rank_major(local_full: torch.Tensor, parts: int, tp: int) -> torch.Tensor:
+    """A gathered rank-major last dim [rank][part][c] back to packed [part][rank][c]."""
+    *lead, width = local_full.shape
+    c = width // (parts * tp)
+    return local_full.reshape(*lead, tp, parts, c).transpose(-3, -2).reshape(*lead, width)
+
+
+class FusedColwiseParallel(ColwiseParallel):
+    """ColwiseParallel for a Linear packing `parts` equal projections (see module docs)."""
+
+    def __init__(self, parts: int, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.parts = parts
+
+    def _partition_linear_fn(self, name: str, module: nn.Module, device_mesh: DeviceMesh) -> None:
+        tp = device_mesh.size()
+        for pname, param in list(module.named_parameters()):
+            reordered = _rank_major(param.data, 0, self.parts, tp)
+            dist = distribute_tensor(reordered, device_mesh, [Shard(0)])
+            module.register_parameter(pname, nn.Parameter(dist, requires_grad=param.requires_grad))
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        if not isinstance(module, nn.Linear):
+            raise NotImplementedError("FusedColwiseParallel shards nn.Linear modules only")
+        return distribute_module(
+            module, device_mesh, self._partition_linear_fn,
+            _hook(partial(self._prepare_input_fn, self.input_layouts, self.desired_input_layouts)),
+            _hook(partial(_fused_output, self.output_layouts, self.use_local_output, self.parts)),
+        )
+
+
+def _fused_output(output_layouts: tuple[Placement, ...], use_local_output: bool, parts: int,
+                  mod: nn.Module, outputs: DTensor, device_mesh: DeviceMesh) -> torch.Tensor | DTensor:
+    if isinstance(output_layouts[0], Replicate):
+        # Gathering a rank-major tensor yields [r0: p0 p1 …][r1: …]: restore [p0: r0 r1 …][p1: …].
+        full = outputs.redistribute(placements=[Replicate()]).to_local()
+        full = _packed_from_rank_major(full, parts, device_mesh.size())
+        return full if use_local_output else DTensor.from_local(full, device_mesh, [Replicate()], run_check=False)
+    if outputs.placements != output_layouts:
+        outputs = outputs.redistribute(placements=output_layouts)
+    return outputs.to_local() if use_local_output else outputs
+
+
+class Conv1DColwiseParallel(FusedColwiseParallel):
+    """Colwise for transformers' Conv1D (weight [in, out]): shard the out dimension."""
+
+    def __init__(self, parts: int = 1, **kwargs: Any) -> None:
+        super().__init__(parts, **kwargs)
+
+    def _partition_linear_fn(self, name: str, module: nn.Module, device_mesh: DeviceMesh) -> None:
+        tp = device_mesh.size()
+        weight, bias = _param(module, "weight"), _param(module, "bias")
+        if weight is None:
+            raise ValueError("a Conv1D without a weight")
+        w = distribute_tensor(_rank_major(weight.data, 1, self.parts, tp), device_mesh, [Shard(1)])
+        module.register_parameter("weight", nn.Parameter(w, requires_grad=weight.requires_grad))
+        if bias is not None:
+            b = distribute_tensor(_rank_major(bias.data, 0, self.parts, tp), device_mesh, [Shard(0)])
+            module.register_parameter("bias", nn.Parameter(b, requires_grad=bias.requires_grad))
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        if type(module).__name__ != "Conv1D":
+            raise NotImplementedError("Conv1DColwiseParallel shards transformers' Conv1D modules only")
+        return distribute_module(
+            module, device_mesh, self._partition_linear_fn,
+            _hook(partial(self._prepare_input_fn, self.input_layouts, self.desired_input_layouts)),
+            _hook(partial(_fused_output, self.output_layouts, self.use_local_output, self.parts)),
+        )
+
+
+class Conv1DRowwiseParallel(RowwiseParallel):
+    """Rowwise for transformers' Conv1D (weight [in, out]): shard the in dimension."""
+
+    def _partition_linear_fn(self, name: str, module: nn.Module, device_mesh: DeviceMesh) -> None:
+        weight, bias = _param(module, "weight"), _param(module, "bias")
+        if weight is None:
+            raise ValueError("a Conv1D without a weight")
+        w = distribute_tensor(weight.data, device_mesh, [Shard(0)])
+        module.register_parameter("weight", nn.Parameter(w, requires_grad=weight.requires_grad))
+        if bias is not None:
+            b = distribute_tensor(bias.data, device_mesh, [Replicate()])
+            module.register_parameter("bias", nn.Parameter(b, requires_grad=bias.requires_grad))
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        if type(module).__name__ != "Conv1D":
+            raise NotImplementedError("Conv1DRowwiseParallel shards transformers' Conv1D modules only")
+        self.desired_input_layouts: tuple[Placement, ...] = (Shard(-1),)  # x @ W contracts the last dim
+        return distribute_module(
+            module, device_mesh, self._partition_linear_fn,
+            _hook(partial(self._prepare_input_fn, self.input_layouts, self.desired_input_layouts)),
+            _hook(partial(self._prepare_output_fn, self.output_layouts, self.use_local_output)),
+        )
+
+
+class ReplicateParallel(ParallelStyle):
+    """Parameters become replicated DTensors; input/output layouts are declared."""
+
+    def __init__(self, *, input_layouts: Placement | None = None, output_layouts: Placement | None = None,
+                 use_local_output: bool = True) -> None:
+        super().__init__()
+        self.input_layouts = (input_layouts or Replicate(),)
+        self.output_layouts = (output_layouts or Replicate(),)
+        self.use_local_output = use_local_output
+
+    @staticmethod
+    def _prepare_input(layouts: tuple[Placement, ...], mod: nn.Module, inputs: tuple[Any, ...],
+                       device_mesh: DeviceMesh) -> tuple[Any, ...]:
+        first = inputs[0]
+        if not isinstance(first, DTensor):
+            first = DTensor.from_local(first, device_mesh, layouts, run_check=False)
+        elif first.placements != layouts:
+            first = first.redistribute(placements=layouts)
+        return (first, *inputs[1:])
+
+    @staticmethod
+    def _prepare_output(layouts: tuple[Placement, ...], use_local: bool, mod: nn.Module, outputs: DTensor,
+                        device_mesh: DeviceMesh) -> torch.Tensor | DTensor:
+        if outputs.placements != layouts:
+            outputs = outputs.redistribute(placements=layouts)
+        return outputs.to_local() if use_local else outputs
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        return distribute_module(
+            module, device_mesh, None,  # None: every parameter becomes a replicated DTensor
+            _hook(partial(self._prepare_input, self.input_layouts)),
+            _hook(partial(self._prepare_output, self.output_layouts, self.use_local_output)),
+        )
+
+
+def rescale_split_sizes(parent: nn.Module, child: nn.Module, parts: int, tp: int) -> None:
+    """After a fused Conv1D is sharded, GPT-2-style parents split its *local* output by
+    `split_size`: divide the attribute by the tensor-parallel size to match."""
+    width = getattr(child, "nf", None)
+    size = getattr(parent, "split_size", None)
+    if isinstance(width, int) and isinstance(size, int) and size * parts == width:
+        setattr(parent, "split_size", size // tp)  # noqa: B010 (an attribute torch's typing does not know)
+
+
+def selective_checkpoint_context() -> Any:
+    """Selective AC: keep matmul and attention outputs, recompute the cheap ops."""
+    save = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
+            torch.ops.aten._scaled_dot_product_efficient_attention.default,
+            torch.ops.aten._scaled_dot_product_flash_attention.default}
+
+    def policy(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
+        return CheckpointPolicy.MUST_SAVE if op in save else CheckpointPolicy.PREFER_RECOMPUTE
+
+    return create_selective_checkpoint_contexts(policy)
+'''.strip("\n")

@@ -1,0 +1,208 @@
+"""The style registry: one record per ParallelStyle, read by the language, the passes,
+the runtime and the emitter — and a new style is one record."""
+
+from __future__ import annotations
+
+import ast
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch  # noqa: F401  (the script namespace below needs it)
+from torch.distributed.tensor import Partial, Replicate, Shard
+from torch.distributed.tensor.parallel import ColwiseParallel
+from torch.distributed.tensor.parallel.style import ParallelStyle
+
+from meshplan.dsl import load, schema
+from meshplan.dsl.spec import Placement
+from meshplan.dsl.styles import (
+    MESHPLAN_STYLES,
+    STYLES,
+    TORCH_TP,
+    Construct,
+    Contract,
+    Divides,
+    StyleSchema,
+    placement_of,
+    render,
+    shards_sequence,
+)
+from meshplan.planner import compile_plan
+from meshplan.planner.emit import style_source
+from meshplan.planner.emitted_styles import SOURCE
+from meshplan.planner.program import Parallelize, StyleCall
+from meshplan.runtime.parallel import styles as runtime_styles
+from meshplan.runtime.parallel.registry import constructor, make_style, torch_placement
+
+from .conftest import ROOT
+
+EMITTED = ROOT / "planner" / "emitted_styles.py"
+
+
+def _body(path: Path) -> str:
+    text = path.read_text(encoding="utf-8")
+    body = text.split('"""', 2)[2]
+    return body.replace("from __future__ import annotations\n", "").strip("\n")
+
+
+def test_the_emitted_source_is_the_runtime_module() -> None:
+    """The script inlines a checked-in copy of runtime/parallel/styles.py: it must be
+    the runtime's very code (MESHPLAN_UPDATE_GOLDEN=1 rewrites the copy)."""
+    body = _body(Path(runtime_styles.__file__))
+    if os.environ.get("MESHPLAN_UPDATE_GOLDEN") and body != SOURCE:
+        head = EMITTED.read_text(encoding="utf-8").split("SOURCE = ", 1)[0]
+        EMITTED.write_text(f"{head}SOURCE = r'''\n{body}\n'''.strip(\"\\n\")\n", encoding="utf-8")
+        pytest.fail("planner/emitted_styles.py rewritten from runtime/parallel/styles.py: rerun")
+    assert SOURCE == body, ("planner/emitted_styles.py differs from runtime/parallel/styles.py; "
+                            "MESHPLAN_UPDATE_GOLDEN=1 pytest tests/test_registry.py rewrites it")
+
+
+def test_the_schema_reads_the_registry() -> None:
+    assert schema.STYLES is STYLES
+    assert schema.StyleSchema is StyleSchema
+
+
+# One call of each style, with every argument form (fused parts, named and positional
+# conversions, a side left `none`).
+CALLS = [
+    StyleCall(style="colwise"),
+    StyleCall(style="colwise", parts=3, output="replicate"),
+    StyleCall(style="colwise", input="shard(1)", output="shard(-1)", local_output=False),
+    StyleCall(style="rowwise", output="shard(1)"),
+    StyleCall(style="rowwise", input="replicate", output="partial"),
+    StyleCall(style="conv1d_colwise", parts=3),
+    StyleCall(style="conv1d_rowwise"),
+    StyleCall(style="sequence_parallel", dim=1, local_output=False),
+    StyleCall(style="prepare_input", local_output=False, conversions=(("hidden_states", "shard(1)", "replicate"),)),
+    StyleCall(style="prepare_input", local_output=False,
+              conversions=((None, "shard(1)", "replicate"), (None, None, "replicate"))),
+    StyleCall(style="prepare_output", conversions=((None, "replicate", "shard(1)"),)),
+    StyleCall(style="replicate", input="shard(1)", output="shard(1)"),
+]
+
+
+def test_every_style_has_a_call_here() -> None:
+    assert {c.style for c in CALLS} == set(STYLES)
+
+
+def _script_namespace() -> dict[str, Any]:
+    namespace: dict[str, Any] = {}
+    exec(compile("from __future__ import annotations\n" + SOURCE, "<styles>", "exec"), namespace)
+    namespace.update(Partial=Partial, Replicate=Replicate, Shard=Shard)
+    import torch.distributed.tensor.parallel as tp
+
+    namespace.update({name: getattr(tp, name) for name in dir(tp) if name.endswith("Parallel")
+                      or name.startswith("PrepareModule")})
+    return namespace
+
+
+def _state(style: ParallelStyle) -> tuple[str, dict[str, Any]]:
+    return type(style).__name__, dict(vars(style))
+
+
+@pytest.mark.parametrize("call", CALLS, ids=lambda c: c.style)
+def test_the_script_builds_what_the_runtime_builds(call: StyleCall) -> None:
+    """The emitted constructor call and `make_style` come from one record: same class,
+    same placements and flags."""
+    by_runtime = make_style(call)
+    by_script = eval(style_source(call), _script_namespace())
+    assert _state(by_script) == _state(by_runtime)
+
+
+@pytest.mark.parametrize("call", CALLS, ids=lambda c: c.style)
+def test_constructors_are_importable_and_the_script_defines_meshplans(call: StyleCall) -> None:
+    built = STYLES[call.style].construct(call)
+    cls = constructor(built.constructor)
+    assert issubclass(cls, ParallelStyle)
+    assert built.module in (TORCH_TP, MESHPLAN_STYLES)
+    if built.module == MESHPLAN_STYLES:
+        defined = {n.name for n in ast.parse(SOURCE).body if isinstance(n, ast.ClassDef)}
+        assert built.name in defined
+
+
+def test_constructor_refuses_what_is_not_a_style() -> None:
+    with pytest.raises(TypeError, match="is not a ParallelStyle"):
+        constructor("torch.nn.Linear")
+
+
+def test_fused_colwise_and_plain_colwise_differ_by_parts() -> None:
+    assert STYLES["colwise"].construct(StyleCall(style="colwise")).name == "ColwiseParallel"
+    fused = STYLES["colwise"].construct(StyleCall(style="colwise", parts=2))
+    assert fused.name == "FusedColwiseParallel" and fused.args == (2,)
+    assert type(make_style(StyleCall(style="colwise", parts=2))).__name__ == "FusedColwiseParallel"
+
+
+def test_rendering_and_placements() -> None:
+    assert render(Placement("shard", -1)) == "Shard(-1)"
+    assert render((Placement("shard", 1), None)) == "(Shard(1), None,)"
+    assert render(()) == "()"
+    assert render(True) == "True" and render(3) == "3" and render(None) == "None"
+    assert placement_of("shard(-2)") == Placement("shard", -2)
+    assert placement_of("partial") == Placement("partial") and placement_of(None) is None
+    for bad in ("shard(1); x", "shard( 1)", "shard(+1)", "shard()", "Shard(1)", "shard(١)"):
+        with pytest.raises(ValueError, match="not a placement"):
+            placement_of(bad)
+    assert torch_placement(Placement("shard", 2)) == Shard(2)
+    assert torch_placement(Placement("partial")) == Partial()
+
+
+def test_the_layout_contract_says_what_happens_to_weights() -> None:
+    assert STYLES["colwise"].weight("linear") == "shard(0)" and STYLES["colwise"].weight("embedding") == "shard(1)"
+    assert STYLES["rowwise"].weight("linear") == "shard(1)" and STYLES["rowwise"].weight("embedding") == "shard(0)"
+    assert STYLES["conv1d_colwise"].weight("conv1d") == "shard(1)"
+    assert STYLES["sequence_parallel"].weight("norm") == "replicate"
+    assert STYLES["sequence_parallel"].contract.replicated_params
+    assert STYLES["prepare_input"].contract.input == "conversions"
+    assert STYLES["prepare_output"].contract.output == "conversions"
+
+
+def test_sequence_sharding() -> None:
+    assert shards_sequence("sequence_parallel", ())
+    assert shards_sequence("rowwise", (None, "shard(1)"))
+    assert not shards_sequence("colwise", ("replicate", "shard(-1)"))
+
+
+# ------------------------------------------------------------ a new style is one record
+
+GATHERED = StyleSchema(
+    "Colwise with a gathered (replicated) output.",
+    build=lambda call: Construct(f"{TORCH_TP}.ColwiseParallel", (), (
+        ("input_layouts", Placement("replicate")), ("output_layouts", Placement("replicate")),
+        ("use_local_output", call.local_output))),
+    args={"local_output": schema.SettingSchema(schema.BoolType(), True)},
+    applies_to=("linear",),
+    contract=Contract(weights={"linear": "shard(0)"}),
+    divides={"linear": Divides("out_features", "{n} output features")},
+)
+
+PLAN = """\
+plan gathered for LlamaForCausalLM
+mesh {
+  dp_shard = auto
+  tp = 2
+}
+tensor_parallel on tp {
+  lm_head : colwise_gathered
+}
+fully_shard on dp_shard {
+  root
+}
+"""
+
+
+def test_a_new_style_is_one_record(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(STYLES, "colwise_gathered", GATHERED)  # type: ignore[index]
+    load(PLAN)  # the language accepts it
+    program = compile_plan(PLAN, "tiny-llama", 4).program  # the passes accept it
+    (step,) = program.steps_of(Parallelize)
+    (_, call), = step.plan
+    assert call.style == "colwise_gathered"
+    style = make_style(call)  # the runtime builds it
+    assert isinstance(style, ColwiseParallel) and style.output_layouts == (Replicate(),)
+    script = program.to_python()  # the script writes it
+    assert ("'lm_head': ColwiseParallel(input_layouts=Replicate(), output_layouts=Replicate(), "
+            "use_local_output=True)") in script
+    bad = PLAN.replace("lm_head", "model.norm")
+    with pytest.raises(Exception, match="colwise_gathered` is made for a Linear"):
+        compile_plan(bad, "tiny-llama", 4)
