@@ -9,9 +9,10 @@ Guarantees, for a plan with `expert_parallel on ep { experts PATTERN }` and ep >
 - no router gets a tensor-parallel style: its logits must be whole for top-k (E504);
 - under sequence parallelism, each MoE block converts its input to replicated plain
   tensors (`prepare_input(shard(1) -> replicate, local_output = true)`): otherwise every
-  tp rank would route a different sequence slice through a router nobody reduces (E506);
+  tp rank would route a different sequence slice through a router nobody reduces, or
+  hand DTensors to code that mixes them with plain ones (E506);
 - a float32 router (DeepSeek-V3's weight and `e_score_correction_bias`) is not in an
-  FSDP unit with parameters of another dtype, nor cast by FSDP's mixed precision (E508);
+  FSDP unit with parameters of another dtype (E508);
 - no activation checkpoint recomputes a random routing (router jitter noise): the
   runtime does not replay the RNG, so the recomputed routes would differ (E503).
 The divisibility of the experts by ep (per layer) is `Divisibility`'s. `expert_step`
@@ -118,36 +119,33 @@ class ExpertPlacement:
             span = rule.style.span if rule is not None else ep.span
             ctx.error(span, "E506", f"the MoE block `{generic(block)}` sits in a sequence-parallel region and "
                       f"{what}: its router and experts need the whole sequence as plain tensors",
-                      f"add `{generic(block)} : prepare_input(shard(1) -> replicate, local_output = true)` and "
-                      "`prepare_output(replicate -> shard(1))` on the same block's output",
+                      "end sequence parallelism before the MoE block: `o_proj : rowwise` (replicated "
+                      "output) and no sequence_parallel norms around it",
                       related=((sp[0].span, "sequence parallelism starts here"),))
             return
 
     def _dtypes(self, ctx: Context, routers: list[str]) -> None:
+        """FSDP2 gathers a unit's parameters as one flat buffer of one original dtype: a
+        float32 router in a unit of bf16 parameters fails at the first forward."""
         fsdp = ctx.spec.fully_shard
         fp32 = [f for f in routers if "e_score_correction_bias" in ctx.graph.module(f).buffers]
-        if fsdp is None or not fp32:
-            return
         config = ctx.graph.source.config if ctx.graph.source is not None else None
         dtype = str(getattr(config, "torch_dtype", None) or getattr(config, "dtype", None) or "float32")
-        mp = fsdp.mixed_precision
-        cast = mp is not None and mp.param not in (None, "fp32")
+        if fsdp is None or not fp32 or "float32" in dtype:
+            return
         for unit in ctx.units:
             members = unit.fqns or ("",)
-            inside = [r for r in fp32 if any(r == m or r.startswith(m + ".") or m == "" for m in members)]
-            inner = [u for u in ctx.units if u is not unit and u.fqns and any(
-                r == f or r.startswith(f + ".") for r in inside for f in u.fqns)]
-            if not inside or inner:
+            inside = [r for r in fp32 if any(m == "" or r == m or r.startswith(m + ".") for m in members)]
+            # A router in a unit nested inside this one is that unit's business.
+            inside = [r for r in inside if not any(u is not unit and u.fqns and any(
+                (r == f or r.startswith(f + ".")) and f != m for f in u.fqns for m in members)
+                for u in ctx.units)]
+            if not inside or all(m in inside for m in members):
                 continue
-            alone = all(m == r for m in members for r in inside)
-            if (alone and not cast) or (not cast and "float32" in dtype):
-                continue
-            why = (f"mixed_precision casts it to {mp.param}" if cast and mp is not None
-                   else f"with the model's {dtype.replace('torch.', '')} parameters (FSDP2 needs one dtype per unit)")
             ctx.error(unit.spec.span, "E508", f"the float32 router `{generic(inside[0])}` (weight and "
-                      f"e_score_correction_bias) is in this FSDP unit {why}",
-                      f"give `{generic(inside[0])}` a unit of its own"
-                      + (" and keep FSDP's mixed precision off for it" if cast else ""))
+                      f"e_score_correction_bias) is in this FSDP unit with the model's "
+                      f"{dtype.replace('torch.', '')} parameters: FSDP2 needs one dtype per unit",
+                      f"give the routers units of their own: `unit {generic(inside[0])}`")
             return
 
     def _recompute(self, ctx: Context, routers: list[str]) -> None:
