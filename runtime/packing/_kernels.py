@@ -6,7 +6,8 @@ What every kernel here guarantees, given what the callers in this package ensure
 - an item's length is `lens[i]`, except that above `cap` it is `cap` when `over` is
   CLIP (truncation) and 0 when `over` is SKIP; an item of length 0 is left out (dropped),
   so the overlong policies cost no extra pass or array;
-- the packing kernels fill a CSR layout: bin b holds the item positions
+- the packing kernels fill a CSR layout (`greedy` directly, `ffd` and `bfd` through
+  `bin_offsets` and `bin_items` from their placements): bin b holds the item positions
   `out[offsets[b]:offsets[b + 1]]`, `out_len[j]` is the length of item `out[j]`; every
   item of length >= 1 appears exactly once, no other does; no bin is empty, no bin's
   lengths sum above `cap`, no bin holds more than `max_per_bin` items; bins are numbered
@@ -178,38 +179,38 @@ def _record(
 
 
 @numba.njit(cache=True)
-def _write_bins(
+def bin_offsets(
+    placed: NDArray[np.int64], n_placed: int, offsets: NDArray[np.int64]
+) -> None:  # pragma: no cover
+    """Fill `offsets` (n_bins + 1 long) from the placements of `ffd` or `bfd`: a bin's
+    size is the slot after its last placement."""
+    offsets[0] = 0
+    for p in range(n_placed):
+        b, step = placed[p, _P_FIRST], placed[p, _P_STEP]
+        end = placed[p, _P_SLOT] + placed[p, _P_EACH]
+        for _ in range(placed[p, _P_BINS]):
+            offsets[b + 1] = end
+            b += step
+    for b in range(offsets.shape[0] - 1):
+        offsets[b + 1] += offsets[b]
+
+
+@numba.njit(cache=True)
+def bin_items(
     placed: NDArray[np.int64],
     n_placed: int,
-    n_bins: int,
     order: NDArray[np.int32],
     offsets: NDArray[np.int64],
     out: NDArray[np.int64],
     out_len: NDArray[np.int64],
 ) -> None:  # pragma: no cover
-    # The CSR layout from the placements: a bin's size is the slot after its last
-    # placement, and its items come in placement order (decreasing length, then sorted
-    # order): the order in which placing item by item would have appended them.
-    offsets[0] = 0
+    """Write the CSR items of the placements: bin b's item positions go to
+    `out[offsets[b]:offsets[b + 1]]` in placement order (decreasing length, then sorted
+    order: the order in which placing item by item would have appended them), their
+    lengths to `out_len`."""
     for p in range(n_placed):
-        b, step, end = (
-            placed[p, _P_FIRST],
-            placed[p, _P_STEP],
-            placed[p, _P_SLOT] + placed[p, _P_EACH],
-        )
-        for _ in range(placed[p, _P_BINS]):
-            offsets[b + 1] = end
-            b += step
-    for b in range(n_bins):
-        offsets[b + 1] += offsets[b]
-    for p in range(n_placed):
-        length, t, b, step = (
-            placed[p, _P_LEN],
-            placed[p, _P_ITEM],
-            placed[p, _P_FIRST],
-            placed[p, _P_STEP],
-        )
-        each, slot = placed[p, _P_EACH], placed[p, _P_SLOT]
+        length, t, b = placed[p, _P_LEN], placed[p, _P_ITEM], placed[p, _P_FIRST]
+        step, each, slot = placed[p, _P_STEP], placed[p, _P_EACH], placed[p, _P_SLOT]
         for _ in range(placed[p, _P_BINS]):
             s = offsets[b] + slot
             for j in range(each):
@@ -294,17 +295,13 @@ def ffd(
     seed: int,
     order: NDArray[np.int32],
     tree: NDArray[np.int32],
-    offsets: NDArray[np.int64],
-    out: NDArray[np.int64],
-    out_len: NDArray[np.int64],
-) -> int:  # pragma: no cover
+) -> tuple[NDArray[np.int64], int, int]:  # pragma: no cover
     """First-fit decreasing over all items; exact FFD (each item goes to the first bin,
     in opening order, with room). `tree` is zeros, 2 * size long, size a power of two >=
-    the number of items. Fills `offsets[:n_bins + 1]`; returns n_bins."""
+    the number of items. Fills `order` (the sorted items); returns the placements, their
+    number and the number of bins, for `bin_offsets` and `bin_items`."""
     start, count = _sort_desc(lens, cap, over, seed, order)
-    placed, n_placed, n_bins = _ffd_place(start, count, cap, max_per_bin, tree)
-    _write_bins(placed, n_placed, n_bins, order, offsets, out, out_len)
-    return n_bins
+    return _ffd_place(start, count, cap, max_per_bin, tree)
 
 
 @numba.njit(cache=True)
@@ -415,17 +412,12 @@ def bfd(
     max_per_bin: int,
     seed: int,
     order: NDArray[np.int32],
-    offsets: NDArray[np.int64],
-    out: NDArray[np.int64],
-    out_len: NDArray[np.int64],
-) -> int:  # pragma: no cover
+) -> tuple[NDArray[np.int64], int, int]:  # pragma: no cover
     """Best-fit decreasing: each item goes to an open bin with the least room that still
-    fits it (ties: the bin that reached that room last). Fills `offsets[:n_bins + 1]`;
-    returns n_bins."""
+    fits it (ties: the bin that reached that room last). Fills `order`; returns the
+    placements, their number and the number of bins, as `ffd`."""
     start, count = _sort_desc(lens, cap, over, seed, order)
-    placed, n_placed, n_bins = _bfd_place(start, count, cap, max_per_bin)
-    _write_bins(placed, n_placed, n_bins, order, offsets, out, out_len)
-    return n_bins
+    return _bfd_place(start, count, cap, max_per_bin)
 
 
 @numba.njit(cache=True)

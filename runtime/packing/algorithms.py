@@ -270,31 +270,32 @@ def _run_kernel(
     """(item positions in bin order, bin offsets, their lengths) from one kernel."""
     n = room.shape[0]
     # The per-item buffers come from numpy, which maps them with huge pages (see _kernels).
-    out = np.empty(n, np.int64)
-    out_len = np.empty(n, np.int64)
     if algorithm == "greedy":
+        out = np.empty(n, np.int64)
+        out_len = np.empty(n, np.int64)
         offsets_buf = np.empty(n + 1, np.int64)
         n_bins, m = _kernels.greedy(room, cap, over, per_bin, offsets_buf, out, out_len)
         offsets = offsets_buf[: n_bins + 1].copy()
+        if m < n:  # dropped items: do not keep the unused tail alive
+            out, out_len = out[:m].copy(), out_len[:m].copy()
+        return out, offsets, out_len
+    order = np.empty(n, np.int32)
+    if algorithm == "ffd":
+        # One leaf per possible bin; numpy's zeros are pages the kernel maps on first
+        # touch, and FFD touches the leaves of run starts only (see _kernels).
+        tree = np.zeros(2 << max(n - 1, 0).bit_length(), np.int32)
+        placed, n_placed, n_bins = _kernels.ffd(room, cap, over, per_bin, tie_seed, order, tree)
+        del tree
     else:
-        order = np.empty(n, np.int32)
-        offsets_buf = np.empty(n + 1, np.int64)
-        if algorithm == "ffd":
-            # One leaf per possible bin; numpy's zeros are pages the kernel maps on first
-            # touch, and FFD touches the leaves of run starts only (see _kernels).
-            tree = np.zeros(2 << max(n - 1, 0).bit_length(), np.int32)
-            n_bins = _kernels.ffd(
-                room, cap, over, per_bin, tie_seed, order, tree, offsets_buf, out, out_len
-            )
-        else:
-            n_bins = _kernels.bfd(
-                room, cap, over, per_bin, tie_seed, order, offsets_buf, out, out_len
-            )
-        del order
-        offsets = offsets_buf[: n_bins + 1].copy()
-        m = int(offsets[-1])
-    if m < n:  # dropped items: do not keep the unused tail alive
-        out, out_len = out[:m].copy(), out_len[:m].copy()
+        placed, n_placed, n_bins = _kernels.bfd(room, cap, over, per_bin, tie_seed, order)
+    # The placements fix every bin's size before any item is written: the CSR arrays are
+    # allocated at their final sizes.
+    offsets = np.empty(n_bins + 1, np.int64)
+    _kernels.bin_offsets(placed, n_placed, offsets)
+    m = int(offsets[-1])
+    out = np.empty(m, np.int64)
+    out_len = np.empty(m, np.int64)
+    _kernels.bin_items(placed, n_placed, order, offsets, out, out_len)
     return out, offsets, out_len
 
 
