@@ -37,7 +37,7 @@ def check_outputs(outputs: Mapping[str, str | None]) -> None:
         if key in seen:
             raise OutputError(f"{option} {path}: the same file as {seen[key]}")
         seen[key] = f"{option} {path}"
-        problem = _problem(Path(path))
+        problem = "names a directory, not a file" if path.endswith(("/", os.sep)) else _problem(Path(path))
         if problem:
             raise OutputError(f"{option} {path}: {problem}")
 
@@ -56,11 +56,9 @@ def _is_stream(path: Path) -> bool:
 
 def _problem(path: Path) -> str | None:
     """Why `path` cannot be written, or None."""
-    if str(path).endswith(os.sep):
-        return "names a directory, not a file"
     try:
         mode = path.stat().st_mode
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # the parent's checks below say which
         mode = None
     except OSError as e:
         return e.strerror or str(e)

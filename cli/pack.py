@@ -13,9 +13,11 @@ from rich.table import Table
 from meshplan.dsl.errors import visible
 
 from .console import Terminal, plural
-from .options import MAX_SEQ_LEN, MAX_WORLD_SIZE, int_in_range
+from .options import MAX_SEQ_LEN, int_in_range
 
 ALGORITHMS = ("ffd", "bfd", "greedy")
+# Dealing bins to K ranks costs more than linear in K: beyond this a report takes minutes.
+MAX_DP = 2**16
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -26,8 +28,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    metavar="N", help="tokens per bin")
     p.add_argument("--algorithm", choices=ALGORITHMS, default="ffd",
                    help="first-fit decreasing, best-fit decreasing, or in order like NeMo (default ffd)")
-    p.add_argument("--dp", type=int_in_range(1, MAX_WORLD_SIZE, "ranks"), default=1, metavar="K",
-                   help="data-parallel ranks to deal bins to (default 1)")
+    p.add_argument("--dp", type=int_in_range(1, MAX_DP, "data-parallel ranks"), default=1, metavar="K",
+                   help=f"data-parallel ranks to deal bins to, at most {MAX_DP:,} (default 1)")
     p.add_argument("--overlong", choices=("error", "drop", "truncate", "split"), default="error",
                    help="what to do with sequences longer than --seq-len (default error)")
     p.add_argument("--window", type=int_in_range(1, 2**20, "steps"), default=16, metavar="W",

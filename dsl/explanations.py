@@ -461,6 +461,18 @@ Example:
 
 Fix: set that dimension to 1, or leave the section out for now.
 """,
+    "E601": """\
+`plan explain` applies the compiled Program to a meta-device copy of the model on a
+fake process group and runs one step; the model failed there. The diagnostic sits on
+the plan line whose step touched the failing module, and names the module and the
+error.
+
+Example: a `prepare_input` conversion that hands a module a layout its code cannot
+handle (a reshape of a sharded dimension that does not divide).
+
+Fix: the message names the module; change the rule for it (or its neighbours), then
+run `plan explain` again. `--debug` shows the traceback.
+""",
     "W101": """\
 A parameter is declared but never used (`seq_len` is exempt: the compiler reads it).
 
@@ -486,6 +498,45 @@ Example: `plan llama for LlamaForCausalLM` compiled with `--model gpt2`.
 
 Fix: use a plan written for the model, or add its architecture to the header once the
 plan is checked against it.
+""",
+    "W201": """\
+Some parameters do not divide evenly over the ranks they are sharded on: ranks hold
+shards of different sizes. FSDP pads every shard to the largest, so every rank stores
+and communicates the padding.
+
+Example: a vocabulary of 50,257 rows sharded over 8 ranks.
+
+Fix: choose a size for the dimension that divides the sharded sizes, or pad the
+vocabulary to a multiple of it.
+""",
+    "W202": """\
+Some ranks hold no element of a parameter: it has fewer rows along its sharded
+dimension than there are ranks. They still store the padded shard and join every
+collective.
+
+Example: a norm weight of 64 elements under FSDP over 128 ranks.
+
+Fix: shard such parameters over fewer ranks (a smaller FSDP dimension, or HSDP).
+""",
+    "W203": """\
+A dimension of size 1 still issues collectives: work and latency for nothing.
+
+Example: `fully_shard on (dp_replicate, dp_shard)` with dp_replicate = 1 runs a
+replicate all-reduce per FSDP unit.
+
+Fix: drop the size-1 dimension from the section's `on` (a 1-D FSDP mesh issues no
+replicate all-reduce).
+""",
+    "W204": """\
+The estimated peak memory of some ranks exceeds `--gpu-memory`. The hint names the
+largest part and what lowers it. With `--fail-over-budget`, `plan explain` exits 1.
+
+Example:
+
+    plan explain plans/llama.plan --model llama-3.1-70b --world-size 8 --gpu-memory 80GiB
+
+Fix: shard over more ranks, checkpoint more blocks, lower `--micro-batch`, store
+parameters in bf16 (`--param-dtype bf16`), or split the sequence.
 """,
 }
 
