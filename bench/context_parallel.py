@@ -3,8 +3,8 @@
     python bench/context_parallel.py [--quick] [--step-cp N ...] [--skip-steps] [--out PATH]
 
 1. Attention work balance (no model, only the split; about 10 s).
-   The real SQuAD 1.1 length histogram (88,641 sequences, `../shared/data/
-   squad11_len384_histogram.json` from the repository root) is packed at seq_len 4096 with
+   The real SQuAD 1.1 length histogram (88,641 sequences, shipped as
+   `runtime/packing/data/squad11_len384_histogram.json`) is packed at seq_len 4096 with
    ffd, as the runtime packs for context parallelism over cp = 2, 4, 8 ranks: every
    sequence reserves its length rounded up to 2·cp (`ContextSplit(cp, "headtail")
    .pad_multiple`) and each bin row is its padded sequences, then the tail padding up to
@@ -76,11 +76,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from meshplan.runtime.packing import PackResult, load_lengths, pack
+from meshplan.runtime.packing import SQUAD11_HISTOGRAM, PackResult, load_lengths, pack
 from meshplan.runtime.parallel.context import ContextSplit, owners
 
 ROOT = Path(__file__).resolve().parent.parent
-HISTOGRAM = ROOT.parent / "shared" / "data" / "squad11_len384_histogram.json"
+HISTOGRAM = SQUAD11_HISTOGRAM
 DEFAULT_OUT = ROOT / "bench" / "results" / "context_parallel.json"
 PLAN = ROOT / "plans" / "llama.plan"
 MODEL = "tiny-llama"

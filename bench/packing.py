@@ -4,8 +4,11 @@
 
 Datasets
 - SQuAD 1.1 (real): the token-length histogram of its 88,641 training sequences at max
-  length 384 (`../shared/data/squad11_len384_histogram.json` from the repository root),
-  packed at seq_len 384 and 2048.
+  length 384 (shipped: `runtime/packing/data/squad11_len384_histogram.json`), packed at
+  seq_len 384 and 2048.
+- SQuAD 16M (resampled): 16M lengths drawn with replacement from those 88,641 (numpy
+  PCG64 seed 0), packed at 384 (about 2.2 sequences per bin, 7.3M bins: the many-bins
+  case) and 2048. --quick uses 1M.
 - chat (synthetic, long-tailed): 16M lengths drawn from a log-normal distribution,
   exp(N(mu=6.2, sigma=1.1)) rounded (median ≈ 490 tokens, mean ≈ 900), clipped to
   [16, 8192], numpy PCG64 seed 0; packed at 8192 and at 4096 (there with
@@ -22,8 +25,9 @@ of argsort interleaved, so that load from other processes hits them alike), afte
 warm-up call that loads the numba kernels from their on-disk cache (or compiles them,
 once per machine).
 
-For the large chat runs the bench also times `numpy.argsort` of the same lengths: the
-goal is a whole-dataset pack, indices included, faster than merely sorting the lengths.
+For the 16M runs (SQuAD resampled and chat) the bench also times `numpy.argsort` of the
+same lengths, interleaved with the packs: the goal is a whole-dataset pack, indices
+included, faster than merely sorting the lengths.
 
 Results go to the terminal (a table) and to `bench/results/packing.json`.
 """
@@ -47,6 +51,7 @@ from rich.console import Console
 from rich.table import Table
 
 from meshplan.runtime.packing import (
+    SQUAD11_HISTOGRAM,
     PackResult,
     load_lengths,
     lower_bound_l2,
@@ -55,10 +60,11 @@ from meshplan.runtime.packing import (
 )
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_HISTOGRAM = ROOT / ".." / "shared" / "data" / "squad11_len384_histogram.json"
+DEFAULT_HISTOGRAM = SQUAD11_HISTOGRAM
 DEFAULT_OUT = ROOT / "bench" / "results" / "packing.json"
 
 CHAT_MU, CHAT_SIGMA, CHAT_MIN, CHAT_MAX, CHAT_SEED = 6.2, 1.1, 16, 8192, 0
+RESAMPLE_SEED = 0
 
 
 def python_first_fit_decreasing(lengths: list[int], seq_len: int) -> list[list[int]]:
@@ -93,6 +99,30 @@ def chat_lengths(n: int) -> np.ndarray:
     rng = np.random.default_rng(CHAT_SEED)
     raw = np.rint(rng.lognormal(CHAT_MU, CHAT_SIGMA, n))
     return np.clip(raw, CHAT_MIN, CHAT_MAX).astype(np.int64)
+
+
+def resampled(lengths: np.ndarray, n: int) -> np.ndarray:
+    """n lengths drawn with replacement from `lengths`."""
+    return np.random.default_rng(RESAMPLE_SEED).choice(lengths, n)
+
+
+def against_argsort(
+    rows: list[dict[str, Any]], dataset: str, seq_len: int, n: int, argsort_s: float
+) -> list[dict[str, Any]]:
+    """The whole-dataset rows of one dataset and seq_len, timed against argsort."""
+    return [
+        {
+            "dataset": dataset,
+            "seq_len": seq_len,
+            "algorithm": r["algorithm"],
+            "n": n,
+            "pack_seconds": r["seconds"],
+            "argsort_seconds": argsort_s,
+            "pack_over_argsort": r["seconds"] / argsort_s,
+        }
+        for r in rows
+        if r["dataset"] == dataset and r["seq_len"] == seq_len and r["n"] == n
+    ]
 
 
 def row(
@@ -183,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=None, help="timing repeats (best of)")
     args = parser.parse_args(argv)
     repeat = args.repeat or (1 if args.quick else 3)
-    chat_n = 1_000_000 if args.quick else 16_000_000
+    big_n = 1_000_000 if args.quick else 16_000_000
     python_n = 2_000 if args.quick else 20_000
     console = Console(width=max(Console().width, 150))
 
@@ -202,35 +232,27 @@ def main(argv: list[str] | None = None) -> int:
             "squad", squad, seq_len, overlong="error", python_n=python_n, repeat=repeat, rng=rng
         )[0]
     t0 = time.perf_counter()
-    chat = chat_lengths(chat_n)
-    console.print(f"generated {chat_n:,} chat lengths in {time.perf_counter() - t0:.1f} s")
-    chat_name = f"chat-{chat_n // 1_000_000}M"
+    big = {
+        f"squad-{big_n // 1_000_000}M": (resampled(squad, big_n), (384, 2048)),
+        f"chat-{big_n // 1_000_000}M": (chat_lengths(big_n), (4096, 8192)),
+    }
+    console.print(f"generated 2 x {big_n:,} lengths in {time.perf_counter() - t0:.1f} s")
     versus: list[dict[str, Any]] = []
-    for seq_len in (4096, 8192):
-        overlong = "truncate" if seq_len < CHAT_MAX else "error"
-        chat_rows, argsort_s = run_dataset(
-            chat_name,
-            chat,
-            seq_len,
-            overlong=overlong,
-            python_n=python_n,
-            repeat=repeat,
-            rng=rng,
-            with_argsort=True,
-        )
-        rows += chat_rows
-        for r in rows:
-            if r["dataset"] == chat_name and r["seq_len"] == seq_len and r["n"] == chat_n:
-                versus.append(
-                    {
-                        "seq_len": seq_len,
-                        "algorithm": r["algorithm"],
-                        "n": chat_n,
-                        "pack_seconds": r["seconds"],
-                        "argsort_seconds": argsort_s,
-                        "pack_over_argsort": r["seconds"] / argsort_s,
-                    }
-                )
+    for name, (lengths, seq_lens) in big.items():
+        for seq_len in seq_lens:
+            overlong = "truncate" if seq_len < int(lengths.max()) else "error"
+            big_rows, argsort_s = run_dataset(
+                name,
+                lengths,
+                seq_len,
+                overlong=overlong,
+                python_n=python_n,
+                repeat=repeat,
+                rng=rng,
+                with_argsort=True,
+            )
+            rows += big_rows
+            versus += against_argsort(big_rows, name, seq_len, big_n, argsort_s)
 
     table = Table(title="Sequence packing: efficiency, gap to the Martello–Toth L2 bound, time")
     for col in ("dataset", "algorithm", "seq_len", "n", "bins", "efficiency", "L2 bound"):
@@ -252,13 +274,13 @@ def main(argv: list[str] | None = None) -> int:
             r["note"],
         )
     console.print(table)
-    vs = Table(
-        title=f"{chat_n:,} sequences: whole-dataset pack (indices included) vs numpy.argsort"
-    )
+    vs = Table(title=f"{big_n:,} sequences: whole-dataset pack (indices included) vs numpy.argsort")
+    vs.add_column("dataset")
     for col in ("seq_len", "algorithm", "pack", "argsort", "pack / argsort"):
         vs.add_column(col, justify="right")
     for v in versus:
         vs.add_row(
+            v["dataset"],
             str(v["seq_len"]),
             v["algorithm"],
             f"{v['pack_seconds']:.3f} s",
@@ -282,8 +304,13 @@ def main(argv: list[str] | None = None) -> int:
             "machine": platform.machine(),
             "processor": platform.processor(),
             "histogram": str(args.histogram),
+            "squad_resampled": {
+                "n": big_n,
+                "distribution": "numpy choice with replacement from the histogram's lengths",
+                "seed": RESAMPLE_SEED,
+            },
             "chat": {
-                "n": chat_n,
+                "n": big_n,
                 "distribution": "round(lognormal(mu, sigma)) clipped to [min, max]",
                 "mu": CHAT_MU,
                 "sigma": CHAT_SIGMA,

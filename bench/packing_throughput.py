@@ -2,7 +2,7 @@
 
     python bench/packing_throughput.py [--quick]
 
-Sequences are drawn from the real SQuAD 1.1 length histogram (shared/data) and trained
+Sequences are drawn from the real SQuAD 1.1 length histogram (shipped) and trained
 (forward + backward, fp32, CPU, one thread) two ways on the same model:
 - padded: one row per sequence, right-padded to seq_len (384), the usual baseline;
 - packed: FFD bins of seq_len tokens, one bin per step (`varlen`, meshplan_sdpa).
@@ -23,11 +23,11 @@ import numpy as np
 import torch
 
 from meshplan.runtime.attention import forward_kwargs, use_backend
-from meshplan.runtime.packing import collate_padded, collate_varlen, pack
+from meshplan.runtime.packing import SQUAD11_HISTOGRAM, collate_padded, collate_varlen, pack
 from meshplan.runtime.train.loss import loss_sum_and_count
 
 ROOT = Path(__file__).resolve().parent.parent
-HISTOGRAM = ROOT.parent / "shared" / "data" / "squad11_len384_histogram.json"
+HISTOGRAM = SQUAD11_HISTOGRAM
 OUT = ROOT / "bench" / "results" / "packing_throughput.json"
 
 
