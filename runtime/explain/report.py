@@ -64,6 +64,7 @@ class DimGroups:
     dims: tuple[str, ...]  # the product dimensions it spans
     strides: tuple[int, ...]  # rank stride of each of those dimensions
     first: tuple[tuple[int, ...], ...]  # the first groups (at most `limit`)
+    described: str = ""  # the pattern, for groups that are no product of dimensions (experts)
 
     def group_of(self, layout: MeshLayout, rank: int) -> tuple[int, ...]:
         coords = coordinates(layout, rank)
@@ -80,6 +81,8 @@ class DimGroups:
     def pattern(self, layout: MeshLayout) -> str:
         """`r + 2·dp_shard`: the ranks of a group, from its first rank r, as the
         coordinates along the group's dimensions run (dimensions of size 1 left out)."""
+        if self.described:
+            return self.described
         terms = [f"{stride}·{d}" if stride != 1 else d
                  for d, stride in zip(self.dims, self.strides, strict=True) if layout.size(d) > 1]
         return "r + " + " + ".join(terms) if terms else "r"
@@ -110,7 +113,24 @@ def mesh_groups(layout: MeshLayout, limit: int = 4) -> list[DimGroups]:
             seen.update(group)
             groups.append(group)
         out.append(DimGroups(name, size, count, dims, probe.strides, tuple(groups)))
-    return out
+    return out + expert_groups(layout, limit)
+
+
+def expert_groups(layout: MeshLayout, limit: int = 4) -> list[DimGroups]:
+    """The expert mesh (`runtime.parallel.experts.expert_mesh`): ep groups are runs of ep
+    consecutive ranks of dp_shard × cp × tp; the experts' FSDP group (efsdp) is the
+    complement, every ep-th rank of the same pool."""
+    ep = layout.size("ep")
+    pool = math.prod(layout.size(d) for d in ("dp_shard", "cp", "tp"))
+    if ep <= 1 or pool % ep:
+        return []
+    world = layout.world_size
+    ep_groups = [tuple(range(g * ep, (g + 1) * ep)) for g in range(min(limit, world // ep))]
+    starts = [(b, j) for b in range(world // pool) for j in range(ep)][:limit]
+    fsdp_groups = [tuple(range(b * pool + j, (b + 1) * pool, ep)) for b, j in starts]
+    return [DimGroups("ep", ep, world // ep, ("ep",), (1,), tuple(ep_groups), "r + ep  (experts)"),
+            DimGroups("efsdp", pool // ep, world // (pool // ep), ("ep",), (ep,), tuple(fsdp_groups),
+                      f"r + {ep}·k  (experts' FSDP: dp_shard × cp × tp / ep)")]
 
 
 # --------------------------------------------------------------------------- modules
