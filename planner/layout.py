@@ -46,6 +46,9 @@ UNKNOWN = Layout("unknown")
 
 
 class LayoutProblem(Exception):
+    """An op rule's refusal: the message (the walk adds where), its code (E506 a layout
+    that does not fit, E507 an unreduced partial sum) and a hint."""
+
     def __init__(self, message: str, code: str = "E506", hint: str | None = None) -> None:
         super().__init__(message)
         self.message = message
