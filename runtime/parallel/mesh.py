@@ -99,7 +99,20 @@ def submesh(mesh: DeviceMesh, names: tuple[str, ...]) -> DeviceMesh:
     """The mesh of one dimension or submesh, or of several, with a message naming what is
     missing. A flattened submesh is taken from the root mesh's own record of it and
     joined to the others by concatenation: slicing it from the root mesh
-    (`mesh[("dp_replicate", "fsdp")]`) is deprecated, and builds the same mesh."""
+    (`mesh[("dp_replicate", "fsdp")]`) is deprecated, and builds the same mesh.
+
+    The same names give the same DeviceMesh object: DTensor compares the meshes of its
+    operands, and two equal meshes that are not one object compare their whole rank map
+    (16,384 entries at 16,384 ranks) on every op."""
+    # Kept on the mesh itself, so the submeshes live and die with it.
+    cache: dict[tuple[str, ...], DeviceMesh] = mesh.__dict__.setdefault("_meshplan_submeshes", {})
+    sub = cache.get(names)
+    if sub is None:
+        sub = cache[names] = _submesh(mesh, names)
+    return sub
+
+
+def _submesh(mesh: DeviceMesh, names: tuple[str, ...]) -> DeviceMesh:
     root = mesh._get_root_mesh()
     flattened = root._flatten_mapping
     try:
