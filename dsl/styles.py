@@ -119,8 +119,11 @@ def render(value: Arg) -> str:
             return f"Shard({int(value.dim or 0)})"
         return "Replicate()" if value.kind == "replicate" else "Partial()"
     if isinstance(value, Named):
-        return "{" + ", ".join(f"{k!r}: {render(v)}" for k, v in value.pairs) + "}"
-    return "(" + ", ".join(render(v) for v in value) + ",)" if value else "()"
+        return "{" + ", ".join(f"{str(k)!r}: {render(v)}" for k, v in value.pairs) + "}"
+    if isinstance(value, tuple):
+        return "(" + ", ".join(render(v) for v in value) + ",)" if value else "()"
+    raise TypeError(f"a style argument must be a number, a flag, a placement or a tuple of them, "
+                    f"not {value!r}")
 
 
 def _io(call: CallArgs) -> tuple[tuple[str, Arg], ...]:

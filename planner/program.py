@@ -51,8 +51,16 @@ class StyleCall:
     conversions: tuple[tuple[str | None, str | None, str | None], ...] = ()
 
     def __post_init__(self) -> None:
-        if self.style not in STYLES:
+        if not isinstance(self.style, str) or self.style not in STYLES:
             raise ValueError(f"StyleCall: unknown style {self.style!r}; styles are {', '.join(STYLES)}")
+        if not isinstance(self.local_output, bool):
+            raise ValueError(f"StyleCall {self.style}: local_output must be true or false, got {self.local_output!r}")
+        for what, number in (("parts", self.parts), ("dim", self.dim)):
+            if isinstance(number, bool) or not isinstance(number, int):
+                raise ValueError(f"StyleCall {self.style}: {what} must be an integer, got {number!r}")
+        for conv in self.conversions:
+            if not (isinstance(conv, tuple) and len(conv) == 3 and (conv[0] is None or isinstance(conv[0], str))):
+                raise ValueError(f"StyleCall {self.style}: a conversion is (name or None, from, to), got {conv!r}")
         for what, value in (("input", self.input), ("output", self.output)):
             if value is not None and not _placement_ok(value):
                 raise ValueError(f"StyleCall {self.style}: {what} placement {value!r} is not a placement")
@@ -219,11 +227,18 @@ class MixedPrecision:
             value = getattr(self, name)
             if value is not None and value not in DTYPES:
                 raise ValueError(f"MixedPrecision: {name} dtype {value!r} is not one of {DTYPES}")
+        if not isinstance(self.cast_forward_inputs, bool):
+            raise ValueError(f"MixedPrecision: cast_forward_inputs must be true or false, "
+                             f"got {self.cast_forward_inputs!r}")
 
 
 @dataclass(frozen=True, kw_only=True)
 class Offload:
     pin_memory: bool = True
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.pin_memory, bool):
+            raise ValueError(f"Offload: pin_memory must be true or false, got {self.pin_memory!r}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -320,9 +335,13 @@ class MeshLayout:
             raise ValueError(f"MeshLayout: unknown dimension in {self.names}")
         if list(self.names) != sorted(set(self.names), key=MESH_DIMS.index):
             raise ValueError(f"MeshLayout: dimensions {self.names} repeat or are out of the order {MESH_DIMS}")
+        if any(isinstance(s, bool) or not isinstance(s, int) for s in self.shape):
+            raise ValueError(f"MeshLayout: sizes must be integers, got {self.shape}")
         if any(s < 1 for s in self.shape):
             raise ValueError(f"MeshLayout: sizes must be ≥ 1, got {self.shape}")
         for name, dims in self.submeshes:
+            if not isinstance(name, str) or not name.isidentifier():
+                raise ValueError(f"MeshLayout: submesh name {name!r} is not a name")
             if name in MESH_DIMS:
                 raise ValueError(f"MeshLayout: submesh {name!r} has the name of a mesh dimension")
             if any(d not in self.names for d in dims):
@@ -360,6 +379,11 @@ class Program:
     source: str = ""  # the plan file
 
     def __post_init__(self) -> None:
+        for what, text in (("plan", self.plan), ("model", self.model), ("source", self.source)):
+            if not isinstance(text, str):
+                raise ValueError(f"Program: {what} must be a string, got {text!r}")
+        if isinstance(self.world_size, bool) or not isinstance(self.world_size, int):
+            raise ValueError(f"Program: world_size must be an integer, got {self.world_size!r}")
         if self.world_size < 1:
             raise ValueError(f"Program: world_size must be ≥ 1, got {self.world_size}")
         if self.mesh.world_size != self.world_size:
@@ -367,6 +391,15 @@ class Program:
                              f"has {self.mesh.world_size} ranks, world_size is {self.world_size}")
         known = set(self.mesh.names) | {n for n, _ in self.mesh.submeshes}
         for step in self.steps:
+            for f in fields(step):
+                if f.name not in (*_MODULE_FIELDS, *_DIM_FIELDS):
+                    continue
+                value = getattr(step, f.name)
+                one = f.name in ("fqn", "mesh_dim")
+                if not (isinstance(value, str) if one else
+                        isinstance(value, tuple) and all(isinstance(v, str) for v in value)):
+                    raise ValueError(f"Program: a {step.kind} step's {f.name} is not "
+                                     f"{'a string' if one else 'a list of strings'}: {value!r}")
             missing = [d for d in step.dims() if d not in known]
             if missing:
                 raise ValueError(f"Program: a {step.kind} step uses mesh dimension {missing[0]!r}, which the "
