@@ -6,15 +6,16 @@ What every kernel here guarantees, given what the callers in this package ensure
 - an item's length is `lens[i]`, except that above `cap` it is `cap` when `over` is
   CLIP (truncation) and 0 when `over` is SKIP; an item of length 0 is left out (dropped),
   so the overlong policies cost no extra pass or array;
-- the packing kernels fill a CSR layout (`greedy` directly, `ffd` and `bfd` through
-  `bin_offsets` and `bin_items` from their placements): bin b holds the item positions
-  `out[offsets[b]:offsets[b + 1]]`, `out_len[j]` is the length of item `out[j]`; every
+- the packing kernels fill a CSR layout (`greedy` directly; `ffd` and `bfd` place the
+  items `sort_desc` sorted, then `bin_offsets` and `bin_items` write the placements out):
+  bin b holds the item positions `out[offsets[b]:offsets[b + 1]]`, `out_len[j]` is the
+  length of item `out[j]`; every
   item of length >= 1 appears exactly once, no other does; no bin is empty, no bin's
   lengths sum above `cap`, no bin holds more than `max_per_bin` items; bins are numbered
   in the order they were opened;
 - results are pure functions of the arguments (the seed included): no global RNG state;
-- the large arrays (one or two words per item, and FFD's tree with a leaf per possible
-  bin) are allocated by the caller, with numpy: numpy asks Linux for transparent huge
+- the large arrays (one or two words per item or bin, FFD's tree with a leaf per bin it
+  may open) are allocated by the caller, with numpy: numpy asks Linux for transparent huge
   pages on large arrays and gets its zeros as untouched pages, while an array allocated
   inside a numba function is faulted in 4 KiB pages (and np.zeros there writes every
   one), which at 16M items costs about as much as the packing itself;
@@ -94,12 +95,14 @@ def _shuffle_range(
 
 
 @numba.njit(cache=True)
-def _sort_desc(
+def sort_desc(
     lens: NDArray[np.int64], cap: int, over: int, seed: int, order: NDArray[np.int32]
 ) -> tuple[NDArray[np.int64], NDArray[np.int64]]:  # pragma: no cover
-    # Counting sort by decreasing length: O(n + cap) instead of O(n log n). Equal lengths
-    # keep input order when seed < 0, otherwise they are shuffled with the seed, so that
-    # neighbours in the dataset (often near-duplicates) do not all land in the same bins.
+    """Counting sort by decreasing length, O(n + cap) instead of O(n log n): fills `order`
+    with the item positions, longest first, the dropped (length 0) last; returns (start,
+    count), the items of length L being order[start[L]:start[L] + count[L]]. Equal
+    lengths keep input order when seed < 0, otherwise they are shuffled with the seed, so
+    that neighbours in the dataset (often near-duplicates) do not all land in one bin."""
     n = lens.shape[0]
     count = np.zeros(cap + 1, np.int64)
     for i in range(n):
@@ -239,13 +242,32 @@ def _set_run(
 
 
 @numba.njit(cache=True)
-def _ffd_place(
+def ffd_bins_bound(count: NDArray[np.int64], cap: int, max_per_bin: int) -> int:  # pragma: no cover
+    """At most this many bins are opened by first fit (in any order) of the items counted
+    in `count` (see `sort_desc`). Of the bins that are not full by count, at most one is
+    half full or less (the first item of a later such bin would have fitted into it), so
+    there are at most 2 * tokens / cap + 1 of those, and at most items // max_per_bin of
+    the others; and never more bins than items."""
+    items = 0
+    tokens = 0
+    for length in range(1, cap + 1):
+        items += count[length]
+        tokens += length * count[length]
+    return min(items, items // max_per_bin + 2 * (tokens // cap) + 2)
+
+
+@numba.njit(cache=True)
+def ffd(
     start: NDArray[np.int64],
     count: NDArray[np.int64],
     cap: int,
     max_per_bin: int,
     tree: NDArray[np.int32],
 ) -> tuple[NDArray[np.int64], int, int]:  # pragma: no cover
+    """First-fit decreasing over the sorted items of `sort_desc`; exact FFD (each item
+    goes to the first bin, in opening order, with room). `tree` is zeros, 2 * size long,
+    size a power of two >= `ffd_bins_bound`. Returns the placements, their number and the
+    number of bins, for `bin_offsets` and `bin_items`."""
     # FFD over runs: maximal ranges of consecutive bins in one state (room, items). The
     # first bin with room for a length starts a run; first fit puts q = min(room // length,
     # max_per_bin - items) items into it, after which it has no room for this length, so
@@ -269,6 +291,8 @@ def _ffd_place(
                 b = _first_fit_from(tree, size, lo, length)
                 bins, room, k0 = runs[b, 0] - b, runs[b, 1], runs[b, 2]
             else:  # no open bin has room: open new ones
+                if n_bins == size:
+                    raise AssertionError("ffd: more bins than ffd_bins_bound")
                 b, bins, room, k0 = n_bins, size - n_bins, cap, 0
             q = min(room // length, max_per_bin - k0)
             take, each = min(bins, m // q), q
@@ -284,24 +308,6 @@ def _ffd_place(
                 _set_run(tree, runs, b + take, b + bins, room, k0, max_per_bin)
             lo = b + take
     return placed, n_placed, n_bins
-
-
-@numba.njit(cache=True)
-def ffd(
-    lens: NDArray[np.int64],
-    cap: int,
-    over: int,
-    max_per_bin: int,
-    seed: int,
-    order: NDArray[np.int32],
-    tree: NDArray[np.int32],
-) -> tuple[NDArray[np.int64], int, int]:  # pragma: no cover
-    """First-fit decreasing over all items; exact FFD (each item goes to the first bin,
-    in opening order, with room). `tree` is zeros, 2 * size long, size a power of two >=
-    the number of items. Fills `order` (the sorted items); returns the placements, their
-    number and the number of bins, for `bin_offsets` and `bin_items`."""
-    start, count = _sort_desc(lens, cap, over, seed, order)
-    return _ffd_place(start, count, cap, max_per_bin, tree)
 
 
 @numba.njit(cache=True)
@@ -331,9 +337,12 @@ def _first_at_least(tree: NDArray[np.int64], lo: int) -> int:  # pragma: no cove
 
 
 @numba.njit(cache=True)
-def _bfd_place(
+def bfd(
     start: NDArray[np.int64], count: NDArray[np.int64], cap: int, max_per_bin: int
 ) -> tuple[NDArray[np.int64], int, int]:  # pragma: no cover
+    """Best-fit decreasing over the sorted items of `sort_desc`: each item goes to an open
+    bin with the least room that still fits it (ties: the bin that reached that room
+    last). Returns the placements, their number and the number of bins, as `ffd`."""
     # BFD keeps, per room c, a stack of the open bins with exactly that room; an item goes
     # to the top bin of the smallest non-empty stack >= its length. The stacks hold
     # segments instead of bins: bins first, first + step, ... (top first) in one state.
@@ -402,22 +411,6 @@ def _bfd_place(
             head[new_room] = s
             _count_add(tree, new_room, 1)
     return placed, n_placed, n_bins
-
-
-@numba.njit(cache=True)
-def bfd(
-    lens: NDArray[np.int64],
-    cap: int,
-    over: int,
-    max_per_bin: int,
-    seed: int,
-    order: NDArray[np.int32],
-) -> tuple[NDArray[np.int64], int, int]:  # pragma: no cover
-    """Best-fit decreasing: each item goes to an open bin with the least room that still
-    fits it (ties: the bin that reached that room last). Fills `order`; returns the
-    placements, their number and the number of bins, as `ffd`."""
-    start, count = _sort_desc(lens, cap, over, seed, order)
-    return _bfd_place(start, count, cap, max_per_bin)
 
 
 @numba.njit(cache=True)

@@ -280,14 +280,16 @@ def _run_kernel(
             out, out_len = out[:m].copy(), out_len[:m].copy()
         return out, offsets, out_len
     order = np.empty(n, np.int32)
+    start, count = _kernels.sort_desc(room, cap, over, tie_seed, order)
     if algorithm == "ffd":
-        # One leaf per possible bin; numpy's zeros are pages the kernel maps on first
-        # touch, and FFD touches the leaves of run starts only (see _kernels).
-        tree = np.zeros(2 << max(n - 1, 0).bit_length(), np.int32)
-        placed, n_placed, n_bins = _kernels.ffd(room, cap, over, per_bin, tie_seed, order, tree)
+        # A leaf per bin FFD may open; numpy's zeros are pages mapped on first touch, and
+        # FFD touches the leaves of run starts only (see _kernels).
+        leaves = max(_kernels.ffd_bins_bound(count, cap, per_bin), 1)
+        tree = np.zeros(2 << (leaves - 1).bit_length(), np.int32)
+        placed, n_placed, n_bins = _kernels.ffd(start, count, cap, per_bin, tree)
         del tree
     else:
-        placed, n_placed, n_bins = _kernels.bfd(room, cap, over, per_bin, tie_seed, order)
+        placed, n_placed, n_bins = _kernels.bfd(start, count, cap, per_bin)
     # The placements fix every bin's size before any item is written: the CSR arrays are
     # allocated at their final sizes.
     offsets = np.empty(n_bins + 1, np.int64)
