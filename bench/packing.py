@@ -143,6 +143,7 @@ def row(
         "seq_len": seq_len,
         "n": n,
         "bins": bins,
+        "sequences_per_bin": n / bins,
         "tokens": tokens,
         "efficiency": tokens / (bins * seq_len),
         "l1_bound": lower_bound_trivial(packed_lengths, seq_len),
@@ -255,7 +256,16 @@ def main(argv: list[str] | None = None) -> int:
             versus += against_argsort(big_rows, name, seq_len, big_n, argsort_s)
 
     table = Table(title="Sequence packing: efficiency, gap to the Martello–Toth L2 bound, time")
-    for col in ("dataset", "algorithm", "seq_len", "n", "bins", "efficiency", "L2 bound"):
+    for col in (
+        "dataset",
+        "algorithm",
+        "seq_len",
+        "n",
+        "bins",
+        "seqs/bin",
+        "efficiency",
+        "L2 bound",
+    ):
         table.add_column(col, justify="left" if col in ("dataset", "algorithm") else "right")
     table.add_column("gap to L2", justify="right")
     table.add_column("time", justify="right")
@@ -267,6 +277,7 @@ def main(argv: list[str] | None = None) -> int:
             str(r["seq_len"]),
             f"{r['n']:,}",
             f"{r['bins']:,}",
+            f"{r['sequences_per_bin']:.2f}",
             f"{100 * r['efficiency']:.3f} %",
             f"{r['l2_bound']:,}",
             f"{r['gap_to_l2']:,} ({r['gap_to_l2_pct']:.2f} %)",
