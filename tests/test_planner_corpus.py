@@ -69,8 +69,7 @@ CASES: tuple[Case, ...] = (
     Case("sp_after_cp_not_divisible", "llama-3.1-8b", 16, "E505", 16, 45,
          "each context-parallel rank holds 18 tokens (sequence length 36 / cp 2), which cannot be "
          "split 4 ways", hint="multiple of cp × tp = 8"),
-    Case("experts_not_divisible", "tiny-mixtral", 6, "E505", 16, 11, "4 experts cannot be split 3 ways",
-         primary=False),  # E511 (no expert parallelism at run time yet) sorts first
+    Case("experts_not_divisible", "tiny-mixtral", 6, "E505", 16, 11, "4 experts cannot be split 3 ways"),
     # -- layouts (E506/E507): what flows between planned modules
     Case("sp_norm_into_colwise", "tiny-llama", 4, "E506", 15, 3,
          "`model.layers.*.self_attn.{q,k,v}_proj` declares its input replicated but receives "
@@ -152,7 +151,27 @@ CASES: tuple[Case, ...] = (
          "the mesh (dp_replicate 2 × dp_shard 2 × tp 2) has 8 ranks, the world size is 16"),
     Case("auto_not_divisible", "tiny-llama", 8, "E501", 5, 3,
          "`dp_shard = auto` cannot fill the world: 8 ranks are not divisible by the other dimensions' product 3"),
-    Case("ep_not_dividing_dp", "tiny-mixtral", 6, "E501", 7, 3, "ep = 4 must divide dp_shard × cp = 6"),
+    Case("ep_not_dividing_dp", "tiny-mixtral", 6, "E501", 7, 3, "ep = 4 must divide dp_shard × cp × tp = 6"),
+    # -- expert parallelism: each plan's leading comment records its measured truth
+    Case("ep_pattern_matches_block", "tiny-mixtral", 4, "E504", 17, 11,
+         "matches `model.layers.*.mlp` (MixtralSparseMoeBlock, a moe module), not fused experts"),
+    Case("ep_pattern_matches_router", "tiny-qwen3-moe", 4, "E504", 16, 11, "(router), not a block of experts"),
+    Case("ep_pattern_typo", "tiny-mixtral", 4, "E502", 16, 11, "`model.layers.*.mlp.expert` matches no module"),
+    Case("ep_router_colwise", "tiny-mixtral", 4, "E504", 15, 43,
+         "the router `model.layers.*.mlp.gate` (MixtralTopKRouter) cannot be `colwise`", primary=False),
+    Case("ep_without_section", "tiny-mixtral", 4, "E509", 7, 3,
+         "ep = 2 but the plan has no `expert_parallel` section"),
+    Case("ep_moe_in_sp_region", "tiny-mixtral", 4, "E506", 26, 1,
+         "the MoE block `model.layers.*.mlp` sits in a sequence-parallel region", primary=False),
+    Case("ep_auto", "tiny-mixtral", 4, "E301", 7, 3, "`ep` cannot be `auto`"),
+    Case("ep_in_submesh", "tiny-mixtral", 4, "E409", 9, 27, "`ep` lives on its own expert mesh"),
+    Case("ep_section_on_dp_shard", "tiny-mixtral", 4, "E411", 14, 20, "`expert_parallel` runs on `ep`"),
+    Case("ep_not_declared", "tiny-mixtral", 4, "E207", 13, 20, "`on ep`: no such mesh dimension"),
+    Case("ep_experts_colwise", "tiny-qwen3-moe", 4, "E504", 17, 43, "is Qwen3MoeExperts"),
+    Case("ep_dispatch_typo", "tiny-mixtral", 4, "E208", 16, 14, "`all2all` is not one of `alltoall` or `allgather`"),
+    Case("ep_experts_twice", "tiny-mixtral", 4, "E503", 17, 11,
+         "`model.layers.*.mlp.experts` is matched by two experts items (lines 16 and 17)"),
+    Case("ep_deepseek_mla_tp", "tiny-deepseek-v3", 4, "E506", 14, 3, "(in `model.layers.*.self_attn`)"),
     Case("fsdp_on_tp", "tiny-llama", 4, "E509", 15, 16, "fully_shard on `tp` overlaps tensor_parallel's `tp`"),
     Case("no_root", "tiny-llama", 4, "E412", 9, 1, "`fully_shard` has no `root`"),
     Case("tied_split_units", "llama-3.2-1b", 8, "E508", 13, 3,
