@@ -32,6 +32,12 @@ def run(args: argparse.Namespace, term: Terminal) -> int:
 
     if args.tp < 1:
         return term.usage_error("import hf", f"--tp must be ≥ 1, got {args.tp}")
+    from .outputs import OutputError, check_outputs
+
+    try:  # before any work: a bad output path costs nothing
+        check_outputs({"-o": None if args.output is None else str(args.output)})
+    except OutputError as e:
+        return term.usage_error("import hf", str(e))
     try:
         model = build_meta_model(hf_source(args.model))
     except ModelSpecError as e:

@@ -429,3 +429,9 @@ def test_explain_code(capsys: pytest.CaptureFixture[str]) -> None:
     assert err == "plan explain-code: error: no diagnostic code 'E5O6'; did you mean `E506`?\n"
     code, out, _ = run(["explain-code", "--list"], capsys)
     assert code == 0 and "E104  file cannot be read\n" in out
+
+
+def test_import_checks_its_output_before_building_the_model(workdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run(["import", "hf", "llama", "-o", "nowhere/llama.plan"], capsys)
+    assert (code, out, err) == (2, "", "plan import hf: error: -o nowhere/llama.plan: the directory nowhere "
+                                       "does not exist\n")
