@@ -363,7 +363,7 @@ def test_resume_never_unpickles(tmp_path: Path) -> None:
     (old / ".metadata").write_bytes(payload)
     with pytest.raises(CheckpointError, match="whose metadata is a pickle"):
         load(old, model, opt)
-    with pytest.raises(CheckpointError, match="holds no intact checkpoint.*can run code"):
+    with pytest.raises(CheckpointError, match=r"holds no intact checkpoint.*can run code"):
         checkpoint.load_latest(old.parent, model, opt, on_warning=lambda _: None)
     assert not target.exists()
     pickle.loads(payload)  # the payload is live: loading it would have created the file
@@ -371,7 +371,7 @@ def test_resume_never_unpickles(tmp_path: Path) -> None:
 
 
 def test_damaged_checkpoints_fall_back_with_a_warning(tmp_path: Path) -> None:
-    model, opt, weights = _saved_pair(tmp_path)
+    _, _, weights = _saved_pair(tmp_path)
     # A flipped byte in the newest: step 1 is loaded instead, with a warning naming the file.
     shard = _shard(checkpoint_dir(tmp_path, 2))
     data = bytearray(shard.read_bytes())
@@ -391,7 +391,7 @@ def test_damaged_checkpoints_fall_back_with_a_warning(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="holds no intact checkpoint"):
         checkpoint.load_latest(tmp_path, other, other_opt, on_warning=seen.append)
     # Even unverified, a read failure (DCP's CheckpointException, a BaseException) is a CheckpointError.
-    with pytest.raises(CheckpointError, match="reading .* failed on rank"):
+    with pytest.raises(CheckpointError, match=r"reading .* failed on rank"):
         load(checkpoint_dir(tmp_path, 1), other, other_opt, verified=True)
 
 

@@ -101,5 +101,5 @@ def test_a_killed_rank_restarts_and_matches_an_uninterrupted_run(tmp_path: Path)
     text = other.stdout + other.stderr
     assert other.returncode != 0, text[-3000:]
     assert "cannot resume from" in text and "another layout" in text, text[-3000:]
-    assert "internal error" not in text and "Traceback" not in text.split("plan run", 1)[-1], text[-3000:]
+    assert "internal error" not in text and f'File "{ROOT}' not in text, text[-3000:]  # no traceback of ours
     assert not (tmp_path / "other.jsonl").exists()  # nothing was trained or written

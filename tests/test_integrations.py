@@ -110,3 +110,47 @@ def test_plain_batches_match_a_single_process(pool: RankPool, program: Program) 
     for r in pool.run(plain_batch_case, program, ids):
         assert r["loss"] == pytest.approx(float(total / count), rel=1e-5)
         assert r["grad_norm"] == pytest.approx(expected_norm, rel=1e-4)
+
+
+# --------------------------------------------------------------------------- Hugging Face Trainer
+
+
+def trainer_case(program: Program, steps: int, out: str) -> list[float]:
+    """The README's `Trainer`: meshplan's model, data, loss and clipping; the Trainer's loop."""
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    from meshplan.runtime.train.integrations import MeshplanTrainer
+
+    built = build_applied(program, "tiny-llama", seed=0)
+    model, topology = built.applied.model, Topology.of(built.applied)
+    data = PackedData.build(load_sequences("synthetic", vocab_size=model.config.vocab_size, seq_len=SEQ_LEN,
+                                           seed=0), SEQ_LEN, algorithm="ffd", format="varlen",
+                            context=topology.context)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=3e-4, betas=(0.9, 0.95), weight_decay=0.0)
+    args = TrainingArguments(output_dir=out, max_steps=steps, use_cpu=True, report_to=[], save_strategy="no",
+                             lr_scheduler_type="constant", max_grad_norm=0.0, logging_steps=1,
+                             disable_tqdm=True)
+    trainer = MeshplanTrainer(model=model, args=args, topology=topology, train_loader=rank_loader(data, topology),
+                              optimizers=(optimizer, None), max_grad_norm=1.0)
+    assert isinstance(trainer, Trainer) and isinstance(trainer.callback_handler.callbacks[-1], TrainerCallback)
+    trainer.train()
+    return trainer.global_losses
+
+
+def plan_run_and_trainer(program: Program, metrics: str, out: str) -> dict[str, Any]:
+    from meshplan.cli.main import main
+
+    code = main(["run", str(PLAN), "--model", "tiny-llama", "--set", "tp=2", "--seq-len", str(SEQ_LEN),
+                 "--steps", str(STEPS), "--metrics", metrics])
+    dist.barrier()
+    return {"code": code, "trainer": trainer_case(program, STEPS, out)}
+
+
+def test_hf_trainer_matches_plan_run(pool: RankPool, program: Program, tmp_path: Path) -> None:
+    metrics = tmp_path / "metrics.jsonl"
+    results = pool.run(plan_run_and_trainer, program, str(metrics), str(tmp_path / "trainer"))
+    reference = [json.loads(line)["loss"] for line in metrics.read_text("utf-8").splitlines()]
+    assert len(reference) == STEPS and all(r["code"] == 0 for r in results)
+    for r in results:
+        assert r["trainer"] == pytest.approx(reference, rel=1e-5, abs=0), (r["trainer"], reference)

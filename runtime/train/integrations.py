@@ -59,6 +59,7 @@ from .loss import IGNORE_INDEX
 from .topology import Topology
 
 __all__ = [
+    "MeshplanTrainer",
     "dp_sampler",
     "forward_arguments",
     "global_loss",
@@ -181,3 +182,67 @@ def dp_sampler(dataset: Dataset[Any], topology: Topology, *, shuffle: bool = Tru
     tensor- and context-parallel peers must read the same examples."""
     return DistributedSampler(dataset, num_replicas=topology.dp_size, rank=topology.dp_rank,
                               shuffle=shuffle, seed=seed, drop_last=drop_last)
+
+
+# --------------------------------------------------------------------------- Hugging Face Trainer
+
+
+def _clip_callback(params: list[torch.nn.Parameter], max_norm: float | None) -> Any:
+    """A `TrainerCallback` clipping with `loop.clip_grad_norm` before each optimizer
+    step: the Trainer's own clipping (`max_grad_norm`) calls
+    `torch.nn.utils.clip_grad_norm_`, which cannot add the norms of DTensors on different
+    meshes (FSDP's and tensor parallelism's)."""
+    from transformers import TrainerCallback
+
+    from .loop import clip_grad_norm
+
+    class Clip(TrainerCallback):
+        def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            clip_grad_norm(params, max_norm)
+
+    return Clip()
+
+
+def MeshplanTrainer(*args: Any, topology: Topology, train_loader: PackedLoader,
+                    max_grad_norm: float | None = 1.0, **kwargs: Any) -> Any:
+    """A `transformers.Trainer` for an applied model (see the README): this rank's
+    batches from `train_loader` (its data-parallel share, not the Trainer's sampler over
+    the global rank), `token_loss` scaled to the global token count, meshplan's
+    gradient clipping, and `trainer.global_losses`, the global mean loss of each step.
+    Give the Trainer `max_grad_norm=0` in its arguments (clipping is done here), and
+    start no launcher of its own: the process group is meshplan's."""
+    from transformers import Trainer
+
+    class _Trainer(Trainer):
+        global_losses: list[float]
+
+        def get_train_dataloader(self) -> Any:
+            return _Batches(train_loader)
+
+        def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
+                         num_items_in_batch: Any = None) -> Any:
+            count = global_target_count([inputs], topology)
+            outputs = model(**forward_arguments(inputs))
+            total, _ = token_loss(outputs.logits, inputs["labels"])
+            self.global_losses.append(global_loss(total, count, topology))
+            loss = total * topology.grad_divisor / max(count, 1)
+            return (loss, outputs) if return_outputs else loss
+
+    trainer = _Trainer(*args, **kwargs)
+    trainer.global_losses = []
+    model = trainer.model
+    assert model is not None  # the Trainer was given one
+    trainer.add_callback(_clip_callback([p for p in model.parameters() if p.requires_grad], max_grad_norm))
+    return trainer
+
+
+class _Batches:
+    """The loader's steps as single batches (one micro-batch per step: the Trainer
+    accumulates gradients itself)."""
+
+    def __init__(self, loader: PackedLoader) -> None:
+        self.loader = loader
+
+    def __iter__(self) -> Any:
+        for micro in self.loader:
+            yield from micro
