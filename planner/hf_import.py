@@ -40,6 +40,7 @@ import copy
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from torch import nn
@@ -250,9 +251,12 @@ def hf_source(spec: str) -> Any:
     """A `ModelSource` for `plan import hf MODEL`: a preset, a Hugging Face directory, or a
     config class name / model_type (its defaults made tiny, `tiny_config`). Raises
     `ModelSpecError` (a ValueError) for anything else."""
-    from meshplan.planner.models import ModelSource, ModelSpecError, resolve_model
+    from meshplan.planner.models import ModelSource, ModelSpecError, list_presets, resolve_model
 
-    config_class = _config_class(spec.strip())
+    text = spec.strip()
+    # A preset or a directory wins over a model_type of the same name (`gpt2`).
+    config_class = None if text.lower() in list_presets() or Path(text).expanduser().exists() else \
+        _config_class(text)
     if config_class is None:
         return resolve_model(spec)
     import transformers

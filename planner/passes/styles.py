@@ -18,7 +18,10 @@ from ..graph import ModelGraph
 from .context import Context
 
 # Leaf names of fused projections and how many parts they pack.
-FUSED = {"qkv_proj": 3, "c_attn": 3, "query_key_value": 3, "W_pack": 3, "gate_up_proj": 2}
+FUSED = {"qkv_proj": 3, "c_attn": 3, "W_pack": 3, "gate_up_proj": 2}
+# Fused projections laid out per head ([heads, 3, head_dim], GPT-NeoX and Bloom): plain
+# colwise gives each rank whole heads (measured exact); `parts` would reorder their rows.
+PER_HEAD = {"query_key_value"}
 _KIND_WORDS = {"linear": "a Linear", "embedding": "an Embedding", "conv1d": "a GPT-2 Conv1D",
                "norm": "a norm"}
 
@@ -117,14 +120,23 @@ class StyleFit:
             return True
         parts = fused_parts(ctx.graph, fqn) if "parts" in schema.args else None
         wanted = int(str(style.args.get("parts", 1)))
-        if parts is not None and wanted != len(parts):
+        leaf = fqn.rsplit(".", 1)[-1]
+        if leaf in PER_HEAD and wanted > 1 and info.kind in ("linear", "conv1d"):
+            ctx.error(style.span, "E504",
+                      f"`parts = {wanted}`: `{fqn}`{more} is laid out per head (each head's q, k and v "
+                      "together): `parts` would reorder rows across heads", f"use plain `{style.name}`")
+            return True
+        # Gathering the whole output (`output = replicate`) restores the packed order: a plain
+        # style is then exact on a fused projection (measured), and parts need not be equal.
+        gathered = wanted == 1 and style.args.get("output") == Placement("replicate")
+        if parts is not None and not gathered and wanted != len(parts):
             ctx.error(style.span, "E504",
                       f"`{fqn}`{more} is a fused projection of {len(parts)} parts "
                       f"({' + '.join(map(str, parts))} features): a plain `{style.name}` would give each "
                       "rank a slice that mixes them",
                       f"use `{style.name}(parts = {len(parts)})`, which shards each part")
             return True
-        if parts is not None and len(set(parts)) > 1:
+        if parts is not None and not gathered and len(set(parts)) > 1:
             ctx.error(style.span, "E504",
                       f"`{fqn}`{more} packs parts of unequal size ({' + '.join(map(str, parts))}); "
                       "`parts` shards equal parts only", "split the projection, or leave it replicated")
