@@ -34,6 +34,7 @@ from .context import ContextSplit, shard_batch
 from .mesh import build_mesh, submesh
 from .registry import make_style
 from .styles import rescale_split_sizes, selective_checkpoint_context
+from .ties import retie, tied_groups
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp64": torch.float64}
 
@@ -81,6 +82,7 @@ def apply(program: Program, model: nn.Module, *, mesh: DeviceMesh | None = None,
     """Parallelise `model` in place as `program` says; returns the model and the mesh."""
     _check_modules(program, model)
     mesh = mesh if mesh is not None else build_mesh(program.mesh, device_type)
+    ties = tied_groups(model)  # parallelize_module unties them: put them back after each step
     for step in program.steps:
         try:
             STEPS[type(step)](step, model, mesh)
@@ -88,6 +90,7 @@ def apply(program: Program, model: nn.Module, *, mesh: DeviceMesh | None = None,
             raise
         except Exception as e:
             raise StepError(f"{_where(step)}: {step.kind} failed: {type(e).__name__}: {e}") from e
+        retie(ties)
     return Applied(model, mesh, program)
 
 
