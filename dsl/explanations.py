@@ -69,7 +69,10 @@ A section keyword the language does not know.
 
 Example:
 
-    tensor_paralel on tp { … }
+    mesh { tp = 2 }
+    tensor_paralel on tp {
+      model.layers.*.mlp.down_proj : rowwise
+    }
 
 Fix: use one of the sections: tensor_parallel, activation_checkpoint, fully_shard,
 context_parallel, expert_parallel, pipeline, packing (plus mesh, submesh, param, plan).
@@ -92,7 +95,10 @@ A style argument, a section setting or an item setting that does not exist there
 
 Example:
 
-    model.layers.*.mlp.down_proj : rowwise(outptu = shard(1))
+    mesh { tp = 2 }
+    tensor_parallel on tp {
+      model.layers.*.mlp.down_proj : rowwise(outptu = shard(1))
+    }
 
 Fix: spell it as the style or section defines it (`output`); the hint lists the
 arguments or settings there are.
@@ -102,7 +108,11 @@ A dtype the language does not know.
 
 Example:
 
-    mixed_precision { param = bf61 }
+    mesh { dp_shard = auto }
+    fully_shard on dp_shard {
+      mixed_precision { param = bf61 }
+      root
+    }
 
 Fix: use `bf16`, `fp16`, `fp32` or `fp64`.
 """,
@@ -111,7 +121,10 @@ A placement the language does not know.
 
 Example:
 
-    model.embed_tokens : rowwise(output = sharded(1))
+    mesh { tp = 2 }
+    tensor_parallel on tp {
+      model.embed_tokens : rowwise(output = sharded(1))
+    }
 
 Fix: placements are `replicate`, `shard(d)` (d may be negative) and `partial`.
 """,
@@ -131,19 +144,21 @@ Fix: dimensions are pp, dp_replicate, dp_shard, cp, tp and ep; a group of dimens
 Example:
 
     mesh { dp_shard = auto }
-    tensor_parallel on tp { … }
+    tensor_parallel on tp {
+      model.layers.*.mlp.down_proj : rowwise
+    }
 
 Fix: declare the dimension in the mesh (`tp = 2`) or define the submesh.
 """,
     "E208": """\
-A value names something that does not exist (for example a parameter that was never
-declared).
+A setting that takes one of a few names is given another.
 
 Example:
 
-    packing { seq_len = seqlen }
+    packing { algorithm = ffdd, seq_len = 4096 }
 
-Fix: declare it (`param seqlen = 4096`) or use the declared name.
+Fix: use one of the names the setting takes (here `ffd`, `bfd` or `greedy`); the hint
+suggests the closest.
 """,
     "E209": """\
 `--set NAME=VALUE` names no parameter of the plan, or `--set mesh.DIM=N` a dimension
@@ -240,8 +255,13 @@ the same modules.
 
 Example:
 
-    tensor_parallel on tp { … }
-    tensor_parallel on tp { … }
+    mesh { tp = 2 }
+    tensor_parallel on tp {
+      model.layers.*.self_attn.q_proj : colwise
+    }
+    tensor_parallel on tp {
+      model.layers.*.mlp.up_proj : colwise
+    }
 
 Fix: merge the two sections into one.
 """,
@@ -437,8 +457,13 @@ dimension tensor parallelism already uses.
 
 Example:
 
-    tensor_parallel on tp { … }
-    fully_shard on tp { … }
+    mesh { tp = 2 }
+    tensor_parallel on tp {
+      model.layers.*.mlp.up_proj : colwise
+    }
+    fully_shard on tp {
+      root
+    }
 
 Fix: FSDP shards over data-parallel dimensions (`fully_shard on dp_shard`, or
 `on (dp_replicate, fsdp)` for HSDP).

@@ -435,3 +435,36 @@ def test_import_checks_its_output_before_building_the_model(workdir: Path, capsy
     code, out, err = run(["import", "hf", "llama", "-o", "nowhere/llama.plan"], capsys)
     assert (code, out, err) == (2, "", "plan import hf: error: -o nowhere/llama.plan: the directory nowhere "
                                        "does not exist\n")
+
+
+def _examples() -> list[tuple[str, str]]:
+    import re
+
+    from meshplan.dsl.explanations import EXPLANATIONS
+
+    out = []
+    for code, page in EXPLANATIONS.items():
+        m = re.search(r"Example:\n\n((?:    .*\n|\n)+)", page)
+        if m and code[:2] in ("E1", "E2", "E3", "E4", "W1"):
+            out.append((code, "\n".join(line[4:] for line in m.group(1).rstrip().split("\n")) + "\n"))
+    return out
+
+
+@pytest.mark.parametrize(("code", "example"), _examples(), ids=[c for c, _ in _examples()])
+def test_each_model_free_example_raises_its_code(
+        code: str, example: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    from meshplan.dsl import check, parse
+    from meshplan.dsl.errors import PlanRejected
+
+    from .conftest import ROOT
+
+    if example.startswith("plan check "):  # a command line: run it
+        monkeypatch.chdir(ROOT)
+        _, _, err = run(example.split()[1:], capsys)
+        assert f"[{code}]" in err
+        return
+    try:
+        codes = [d.code for d in check(parse("plan x for LlamaForCausalLM\n" + example, "x.plan")).diagnostics]
+    except PlanRejected as e:
+        codes = [d.code for d in e.diagnostics]
+    assert code in codes, (example, codes)
