@@ -69,7 +69,7 @@ def stages_of(ctx: Context, stack: Stack, count: int) -> tuple[tuple[int, ...], 
             sizes[i] += 1
         starts = [sum(sizes[:i]) for i in range(count)]
         return tuple(tuple(range(a, a + k)) for a, k in zip(starts, sizes, strict=True))
-    starts: list[int] = []
+    starts = []  # list[int], as in the even split above
     for pattern in spec.splits:
         found = [i for i in range(n) if matches(pattern.text, stack.block(i))]
         if not found:
