@@ -72,6 +72,7 @@ def _report(term: Terminal, diagnostics: list[PlanError], as_json: bool) -> None
 
 def run(args: argparse.Namespace, term: Terminal) -> int:
     from meshplan.planner import Compiled
+    from meshplan.planner.emit import to_python
 
     try:  # before any work: a bad output path costs nothing
         check_outputs({"-o": args.output})
@@ -81,7 +82,7 @@ def run(args: argparse.Namespace, term: Terminal) -> int:
     if not isinstance(compiled, Compiled):
         return code
     program = compiled.program
-    text = program.to_json() + "\n" if args.emit == "json" else program.to_python()
+    text = program.to_json() + "\n" if args.emit == "json" else to_python(program)
     if not args.json:
         term.diagnostics(compiled.warnings)
     if args.output:

@@ -19,7 +19,7 @@ from typing import Any
 from . import ast, schema
 from .errors import PlanError, PlanRejected, Span, did_you_mean, one_of
 from .parser import parse_value
-from .schema import SECTIONS, STYLES, PlacementType, SettingSchema, SizeType, TypeProblem
+from .schema import SECTIONS, PlacementType, SettingSchema, SizeType, TypeProblem
 from .spec import (
     MESH_DIMS,
     CheckpointSpec,
@@ -41,6 +41,7 @@ from .spec import (
     TPRuleSpec,
     UnitSpec,
 )
+from .styles import STYLES
 
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 

@@ -1,8 +1,8 @@
 """What a plan may say: sections, their settings and items, styles, and value types.
 
 The grammar only knows shapes (`KIND on X { key = value … }`); this table gives them
-meaning. A ParallelStyle is one record of the style registry (`dsl/styles.py`,
-re-exported here as `STYLES`); to add a section, a `SectionSchema` in `SECTIONS` and
+meaning. A ParallelStyle is one record of the style registry (`dsl/styles.py`, which
+reads the value types here); to add a section, a `SectionSchema` in `SECTIONS` and
 its interpretation in `dsl/check.py`.
 """
 
@@ -323,10 +323,5 @@ SECTIONS: Mapping[str, SectionSchema] = {
     ),
 }
 
-# ---------------------------------------------------------------------- styles
-
-# Styles are records of the style registry (dsl/styles.py), which reads the value types
-# above: imported last, so that either module may be imported first.
-from .styles import STYLES as STYLES  # noqa: E402
-from .styles import ModuleKind as ModuleKind  # noqa: E402
-from .styles import StyleSchema as StyleSchema  # noqa: E402
+# Styles are the records of the style registry, `dsl/styles.py`, which builds them from
+# the value types above.

@@ -4,7 +4,8 @@ A Program is the mesh plus an ordered list of steps. Each step is a frozen,
 keyword-only dataclass that validates itself in `__post_init__` and carries the span
 of the plan line it came from, so that even a failure at run time names that line.
 Programs round-trip through JSON (`to_json` / `from_json`, versioned) and can be
-emitted as a standalone Python function that uses only torch APIs (`to_python`).
+emitted as a standalone Python function that uses only torch APIs
+(`planner.emit.to_python`, which depends on this module, not the other way round).
 
 Step order is the compiler's business (see `planner.lower`), the runtime walks it as
 given: tensor parallel → context parallel → activation checkpointing → FSDP, children
@@ -96,9 +97,11 @@ class Step:
     runtime's table. Everything else asks a step what it touches:
 
     - `modules()`: the FQNs of the modules it changes ("" is the root module);
+      `targets()`: those its call is made on (what a failure names);
     - `dims()`: the mesh dimensions and submeshes it runs on;
     - `renamed(rename)`: the same step on renamed modules (the dry run keeps one block
       of each kind), None when none of its modules remain;
+    - `in_dry_run`: whether the dry run applies it (else it derives its cost);
     - `signature(block, index)`: what it does inside `block`, with the block's own name
       factored out, None when it does nothing there (blocks with equal signatures are
       measured once).
@@ -109,6 +112,9 @@ class Step:
     """
 
     kind: ClassVar[str] = "step"
+    # Does the dry run (`plan explain`) apply it to the meta model? False for a step that
+    # changes no parameter and needs real batches; its cost is derived instead.
+    in_dry_run: ClassVar[bool] = True
     span: Span = field(default=NOWHERE, compare=False)
 
     def _named(self, names: tuple[str, ...]) -> tuple[str, ...]:
@@ -119,8 +125,26 @@ class Step:
                 out += [value] if isinstance(value, str) else list(value)
         return tuple(out)
 
+    def check_names(self) -> None:
+        """ValueError unless every module and dimension name field holds strings (the
+        script writes them; a Program read from JSON may hold anything)."""
+        for f in fields(self):
+            if f.name not in (*_MODULE_FIELDS, *_DIM_FIELDS):
+                continue
+            value = getattr(self, f.name)
+            one = f.name in ("fqn", "mesh_dim")
+            if not (isinstance(value, str) if one else
+                    isinstance(value, tuple) and all(isinstance(v, str) for v in value)):
+                raise ValueError(f"Program: a {self.kind} step's {f.name} is not "
+                                 f"{'a string' if one else 'a list of strings'}: {value!r}")
+
     def modules(self) -> tuple[str, ...]:
         return self._named(_MODULE_FIELDS)
+
+    def targets(self) -> tuple[str, ...]:
+        """The modules the step's call is made on (what a failure names); by default
+        every module it touches."""
+        return self.modules()
 
     def dims(self) -> tuple[str, ...]:
         return self._named(_DIM_FIELDS)
@@ -178,6 +202,9 @@ class Parallelize(Step):
     def modules(self) -> tuple[str, ...]:
         return (self.fqn, *(f"{self.fqn}.{r}".strip(".") for r, _ in self.plan if r))
 
+    def targets(self) -> tuple[str, ...]:
+        return (self.fqn,)  # one parallelize_module call on the block
+
     def signature(self, block: str, index: int) -> tuple[Any, ...] | None:
         # One call per block: the call on this block, its plan already block-relative.
         return (self.kind, self.mesh_dim, self.plan) if self.fqn == block else None
@@ -201,6 +228,7 @@ class ContextParallel(Step):
     """Replace the attention of `fqns` by meshplan's context-parallel attention on `mesh_dim`."""
 
     kind: ClassVar[str] = "context_parallel"
+    in_dry_run: ClassVar[bool] = False  # swaps attention only; runtime.explain.comm derives its traffic
     fqns: tuple[str, ...]
     mesh_dim: str
     load_balance: Literal["headtail", "none"]
@@ -391,15 +419,7 @@ class Program:
                              f"has {self.mesh.world_size} ranks, world_size is {self.world_size}")
         known = set(self.mesh.names) | {n for n, _ in self.mesh.submeshes}
         for step in self.steps:
-            for f in fields(step):
-                if f.name not in (*_MODULE_FIELDS, *_DIM_FIELDS):
-                    continue
-                value = getattr(step, f.name)
-                one = f.name in ("fqn", "mesh_dim")
-                if not (isinstance(value, str) if one else
-                        isinstance(value, tuple) and all(isinstance(v, str) for v in value)):
-                    raise ValueError(f"Program: a {step.kind} step's {f.name} is not "
-                                     f"{'a string' if one else 'a list of strings'}: {value!r}")
+            step.check_names()
             missing = [d for d in step.dims() if d not in known]
             if missing:
                 raise ValueError(f"Program: a {step.kind} step uses mesh dimension {missing[0]!r}, which the "
@@ -408,12 +428,6 @@ class Program:
     def steps_of(self, kind: type[S]) -> tuple[S, ...]:
         """The Program's steps of one kind, in program order."""
         return tuple(s for s in self.steps if isinstance(s, kind))
-
-    def to_python(self) -> str:
-        """A standalone script (torch only) that makes exactly the runtime's calls."""
-        from .emit import to_python
-
-        return to_python(self)
 
     # ------------------------------------------------------------------ JSON
 

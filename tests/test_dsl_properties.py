@@ -29,8 +29,9 @@ from hypothesis import strategies as st
 from meshplan.cli.main import main
 from meshplan.dsl import PlanError, PlanRejected, ast, check, format_plan, parse
 from meshplan.dsl.errors import CATALOGUE
-from meshplan.dsl.schema import DTYPES, SECTIONS, STYLES
+from meshplan.dsl.schema import DTYPES, SECTIONS
 from meshplan.dsl.spec import MESH_DIMS, PRODUCT_DIMS
+from meshplan.dsl.styles import STYLES
 
 from .conftest import PLANS
 

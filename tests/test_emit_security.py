@@ -19,6 +19,7 @@ import pytest
 from meshplan.cli.main import main
 from meshplan.dsl.errors import Span
 from meshplan.planner import compile_plan
+from meshplan.planner.emit import to_python
 from meshplan.planner.program import (
     Checkpoint,
     ContextParallel,
@@ -84,7 +85,7 @@ def test_a_hostile_plan_path_adds_nothing(tmp_path: Path, stem: str) -> None:
     benign = compile_plan(_plan_copy(tmp_path, "benign"), "tiny-llama", 8, overrides).program
     hostile = compile_plan(_plan_copy(tmp_path, stem), "tiny-llama", 8, overrides).program
     assert hostile.source.endswith(f"{stem}.plan")
-    _assert_same_script(hostile.to_python(), benign.to_python())
+    _assert_same_script(to_python(hostile), to_python(benign))
 
 
 def test_the_cli_writes_the_same_script_for_a_hostile_path(tmp_path: Path,
@@ -125,9 +126,9 @@ def _program(text: str) -> Program:
 @pytest.mark.parametrize("text", HOSTILE, ids=IDS)
 def test_hostile_names_fqns_and_spans_add_nothing(text: str) -> None:
     hostile = _program(text)
-    _assert_same_script(hostile.to_python(), _program("benign").to_python())
+    _assert_same_script(to_python(hostile), to_python(_program("benign")))
     # A Program read back from JSON writes the same script.
-    assert Program.from_json(hostile.to_json()).to_python() == hostile.to_python()
+    assert to_python(Program.from_json(hostile.to_json())) == to_python(hostile)
 
 
 def _json_with(path: tuple[object, ...], value: object) -> str:
@@ -161,7 +162,7 @@ def test_program_json_cannot_smuggle_code(path: tuple[object, ...], message: str
     value: object = [SMUGGLED, 2, 2] if path == ("mesh", "shape") else SMUGGLED
     text = _json_with(path, value)
     if message is None:
-        _assert_same_script(Program.from_json(text).to_python(), _program("m").to_python())
+        _assert_same_script(to_python(Program.from_json(text)), to_python(_program("m")))
         return
     with pytest.raises(ValueError, match=message):
         Program.from_json(text)

@@ -7,7 +7,12 @@ import pytest
 
 from meshplan.dsl import load
 from meshplan.planner import compile_plan
-from meshplan.planner.mesh_facts import MeshFacts, plan_seq_len, program_sequence_multiple, sequence_multiple
+from meshplan.planner.mesh_facts import (
+    MeshFacts,
+    plan_seq_len,
+    program_sequence_multiple,
+    sequence_multiple,
+)
 from meshplan.planner.program import MeshLayout
 
 from .conftest import PLANS

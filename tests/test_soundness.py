@@ -14,6 +14,7 @@ import pytest
 from torch import nn
 
 from meshplan.planner import compile_plan
+from meshplan.planner.emit import to_python
 from meshplan.planner.models import build_meta_model, resolve_model
 from meshplan.planner.program import Program
 from meshplan.runtime.explain.dryrun import dry_run
@@ -47,7 +48,7 @@ def _script_applier(script: str) -> Any:
 def test_script_and_runtime_agree(plan: str, model: str, world: int, overrides: list[str]) -> None:
     program = compile_plan(ROOT / "plans" / f"{plan}.plan", model, world, overrides).program
     source = resolve_model(model)
-    script = program.to_python()
+    script = to_python(program)
     by_runtime = dry_run(program, lambda: build_meta_model(source))
     by_script = dry_run(program, lambda: build_meta_model(source), applier=_script_applier(script))
     assert by_runtime == by_script
@@ -57,7 +58,7 @@ def test_script_and_runtime_agree(plan: str, model: str, world: int, overrides: 
 
 def test_script_imports_only_torch_and_the_standard_library() -> None:
     program = compile_plan(ROOT / "plans" / "gpt2.plan", "tiny-gpt2", 8, ["tp=2"]).program
-    tree = ast.parse(program.to_python())
+    tree = ast.parse(to_python(program))
     roots = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
@@ -65,7 +66,7 @@ def test_script_imports_only_torch_and_the_standard_library() -> None:
         elif isinstance(node, ast.ImportFrom):
             roots.add((node.module or "").split(".")[0])
     assert roots <= {"__future__", "torch", "functools", "typing", "warnings"}
-    assert "meshplan" not in program.to_python().replace("meshplan program", "").replace("meshplan/runtime", "")
+    assert "meshplan" not in to_python(program).replace("meshplan program", "").replace("meshplan/runtime", "")
 
 
 def test_a_step_failure_names_the_plan_line() -> None:
@@ -101,7 +102,7 @@ def test_script_installs_context_parallel_where_the_runtime_does() -> None:
         return make
 
     dry_run(program, build("runtime"))
-    dry_run(program, build("script"), applier=_script_applier(program.to_python()))
+    dry_run(program, build("script"), applier=_script_applier(to_python(program)))
     installed = {name: [(fqn, cp.size, cp.rotate, cp.load_balance) for fqn, module in model.named_modules()
                         if (cp := context_parallel_of(module)) is not None]
                  for name, model in models.items()}

@@ -121,9 +121,7 @@ def apply_each(program: Program, steps: Iterable[Step], model: nn.Module, mesh: 
             apply(dataclasses.replace(program, steps=(step,)), model, mesh=mesh)
         except Exception as e:
             cause = e.__cause__ if isinstance(e, StepError) and e.__cause__ is not None else e
-            fqn = getattr(step, "fqn", None)
-            names = (fqn,) if isinstance(fqn, str) else getattr(step, "fqns", ())
-            module = ", ".join(reduction.to_full(n) if reduction else n for n in names)
+            module = ", ".join(reduction.to_full(n) if reduction else n for n in step.targets())
             raise TraceFailure(module, model_frame(cause.__traceback__, model_files(model)),
                                f"applying {step.kind}", cause, step=step) from e
 

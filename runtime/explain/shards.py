@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from meshplan.planner.program import ContextParallel, MeshLayout, Program
+from meshplan.planner.program import MeshLayout, Program
 
 from ..parallel.apply import DTYPES
 from .failure import apply_each
@@ -176,7 +176,7 @@ def _without_context_parallel(program: Program) -> Program:
     """Context parallelism swaps attention only (no parameter changes) and needs batches
     with data (`runtime.parallel.context.shard_batch`): the dry run leaves it out and `runtime.explain.comm`
     derives its traffic from the attention shapes."""
-    steps = tuple(s for s in program.steps if not isinstance(s, ContextParallel))
+    steps = tuple(s for s in program.steps if s.in_dry_run)
     return dataclasses.replace(program, steps=steps) if len(steps) != len(program.steps) else program
 
 
