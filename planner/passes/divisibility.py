@@ -65,7 +65,12 @@ class Divisibility:
         if divides is None or not isinstance(size, int):
             return
         span = rule.style.span
-        parts = (fused_parts(graph, fqn) or (size,)) if divides.per_part else (size,)
+        # A style that gathers its output (colwise) or slices a whole input (rowwise) never
+        # lets the code see a shard: parts and heads need not split (measured exact).
+        args = rule.style.args
+        whole = args.get("output" if rule.style.name.endswith("colwise") else "input") == Placement("replicate") \
+            and int(str(args.get("parts", 1))) == 1 and rule.style.name.endswith(("colwise", "rowwise"))
+        parts = (fused_parts(graph, fqn) or (size,)) if divides.per_part and not whole else (size,)
         for part in parts:
             if part % n:
                 per = " per part" if len(parts) > 1 else ""
@@ -73,7 +78,7 @@ class Divisibility:
                            divides.hint)
                 return
         parent = graph.modules.get(fqn.rsplit(".", 1)[0]) if "." in fqn else None
-        if divides.heads and parent is not None and parent.kind == "attention":
+        if divides.heads and not whole and parent is not None and parent.kind == "attention":
             self._heads(ctx, fqn, span, parent.attrs, size, n, fused=len(parts) > 1)
 
     def _heads(self, ctx: Context, fqn: str, span: Span, attrs: Mapping[str, Any], size: int,
