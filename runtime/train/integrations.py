@@ -210,8 +210,18 @@ def MeshplanTrainer(*args: Any, topology: Topology, train_loader: PackedLoader,
     the global rank), `token_loss` scaled to the global token count, meshplan's
     gradient clipping, and `trainer.global_losses`, the global mean loss of each step.
     Give the Trainer `max_grad_norm=0` in its arguments (clipping is done here), and
-    start no launcher of its own: the process group is meshplan's."""
+    start no launcher of its own: the process group is meshplan's.
+
+    The model is marked `is_distributed_loading_by_transformers`, the flag transformers
+    sets on a model it sharded itself: the Trainer then leaves placement and gradient
+    reduction to the model (FSDP2 and DTensors) instead of wrapping it in DDP, which
+    refuses DTensor parameters, under torchrun's environment."""
     from transformers import Trainer
+
+    model = kwargs.get("model", args[0] if args else None)
+    if model is None:
+        raise ValueError("MeshplanTrainer needs the applied model (model=applied.model)")
+    model.is_distributed_loading_by_transformers = True
 
     class _Trainer(Trainer):
         global_losses: list[float]
@@ -230,8 +240,6 @@ def MeshplanTrainer(*args: Any, topology: Topology, train_loader: PackedLoader,
 
     trainer = _Trainer(*args, **kwargs)
     trainer.global_losses = []
-    model = trainer.model
-    assert model is not None  # the Trainer was given one
     trainer.add_callback(_clip_callback([p for p in model.parameters() if p.requires_grad], max_grad_norm))
     return trainer
 
