@@ -25,7 +25,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="a .npy array of lengths, a JSON histogram {\"counts\": [...]} (counts[i] sequences "
                         "of length i+1), or a JSONL of token-id lists")
     p.add_argument("--seq-len", type=int_in_range(1, MAX_SEQ_LEN, "tokens per bin"), required=True,
-                   metavar="N", help="tokens per bin")
+                   metavar="N", help=f"tokens per bin (1 to {MAX_SEQ_LEN:,})")
     p.add_argument("--algorithm", choices=ALGORITHMS, default="ffd",
                    help="first-fit decreasing, best-fit decreasing, or in order like NeMo (default ffd)")
     p.add_argument("--dp", type=int_in_range(1, MAX_DP, "data-parallel ranks"), default=1, metavar="K",
