@@ -97,10 +97,12 @@ def _culprit(program: Program, shard: ParamShard, unit: Unit | None) -> Step | N
     return unit.step
 
 
-def _by_step(items: Iterable[_Uneven]) -> dict[int, tuple[Step | None, list[_Uneven]]]:
-    groups: dict[int, tuple[Step | None, list[_Uneven]]] = {}
+def _by_step(items: Iterable[_Uneven]) -> dict[Span | None, tuple[Step | None, list[_Uneven]]]:
+    """Parameters grouped by the plan line of their step (one unit line: one diagnostic)."""
+    groups: dict[Span | None, tuple[Step | None, list[_Uneven]]] = {}
     for item in items:
-        groups.setdefault(id(item.step), (item.step, []))[1].append(item)
+        key = item.step.span if item.step is not None else None
+        groups.setdefault(key, (item.step, []))[1].append(item)
     return groups
 
 
