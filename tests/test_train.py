@@ -222,3 +222,63 @@ def test_progress_display_logs_plain_lines() -> None:
     with ProgressDisplay(total=1, stream=silent, enabled=False) as show:
         show(StepStats(1, 5.0, 1.0, 10, 9, 0.1))
     assert silent.getvalue() == ""
+
+
+# ----------------------------------------------------------------------------- plan run: bad input
+
+_RUN = ["run", str(ROOT / "plans" / "llama.plan"), "--model", "tiny-llama", "--set", "tp=1", "--seq-len", "64",
+        "--steps", "2"]
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (["--lr", "nan"], "--lr nan: expected a finite number ≥ 0"),
+    (["--lr", "inf"], "--lr inf: expected a finite number ≥ 0"),
+    (["--lr", "-0.1"], "--lr -0.1: expected a finite number ≥ 0"),
+    (["--max-grad-norm", "nan"], "--max-grad-norm nan"),
+    (["--checkpoint-every", "-1"], "--checkpoint-every: expected an integer ≥ 0, got -1"),
+    (["--checkpoint-every", "2"], "--checkpoint-every needs --checkpoint-dir"),
+])
+def test_plan_run_refuses_bad_numbers_up_front(no_process_group: None, capsys: pytest.CaptureFixture[str],
+                                               extra: list[str], message: str) -> None:
+    code, err = _run([*_RUN, *extra], capsys)
+    assert code == 2 and message in err, err
+    assert "internal error" not in err
+
+
+def test_plan_run_refuses_a_checkpoint_dir_that_is_a_file(no_process_group: None, tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    target = tmp_path / "ckpt"
+    target.write_text("not a directory", "utf-8")
+    code, err = _run([*_RUN, "--checkpoint-dir", str(target)], capsys)
+    assert code == 2 and f"--checkpoint-dir {target}: exists and is not a directory" in err, err
+    assert target.read_text("utf-8") == "not a directory"
+    code, err = _run([*_RUN, "--checkpoint-dir", str(target / "below")], capsys)
+    assert code == 2 and "is not a directory" in err, err
+
+
+def test_plan_run_refuses_data_it_cannot_train_on(no_process_group: None, tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    beyond = tmp_path / "beyond.jsonl"
+    beyond.write_text("[1, 2, 3]\n[4, 256, 5]\n", "utf-8")  # tiny-llama's vocabulary is 256
+    code, err = _run([*_RUN, "--data", str(beyond), "--checkpoint-dir", str(tmp_path / "a")], capsys)
+    assert code == 2 and "token id 256 is outside the model's vocabulary of 256" in err, err
+    single = tmp_path / "single.jsonl"
+    single.write_text("".join(f"[{i}]\n" for i in range(20)), "utf-8")
+    code, err = _run([*_RUN, "--data", str(single), "--checkpoint-dir", str(tmp_path / "b")], capsys)
+    assert code == 2 and "every sequence has a single token" in err, err
+    assert "internal error" not in err and not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_plan_run_resume_under_another_layout_is_refused(no_process_group: None, tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    ckpt = tmp_path / "ckpt"
+    code, err = _run([*_RUN, "--checkpoint-dir", str(ckpt), "--metrics", str(tmp_path / "m.jsonl")], capsys)
+    assert code == 0, err
+    assert "checkpoint: step 2 saved in" in err and "[" in err.splitlines()[0]  # phases, then checkpoints
+    assert [json.loads(line)["step"] for line in (tmp_path / "m.jsonl").read_text("utf-8").splitlines()] == [1, 2]
+    before = sorted(p.name for p in ckpt.iterdir())
+    code, err = _run([*_RUN[:-1], "4", "--micro-batch", "2", "--checkpoint-dir", str(ckpt)], capsys)
+    assert code == 1, err
+    assert "cannot resume from" in err and "micro_batch=1 (now 2)" in err, err
+    assert "internal error" not in err
+    assert sorted(p.name for p in ckpt.iterdir()) == before  # nothing written
