@@ -91,10 +91,13 @@ CATALOGUE: dict[str, str] = {
     "E509": "mesh dimensions overlap",
     "E510": "model cannot be used",
     "E511": "unsupported feature",
+    "E512": "pipeline cannot run as planned",
     # W: accepted, but probably not what was meant
     "W101": "unused parameter",
     "W102": "dimension of size 1",
     "W103": "model is not one the plan is written for",
+    "W104": "uneven pipeline stages",
+    "W105": "FSDP resharding under a pipeline",
     # E6xx / W2xx (plan explain): the plan applied to the model on a fake process group
     "E601": "dry run failed in the model",
     "W201": "uneven shards",

@@ -477,14 +477,26 @@ Example: a `--model` factory that returns a model torch.export cannot trace.
 Fix: the message says what failed; check the model builds on the meta device.
 """,
     "E511": """\
-The plan asks for a feature the language checks but this runtime cannot run yet (for
-example pipeline parallelism with pp > 1).
+The plan asks for a feature the language checks but this runtime cannot run yet.
+
+Example: a style or section the compiler knows but `apply()` has no step for.
+
+Fix: set that dimension to 1, or leave the section out for now.
+""",
+    "E512": """\
+The pipeline section asks for a schedule that cannot run on this cut: the wrong number of
+stages per rank for the schedule (gpipe and 1f1b run one, the interleaved schedules two or
+more, zbv exactly two), fewer microbatches than pipeline ranks (the last stages wait for
+work that never comes: torch's schedules hang or fail with a shape error), a count the
+interleaved schedules cannot deal in rounds of pp, more stages than decoder layers, split
+points that do not name layers, or a model that is not a decoder that can be cut.
 
 Example:
 
-    mesh { pp = 2, dp_shard = auto }
+    pipeline on pp { schedule = 1f1b  microbatches = 1 }     # with pp = 2
 
-Fix: set that dimension to 1, or leave the section out for now.
+Fix: use at least pp microbatches (a multiple of pp for interleaved schedules), the
+schedule's number of `virtual_stages`, and split points `model.layers.N` with N ≥ 1.
 """,
     "E601": """\
 `plan explain` applies the compiled Program to a meta-device copy of the model on a
@@ -523,6 +535,22 @@ Example: `plan llama for LlamaForCausalLM` compiled with `--model gpt2`.
 
 Fix: use a plan written for the model, or add its architecture to the header once the
 plan is checked against it.
+""",
+    "W104": """\
+The pipeline's stages hold very different shares of the parameters: every microbatch
+waits for the heaviest stage, so the others idle.
+
+Example: 8 layers over 4 stages split at `model.layers.1`, `model.layers.2`, `model.layers.3`.
+
+Fix: move the split points; the first and last stages (embedding, head) may take fewer layers.
+""",
+    "W105": """\
+An FSDP unit frees its parameters after forward although the model is pipelined: it then
+all-gathers them again for every microbatch, in forward and in backward.
+
+Example: `unit model.layers.* { reshard_after_forward = true }` with pp > 1.
+
+Fix: `reshard_after_forward = false` for pipelined training when memory allows.
 """,
     "W201": """\
 Some parameters do not divide evenly over the ranks they are sharded on: ranks hold

@@ -305,7 +305,7 @@ SECTIONS: Mapping[str, SectionSchema] = {
                                    repeat=True)},
         settings={
             "schedule": SettingSchema(
-                EnumType(("gpipe", "1f1b", "interleaved_1f1b", "looped_bfs", "zero_bubble")), "1f1b"),
+                EnumType(("gpipe", "1f1b", "interleaved_1f1b", "interleaved_zero_bubble", "zbv")), "1f1b"),
             "microbatches": SettingSchema(IntType(1), required=True),
             "virtual_stages": SettingSchema(IntType(1), 1, doc="stages per rank"),
         },

@@ -25,6 +25,7 @@ from .passes.fsdp import FsdpStructure
 from .passes.layouts import Layouts
 from .passes.mesh import MeshArithmetic
 from .passes.patterns import ResolvePatterns
+from .passes.pipeline import PipelineStages
 from .passes.styles import StyleFit
 from .program import Program
 
@@ -41,6 +42,7 @@ PASSES: tuple[type[Pass], ...] = (
     StyleFit,
     Divisibility,
     ExpertPlacement,
+    PipelineStages,
     Layouts,
     Checkpoints,
     FsdpStructure,

@@ -26,7 +26,6 @@ from .passes.context import Context, ResolvedUnit
 from .program import (
     Checkpoint,
     ContextParallel,
-    ExpertParallel,
     FullyShard,
     MixedPrecision,
     Offload,
@@ -57,7 +56,9 @@ def style_call(style: StyleSpec) -> StyleCall:
 def lower(ctx: Context) -> Program:
     assert ctx.mesh is not None, "lower() runs only after the passes succeeded"
     order = {fqn: i for i, fqn in enumerate(ctx.graph.fqns(include_root=True))}
-    steps: list[Step] = []
+    # The pipeline cut comes first: every later step applies to the stage modules that
+    # hold its modules.
+    steps: list[Step] = [ctx.pipeline] if ctx.pipeline is not None else []
     steps += _tensor_parallel(ctx, order)
     steps += _context_parallel(ctx, order)
     steps += _expert_parallel(ctx, order)

@@ -340,8 +340,56 @@ class ExpertParallel(Step):
             raise ValueError(f"ExpertParallel: gradient_divide_factor must be ≥ 1, got {self.gradient_divide_factor}")
 
 
+@dataclass(frozen=True, kw_only=True)
+class Pipeline(Step):
+    """Cut the decoder into `len(stages)` pipeline stages over `mesh_dim` (pp) and run
+    them with `schedule` over `microbatches` microbatches.
+
+    `stages[i]` are the indices (in the stack `layers`, e.g. `model.layers`) of stage
+    i's decoder layers; stage 0 also holds `embed`, the last stage `head` (the final norm
+    and the output projection); every stage holds `rotary`. Rank r of pp holds the stages
+    `ranks[r]` (looped schedules: r, r + pp, …; V-shaped: r and 2·pp − 1 − r). It is the
+    first step of a Program: every later step applies to the stage modules that hold its
+    modules (the root FSDP unit wraps each stage module)."""
+
+    kind: ClassVar[str] = "pipeline"
+    mesh_dim: str
+    schedule: str
+    microbatches: int
+    layers: str
+    stages: tuple[tuple[int, ...], ...]
+    ranks: tuple[tuple[int, ...], ...]
+    embed: tuple[str, ...] = ()
+    head: tuple[str, ...] = ()
+    rotary: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.microbatches < 1:
+            raise ValueError(f"Pipeline: microbatches must be ≥ 1, got {self.microbatches}")
+        if len(self.stages) < 2:
+            raise ValueError(f"Pipeline: needs at least two stages, got {len(self.stages)}")
+        dealt = sorted(i for r in self.ranks for i in r)
+        if dealt != list(range(len(self.stages))):
+            raise ValueError(f"Pipeline: ranks {self.ranks} do not hold each of {len(self.stages)} stages once")
+        flat = [i for st in self.stages for i in st]
+        if flat != sorted(set(flat)):
+            raise ValueError(f"Pipeline: stage layers {self.stages} repeat or are out of order")
+
+    def modules(self) -> tuple[str, ...]:
+        return ("",)
+
+    def renamed(self, rename: Callable[[str], str | None]) -> Step | None:
+        return self  # it cuts the whole model: the dry run keeps it as it is
+
+    def signature(self, block: str, index: int) -> tuple[Any, ...] | None:
+        return None  # the same in every block
+
+    def stage_of_layer(self, index: int) -> int:
+        return next(s for s, layers in enumerate(self.stages) if index in layers)
+
+
 STEP_TYPES: Mapping[str, type[Step]] = {
-    t.kind: t for t in (Parallelize, Checkpoint, ContextParallel, ExpertParallel, FullyShard)
+    t.kind: t for t in (Parallelize, Checkpoint, ContextParallel, ExpertParallel, FullyShard, Pipeline)
 }
 
 

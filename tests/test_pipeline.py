@@ -1,6 +1,6 @@
 """Pipeline parallelism trains exactly like one process, on 4 gloo ranks.
 
-Every layout trains the same 4-layer tiny Llama (same seed) on the same global batches
+Every layout trains the same 8-layer tiny Llama (same seed) on the same global batches
 (4 packed bins of 32 tokens per step) for 3 AdamW steps with gradient clipping active,
 through the runtime's loop (`meshplan.runtime.train`), and is compared with one process
 running that loop on the whole global batch: per-step losses and gradient norms within
@@ -10,7 +10,7 @@ within 1e-5 relative of the same parameters of the one-process model (fp32).
 Layouts: pp 2 × dp_shard 2 with GPipe and with 1F1B, pp 2 × tp 2 (sequence parallel), pp 2
 with two virtual stages per rank (interleaved 1F1B), pp 4 with the zero-bubble ZBV schedule
 (two stages per rank), pp 4 with interleaved zero bubble, and pp 2 × dp_shard 2 with
-activation checkpointing and uneven explicit split points.
+activation checkpointing and an uneven explicit split point.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ STEPS = 3
 SEQ_LEN = 32
 GLOBAL_BINS = 4
 MAX_NORM = 0.5
-LAYERS = 4
+LAYERS = 8
 
 pool = rank_pool_fixture(WORLD, timeout=300.0)
 

@@ -9,7 +9,7 @@ from meshplan.dsl.errors import PlanError, Span
 from meshplan.dsl.spec import CheckpointSpec, PatternSpec, PlanSpec, TPRuleSpec, UnitSpec
 
 from ..mesh_facts import MeshFacts, plan_seq_len
-from ..program import MeshLayout
+from ..program import MeshLayout, Pipeline
 
 if TYPE_CHECKING:
     from ..graph import ModelGraph
@@ -36,6 +36,7 @@ class Context:
     cp_modules: dict[str, PatternSpec] = field(default_factory=dict)
     ep_modules: dict[str, PatternSpec] = field(default_factory=dict)
     units: list[ResolvedUnit] = field(default_factory=list)
+    pipeline: Pipeline | None = None                               # pipeline: the stage cut
 
     def error(self, span: Span, code: str, message: str, hint: str | None = None,
               related: tuple[tuple[Span, str], ...] = ()) -> None:

@@ -3,9 +3,8 @@
 Guarantees: `cp > 1` has a `context_parallel` section (otherwise its ranks would split
 nothing yet be counted as separate data shards nowhere); `tp > 1` without a
 `tensor_parallel` section is reported as a warning (those ranks compute the same thing);
-`ep > 1` has an `expert_parallel` section; `pp > 1` is refused with E511: the plan
-language checks it, but this runtime cannot run it yet, and a plan is never accepted for
-a program that would silently leave a dimension out.
+`ep > 1` has an `expert_parallel` section; `pp > 1` has a `pipeline` section. A plan is
+never accepted for a program that would silently leave a dimension out.
 """
 
 from __future__ import annotations
@@ -34,9 +33,9 @@ class Coverage:
         if ctx.size("tp") > 1 and spec.tensor_parallel is None:
             ctx.warn(span_of("tp"), "W102", f"tp = {ctx.size('tp')} but no `tensor_parallel` section: those ranks "
                      "would all compute the same thing")
-        if ctx.size("pp") > 1:
-            ctx.error(span_of("pp"), "E511", f"pp = {ctx.size('pp')}: pipeline parallelism is checked by the "
-                      "language but this runtime cannot run it yet", "set pp = 1")
+        if ctx.size("pp") > 1 and spec.pipeline is None:
+            ctx.error(span_of("pp"), "E509", f"pp = {ctx.size('pp')} but the plan has no `pipeline` section",
+                      "add `pipeline on pp { schedule = 1f1b  microbatches = N }`, or set pp = 1")
         if ctx.size("ep") > 1 and spec.expert_parallel is None:
             ctx.error(span_of("ep"), "E509", f"ep = {ctx.size('ep')} but the plan has no `expert_parallel` section",
                       "add `expert_parallel on ep { experts model.layers.*.mlp.experts }`, or set ep = 1")

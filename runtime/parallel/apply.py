@@ -9,9 +9,9 @@ keeps its part of the sequence; see `runtime.parallel.context`).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
 import torch
 from torch import nn
@@ -24,6 +24,7 @@ from meshplan.planner.program import (
     FullyShard,
     MixedPrecision,
     Parallelize,
+    Pipeline,
     Program,
     S,
     Step,
@@ -32,6 +33,7 @@ from meshplan.planner.program import (
 from ..attention.context import CP_ATTRIBUTE, ContextParallelAttention
 from .context import ContextSplit, shard_batch
 from .mesh import build_mesh, submesh
+from .pipeline import Pipelined, apply_pipelined, pipeline_step
 from .registry import make_style
 from .styles import rescale_split_sizes, selective_checkpoint_context
 from .ties import retie, tied_groups
@@ -48,6 +50,9 @@ class Applied:
     model: nn.Module
     mesh: DeviceMesh
     program: Program
+    # Under pipeline parallelism: this rank's stages and their schedule (`model` then
+    # holds the stages' parameters under their Hugging Face names).
+    pipeline: Pipelined | None = None
 
     @property
     def context_split(self) -> ContextSplit | None:
@@ -82,8 +87,18 @@ def apply(program: Program, model: nn.Module, *, mesh: DeviceMesh | None = None,
     """Parallelise `model` in place as `program` says; returns the model and the mesh."""
     _check_modules(program, model)
     mesh = mesh if mesh is not None else build_mesh(program.mesh, device_type)
+    cut = pipeline_step(program)
+    if cut is not None:  # the stages first, then every other step on each stage
+        held, pipelined = apply_pipelined(program, cut, model, mesh, torch.device(device_type),
+                                          lambda steps, stage: _apply_steps(steps, stage, mesh))
+        return Applied(held, mesh, program, pipelined)
+    _apply_steps(program.steps, model, mesh)
+    return Applied(model, mesh, program)
+
+
+def _apply_steps(steps: Sequence[Step], model: nn.Module, mesh: DeviceMesh) -> None:
     ties = tied_groups(model)  # parallelize_module unties them: put them back after each step
-    for step in program.steps:
+    for step in steps:
         try:
             STEPS[type(step)](step, model, mesh)
         except StepError:
@@ -91,7 +106,6 @@ def apply(program: Program, model: nn.Module, *, mesh: DeviceMesh | None = None,
         except Exception as e:
             raise StepError(f"{_where(step)}: {step.kind} failed: {type(e).__name__}: {e}") from e
         retie(ties)
-    return Applied(model, mesh, program)
 
 
 def _where(step: Step) -> str:
@@ -208,12 +222,23 @@ def _fully_shard(step: FullyShard, model: nn.Module, mesh: DeviceMesh) -> None:
                 mp_policy=mixed_precision_policy(step.mixed_precision), offload_policy=offload)
 
 
+def _pipeline(step: Pipeline, model: nn.Module, mesh: DeviceMesh) -> None:
+    # `apply` cuts the model before any other step; a pipeline step reaching the table
+    # is one of size 1 (nothing to cut) or one out of place.
+    if mesh.size() > 1 and step.mesh_dim in (mesh.mesh_dim_names or ()) and \
+            submesh(mesh, (step.mesh_dim,)).size() > 1:
+        raise StepError(f"{_where(step)}: the pipeline step must be the Program's first step")
+
+
 Applier = Callable[[Step, nn.Module, DeviceMesh], None]
 
 
 def _applier(fn: Callable[[S, nn.Module, DeviceMesh], None]) -> Applier:
-    """A step kind's applier, as the table holds it (the table's key picks the kind)."""
-    return cast(Applier, fn)
+    """A step kind's applier, as the table holds it (the table's key picks the kind, so
+    the applier is only called on steps of its own kind)."""
+    held: Any = fn
+    applier: Applier = held
+    return applier
 
 
 # How the runtime applies each step kind (the step protocol: planner/program.py `Step`).
@@ -223,4 +248,5 @@ STEPS: dict[type[Step], Applier] = {
     ContextParallel: _applier(_context_parallel),
     ExpertParallel: _applier(_expert_parallel),
     FullyShard: _applier(_fully_shard),
+    Pipeline: _applier(_pipeline),
 }

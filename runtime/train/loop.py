@@ -59,6 +59,7 @@ from ..parallel.apply import Applied
 from .build import device_of
 from .environment import TrainError
 from .loss import IGNORE_INDEX, loss_sum_and_count, vocab_parallel
+from .pipeline import pipeline_backward, stages_norm
 from .topology import Topology
 
 if TYPE_CHECKING:
@@ -209,6 +210,25 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, micro_batches
     return StepStats(step, loss, float(norm), tokens, targets, time.perf_counter() - start)
 
 
+def pipeline_train_step(applied: Applied, optimizer: torch.optim.Optimizer, micro_batches: Sequence[Batch],
+                        topology: Topology, *, step: int = 0, max_grad_norm: float | None = None) -> StepStats:
+    """`train_step` for a model cut into pipeline stages (`runtime.train.pipeline`): the
+    schedule runs forward and backward; the norm and the clipping cover every stage."""
+    start = time.perf_counter()
+    loss, targets, tokens = pipeline_backward(applied, micro_batches, topology)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    norm = stages_norm(applied, grad_norm(params))
+    if max_grad_norm is not None:
+        coef = min(1.0, max_grad_norm / (float(norm) + 1e-6))
+        if coef < 1.0:
+            with torch.no_grad():
+                for g in _grads(params):
+                    g.mul_(coef)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return StepStats(step, loss, float(norm), tokens, targets, time.perf_counter() - start)
+
+
 def train(model: nn.Module | Applied, optimizer: torch.optim.Optimizer,
           batches: Iterable[Sequence[Batch]], topology: Topology, config: TrainConfig, *,
           start_step: int = 0, on_step: Callable[[StepStats], None] | None = None,
@@ -230,8 +250,12 @@ def train(model: nn.Module | Applied, optimizer: torch.optim.Optimizer,
             micro = next(source)
         except StopIteration:
             break
-        stats = train_step(module, optimizer, micro, topology, step=step,
-                           max_grad_norm=config.max_grad_norm)
+        if isinstance(model, Applied) and model.pipeline is not None:
+            stats = pipeline_train_step(model, optimizer, micro, topology, step=step,
+                                        max_grad_norm=config.max_grad_norm)
+        else:
+            stats = train_step(module, optimizer, micro, topology, step=step,
+                               max_grad_norm=config.max_grad_norm)
         history.append(stats)
         if on_step is not None:
             on_step(stats)

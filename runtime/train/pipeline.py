@@ -15,6 +15,7 @@ into stages (`runtime.parallel.pipeline`):
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -23,7 +24,7 @@ import torch.distributed as dist
 
 from ..parallel.apply import Applied
 from ..parallel.pipeline import PipelineError
-from .loss import IGNORE_INDEX, loss_sum_and_count
+from .loss import IGNORE_INDEX, loss_sum_and_count, vocab_parallel
 from .topology import Topology
 
 __all__ = ["pipeline_backward", "pipeline_batch", "stages_norm"]
@@ -73,7 +74,9 @@ def pipeline_backward(applied: Applied, micro_batches: Sequence[Batch], topology
     losses: list[torch.Tensor] = []
     args = (ids, positions) if pipe.first else ()
     kwargs: dict[str, Any] = {"target": labels, "losses": losses} if pipe.last else {}
-    pipe.schedule().step(*args, **kwargs)
+    # Vocabulary-parallel logits: the loss and its backward both run inside the schedule.
+    with vocab_parallel() if topology.vocab_parallel else contextlib.nullcontext():
+        pipe.schedule().step(*args, **kwargs)
     # The schedule's losses carry the scale: the report undoes it. Only the rank of the
     # last stage adds anything; the sum over pp gives every rank the loss.
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
