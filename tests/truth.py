@@ -109,6 +109,8 @@ def compile_for_truth(plan: str | Path, model: Any, world: int, overrides: Itera
         return Compiled(True, (), fp32(compiled.program))
     except PlanRejected as rejected:
         codes = tuple(d.code for d in rejected.errors)
+    except Exception as e:  # the compiler itself failed: no verdict, nothing to apply
+        return Compiled(False, ("crash",), None, f"the compiler raised {type(e).__name__}: {e}")
     try:
         unchecked = compile_plan(plan, target, world, list(overrides), check=False)
     except PlanRejected as again:
@@ -261,7 +263,14 @@ def rank_case(program_json: str, source: Any, seq_len: int, ref: Reference) -> R
     micro = max(BINS // topology.dp_size, 1)
     loader = data.loader(topology.dp_rank, topology.dp_size, micro_batch=micro,
                          cp_rank=topology.cp_rank if topology.context else None)
-    loss, norm = _step(applied.model, next(iter(loader)), topology)
+    if applied.pipeline is not None:  # the schedule runs forward and backward
+        from meshplan.runtime.train.loop import pipeline_train_step
+
+        params = [p for p in applied.model.parameters() if p.requires_grad]
+        stats = pipeline_train_step(applied, NoStep(params), next(iter(loader)), topology)
+        loss, norm = stats.loss, stats.grad_norm
+    else:
+        loss, norm = _step(applied.model, next(iter(loader)), topology)
     worst = _compare_grads(applied.model, program, ref)
     return RankReport(loss, norm, worst)
 
@@ -278,7 +287,8 @@ def _last_line(error: BaseException) -> str:
     text = str(error).strip()
     failed = [line for line in text.splitlines() if line.strip() and not line.startswith((" ", "---"))]
     tail = failed[-1] if failed else text.splitlines()[-1] if text else type(error).__name__
-    return tail[:300]
+    root = str(Path(__file__).resolve().parent.parent) + "/"
+    return tail.replace(root, "")[:300]
 
 
 def judge_program(pool: RankPool, program: Program, source: Any, *, seq_len: int = SEQ_LEN,
