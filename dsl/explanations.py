@@ -552,6 +552,17 @@ Example: `unit model.layers.* { reshard_after_forward = true }` with pp > 1.
 
 Fix: `reshard_after_forward = false` for pipelined training when memory allows.
 """,
+    "W106": """\
+A styled module receives a DTensor in another layout than its plan line declares.
+DTensor knows the value's layout and the style redistributes it, so the result is
+right — but it costs a collective (an all-gather or a reduction) on every call.
+
+Example: a `sequence_parallel` norm whose DTensor output (shard(1)) flows into a
+`colwise` projection declared `input = replicate`, with no `prepare_input` between.
+
+Fix: declare the conversion once where it happens (`prepare_input` on the enclosing
+module), or declare the layout the value really has.
+""",
     "W201": """\
 Some parameters do not divide evenly over the ranks they are sharded on: ranks hold
 shards of different sizes. FSDP pads every shard to the largest, so every rank stores

@@ -4,8 +4,9 @@ Guarantees, for the tensor-parallel dimension: walking the traced ATen graph in 
 with each ParallelStyle's contract applied at its module's boundary (input conversion,
 sharded weights, output layout) and op rules in between (`planner.ops`):
 - every styled module receives its activation in the layout its plan line declares —
-  a plain tensor in another layout would be misread by `from_local` (silently wrong), a
-  DTensor in another layout would be redistributed implicitly on every call;
+  a plain tensor in another layout would be misread by `from_local` (silently wrong); a
+  DTensor in another layout is redistributed implicitly, exact but a collective on every
+  call (warning W106);
 - ops between planned modules (residual adds, reshapes into heads, norms, rotary
   embeddings, attention) see agreeing layouts, never reduce or slice over a sharded
   dimension, and never consume an unreduced partial sum (E507);
@@ -125,6 +126,13 @@ class _Walk:
         self.ctx.error(span or fallback, code, message, hint,
                        related=tuple((s, m) for s, m in related if s is not None and s != span))
 
+    def warn(self, span: Span, message: str, code: str = "W106", hint: str | None = None) -> None:
+        key = (span, message)
+        if key in self.reported:
+            return
+        self.reported.add(key)
+        self.ctx.warn(span, code, message, hint)
+
     def _attrs(self, node: str) -> dict[str, Any]:
         attrs: dict[str, Any] = self.g.nodes[node]
         return attrs
@@ -208,12 +216,13 @@ class _Walk:
         wanted = declared.describe().replace(" (plain tensor)", "")
         related = ((actual.origin, "the value is made here"),) if actual.origin else ()
         if actual.dtensor:
-            self.report(rule.span,
-                        f"`{name}` declares its {what} {wanted} but receives {actual.describe()}: DTensor "
-                        "would redistribute it implicitly on every call",
-                        hint="declare the conversion once where it happens (prepare_input on the "
-                             "enclosing module) or declare the layout the value really has",
-                        related=related)
+            # A DTensor knows its layout: the style's `redistribute` converts it (measured exact).
+            # What it costs is a collective per call — a performance warning, not an error.
+            self.warn(rule.span,
+                      f"`{name}` declares its {what} {wanted} but receives {actual.describe()}: DTensor "
+                      "redistributes it implicitly, a collective on every call",
+                      hint="declare the conversion once where it happens (prepare_input on the "
+                           "enclosing module) or declare the layout the value really has")
         else:
             self.report(rule.span,
                         f"`{name}` declares its {what} {wanted} but receives {actual.describe()}: each rank "
