@@ -128,7 +128,9 @@ def test_plain_batches_match_plan_runs_loss_and_a_single_process(pool: RankPool,
     for r in pool.run(plain_batch_case, program, ids):
         assert r["grads"] > 0
         assert r["loss"] == pytest.approx(r["reference"], rel=1e-6)
-        assert r["worst"] < 1e-5, r  # the gradients of loss_parallel's loss, shard by shard
+        # loss_parallel's gradients, shard by shard, up to the bf16 rounding of the logits'
+        # gradient (the plan computes in bf16): the fp32 losses are equal.
+        assert r["worst"] < 1e-3, r
         # The plan computes in bf16 (mixed precision): a single fp32 process agrees loosely.
         assert r["loss"] == pytest.approx(float(total / count), rel=1e-3)
         assert r["grad_norm"] == pytest.approx(single_norm, rel=5e-3)

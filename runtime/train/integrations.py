@@ -221,7 +221,10 @@ def MeshplanTrainer(*args: Any, topology: Topology, train_loader: PackedLoader,
     model = kwargs.get("model", args[0] if args else None)
     if model is None:
         raise ValueError("MeshplanTrainer needs the applied model (model=applied.model)")
-    model.is_distributed_loading_by_transformers = True
+    if hasattr(type(model), "is_distributed_loading_by_transformers"):  # a property over this field
+        model._is_distributed_loading_by_transformers = True
+    else:
+        model.is_distributed_loading_by_transformers = True
 
     class _Trainer(Trainer):
         global_losses: list[float]
