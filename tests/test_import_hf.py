@@ -73,3 +73,15 @@ def test_every_transformers_style_is_mapped_or_named() -> None:
     assert registered, "transformers registers no styles"
     handled = set(STYLES) | set(UNSUPPORTED) | {"replicate"}
     assert registered <= handled, registered - handled
+
+
+def test_a_local_directory(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    from meshplan.planner.models import load_preset
+
+    (tmp_path / "config.json").write_text(json.dumps(load_preset("tiny-qwen2")), encoding="utf-8")
+    assert main(["import", "hf", str(tmp_path)]) == 0
+    text = capsys.readouterr().out
+    assert "plan qwen2_hf for Qwen2ForCausalLM" in text
+    assert "model.layers.*.mlp.down_proj    : rowwise" in text
