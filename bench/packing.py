@@ -21,7 +21,8 @@ decreasing written here as the naive baseline. That one scans every open bin for
 sequence, O(n * bins), so it only runs on a random subsample (20,000 sequences; --quick
 2,000), next to our `ffd` on the very same subsample for a like-for-like time. Times are
 the best of --repeat runs (default 3, --quick 1; the runs of the different algorithms and
-of argsort interleaved, so that load from other processes hits them alike), after one
+of argsort interleaved, so that load from other processes hits them alike, in an order
+that rotates every round, so that none always runs first after another's free), after one
 warm-up call that loads the numba kernels from their on-disk cache (or compiles them,
 once per machine).
 
@@ -168,26 +169,33 @@ def run_dataset(
 ) -> tuple[list[dict[str, Any]], float]:
     """The rows of one dataset at one seq_len, and (with_argsort) the time of
     numpy.argsort of the same lengths. The timed runs are interleaved — ffd, bfd, greedy,
-    argsort, then again — so that a burst of load on a shared machine hits all alike."""
+    argsort, then again — so that a burst of load on a shared machine hits all alike, and
+    the order rotates every round: the first run after another's large free pays for
+    fresh memory (page faults and, with memory fragmented by other processes, compaction
+    for huge pages: up to seconds at 16M), and no variant should be the one that always
+    pays."""
     rows = []
     n = int(lengths.shape[0])
     algorithms = ("ffd", "bfd", "greedy")
-    best = dict.fromkeys((*algorithms, "argsort"), float("inf"))
+    timed = [*algorithms, "argsort"] if with_argsort else list(algorithms)
+    best = dict.fromkeys(timed, float("inf"))
     figures: dict[str, dict[str, Any]] = {}
-    for _ in range(repeat):
-        for algorithm in algorithms:
-            seconds, r = best_time(partial(pack, lengths, seq_len, algorithm, overlong=overlong), 1)
+    for k in range(repeat):
+        shift = k % len(timed)
+        for what in timed[shift:] + timed[:shift]:
+            if what == "argsort":
+                seconds, _ = best_time(partial(np.argsort, lengths), 1)
+                best["argsort"] = min(best["argsort"], seconds)
+                continue
+            seconds, r = best_time(partial(pack, lengths, seq_len, what, overlong=overlong), 1)
             assert isinstance(r, PackResult)
-            best[algorithm] = min(best[algorithm], seconds)
-            if algorithm not in figures:  # the result is the same every time
+            best[what] = min(best[what], seconds)
+            if what not in figures:  # the result is the same every time
                 note = f"{r.n_truncated:,} truncated" if r.n_truncated else ""
-                figures[algorithm] = row(
-                    name, algorithm, seq_len, n, r.n_bins, r.tokens, r.lengths, 0.0, note
+                figures[what] = row(
+                    name, what, seq_len, n, r.n_bins, r.tokens, r.lengths, 0.0, note
                 )
             del r  # free it before the next run, as a training job would
-        if with_argsort:
-            seconds, _ = best_time(partial(np.argsort, lengths), 1)
-            best["argsort"] = min(best["argsort"], seconds)
     for algorithm in algorithms:
         rows.append(figures[algorithm] | {"seconds": best[algorithm]})
 
@@ -203,7 +211,7 @@ def run_dataset(
     seconds, r = best_time(lambda: pack(sub, seq_len, "ffd"), repeat)
     assert isinstance(r, PackResult) and r.n_bins == len(bins)  # same algorithm, same bins
     rows.append(row(name, "ffd", seq_len, m, r.n_bins, r.tokens, r.lengths, seconds, note))
-    return rows, best["argsort"]
+    return rows, best.get("argsort", float("nan"))
 
 
 def main(argv: list[str] | None = None) -> int:
