@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import math
 import types
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -231,10 +231,10 @@ def _aligned(*tensors: torch.Tensor) -> bool:
 def local_experts_forward(module: nn.Module, rows: torch.Tensor, counts: list[int],
                           grad_scale: float = 1.0) -> torch.Tensor:
     """Run this rank's experts on `rows`, sorted by local expert (`counts[e]` rows each)."""
-    gate_up, down = _local(module.gate_up_proj), _local(module.down_proj)
+    gate_up, down = (_local(getattr(module, name)) for name in EXPERT_PARAMS)
     if grad_scale != 1.0:
         gate_up, down = _ScaleGrad.apply(gate_up, grad_scale), _ScaleGrad.apply(down, grad_scale)
-    act = module.act_fn
+    act: Callable[[torch.Tensor], torch.Tensor] = module.act_fn  # type: ignore[assignment]
     grouped = getattr(torch.nn.functional, "grouped_mm", None)
     offsets = torch.tensor(counts, device=rows.device).cumsum(0).to(torch.int32)
     # (An expert without rows still runs, on an empty slice: its gradient is then zeros,
@@ -263,7 +263,7 @@ def local_experts_forward(module: nn.Module, rows: torch.Tensor, counts: list[in
 def _dispatch_forward(module: nn.Module, groups: ExpertGroups, hidden: torch.Tensor,
                       top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
     tokens, k = top_k_index.shape
-    num_experts = module.num_experts
+    num_experts = int(getattr(module, "num_experts"))  # noqa: B009 (a Module attribute mypy cannot type)
     local = num_experts // groups.ep
     sizes: list[int] = []
     x, idx = hidden, top_k_index
@@ -370,7 +370,7 @@ def install_expert_parallel(model: nn.Module, mesh: DeviceMesh, fqns: Sequence[s
                     top_k_weights: torch.Tensor) -> torch.Tensor:
             return _dispatch_forward(self, groups, hidden_states, top_k_index, top_k_weights)
 
-        module.forward = types.MethodType(forward, module)  # type: ignore[method-assign]
+        module.forward = types.MethodType(forward, module)
         if fsdp_mesh is not None:
             from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
