@@ -226,6 +226,10 @@ class StyleSchema:
     contract: Contract = Contract()
     divides: Mapping[str, Divides] = field(default_factory=dict)
     sequence: bool = False  # always splits activations along the sequence
+    # Called as `after(parent, module, parts, tp)` once a fused (`parts > 1`) module with a
+    # parent is sharded: the dotted name of a function in the styles torch lacks, which
+    # fixes what the parent knows of the module's (now local) width.
+    after: str | None = None
 
     def construct(self, call: CallArgs) -> Construct:
         return self.build(call)
@@ -291,6 +295,7 @@ STYLES: Mapping[str, StyleSchema] = {
         applies_to=("conv1d",),
         contract=Contract(weights={"conv1d": "shard(1)"}),
         divides={"linear": _OUT, "conv1d": _OUT},
+        after=f"{MESHPLAN_STYLES}.rescale_split_sizes",  # GPT-2 attention splits by `split_size`
     ),
     "conv1d_rowwise": StyleSchema(
         "RowwiseParallel for GPT-2's transposed Conv1D (weight is [in, out]).",

@@ -8,9 +8,10 @@ from. Every step kind has one entry in `EMITTERS` (the step protocol, `program.S
 
 Styles are written from the style registry (`meshplan.dsl.styles`): each style call
 becomes its record's constructor call, the very record `runtime.parallel.registry`
-builds from, and the torch classes it names are imported. The styles torch lacks are
-inlined from `planner.emitted_styles.SOURCE`: a checked-in copy of the body of
-`runtime/parallel/styles.py` (which imports only torch), tested equal to it. Nothing is
+builds from, and the torch classes it names are imported. The styles torch lacks, and
+the re-tying of tied parameters after each step, are inlined from
+`planner.emitted_styles`: checked-in copies of the bodies of `runtime/parallel/styles.py`
+and `runtime/parallel/ties.py` (which import only torch), tested equal to them. Nothing is
 read from the installed package's files, and the planner imports no runtime module; the
 compiler's soundness test applies script and runtime to one model and compares every
 parameter's placements.
@@ -24,6 +25,7 @@ from typing import cast
 from meshplan.dsl.styles import STYLES, TORCH_TP
 
 from .emitted_styles import SOURCE as STYLES_SOURCE
+from .emitted_styles import TIES as TIES_SOURCE
 from .program import (
     Checkpoint,
     ContextParallel,
@@ -99,6 +101,9 @@ def to_python(program: Program) -> str:
         "# ---- ParallelStyles torch lacks (meshplan/runtime/parallel/styles.py, verbatim) ----",
         STYLES_SOURCE,
         "",
+        "# ---- tied parameters (meshplan/runtime/parallel/ties.py, verbatim) ----",
+        TIES_SOURCE,
+        "",
         "# ---- the program ----",
         "",
         f"MESH_NAMES = {tuple(n for n in program.mesh.names if n != 'ep')!r}",
@@ -125,14 +130,17 @@ def to_python(program: Program) -> str:
         "",
         "def apply(model, mesh):",
     ]
-    body: list[str] = []
+    # As the runtime: a step that unties tied parameters (parallelize_module does) gets
+    # them tied again after it.
+    body: list[str] = ["    _ties = tied_groups(model)"]
     for step in program.steps:
         emit = EMITTERS.get(type(step))
         if emit is None:
             raise ValueError(f"--emit python: no emitter for {step.kind} steps")
         body.append(f"    {_where(step)}")
         body += emit(step)
-    lines += body or ["    pass"]
+        body.append("    retie(_ties)")
+    lines += body
     lines += ["    return model", ""]
     return "\n".join(lines)
 
@@ -149,9 +157,10 @@ def _parallelize(step: Parallelize) -> list[str]:
         body += [f"        {r!r}: {style_source(c)}," for r, c in entries]
         body.append("    })")
     for r, c in entries:
-        if c.parts > 1 and c.style == "conv1d_colwise" and "." in r:
+        after = STYLES[c.style].after
+        if after is not None and c.parts > 1 and "." in r:
             parent = r.rsplit(".", 1)[0]
-            body.append(f"    rescale_split_sizes({root}.get_submodule({parent!r}), "
+            body.append(f"    {after.rsplit('.', 1)[-1]}({root}.get_submodule({parent!r}), "
                         f"{root}.get_submodule({r!r}), {c.parts!r}, _mesh(mesh, ({step.mesh_dim!r},)).size())")
     return body
 

@@ -1,12 +1,15 @@
-"""The body of `runtime/parallel/styles.py` (the ParallelStyles torch lacks), as the text
-`plan compile --emit python` writes into the standalone script.
+"""The bodies of the torch-only runtime modules `plan compile --emit python` writes into
+the standalone script: `runtime/parallel/styles.py` (the ParallelStyles torch lacks) and
+`runtime/parallel/ties.py` (tied parameters put back after each step).
 
-The emitter writes this string; it never reads a source file of the installed package.
-`tests/test_registry.py` holds it equal to the runtime module's body (after the module
+The emitter writes these strings; it never reads a source file of the installed package.
+`tests/test_registry.py` holds them equal to the runtime modules' bodies (after the module
 docstring and the `__future__` import), so the script runs the runtime's very code;
-`MESHPLAN_UPDATE_GOLDEN=1 pytest tests/test_registry.py` rewrites it after an edit there.
+`MESHPLAN_UPDATE_GOLDEN=1 pytest tests/test_registry.py` rewrites this file after an edit
+there.
 """
 
+# runtime/parallel/styles.py
 SOURCE = r'''
 from functools import partial
 from typing import Any, cast
@@ -200,4 +203,47 @@ def selective_checkpoint_context() -> Any:
         return CheckpointPolicy.MUST_SAVE if op in save else CheckpointPolicy.PREFER_RECOMPUTE
 
     return create_selective_checkpoint_contexts(policy)
+'''.strip("\n")
+
+# runtime/parallel/ties.py
+TIES = r'''
+from torch import nn
+from torch.distributed.tensor import DTensor
+
+__all__ = ["TiedGroup", "retie", "tied_groups"]
+
+TiedGroup = tuple[tuple[nn.Module, str], ...]  # (module, parameter attribute) sharing one tensor
+
+
+def tied_groups(model: nn.Module) -> list[TiedGroup]:
+    """Every parameter reachable under more than one (module, attribute)."""
+    seen: dict[int, list[tuple[nn.Module, str]]] = {}
+    for module in model.modules():
+        for attr, p in module._parameters.items():
+            if p is not None:
+                places = seen.setdefault(id(p), [])
+                if all(m is not module or a != attr for m, a in places):
+                    places.append((module, attr))
+    return [tuple(places) for places in seen.values() if len(places) > 1]
+
+
+def _alike(a: nn.Parameter, b: nn.Parameter) -> bool:
+    if isinstance(a, DTensor) != isinstance(b, DTensor) or a.shape != b.shape:
+        return False
+    if isinstance(a, DTensor) and isinstance(b, DTensor):
+        return a.device_mesh == b.device_mesh and a.placements == b.placements
+    return True
+
+
+def retie(groups: list[TiedGroup]) -> None:
+    """Make each group's modules share one parameter again where their copies agree."""
+    for group in groups:
+        first_module, first_attr = group[0]
+        first = first_module._parameters[first_attr]
+        if first is None:
+            continue
+        for module, attr in group[1:]:
+            current = module._parameters[attr]
+            if current is not None and current is not first and _alike(first, current):
+                module._parameters[attr] = first
 '''.strip("\n")

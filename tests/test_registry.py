@@ -33,29 +33,53 @@ from meshplan.planner.emit import style_source, to_python
 from meshplan.planner.emitted_styles import SOURCE
 from meshplan.planner.program import Parallelize, StyleCall
 from meshplan.runtime.parallel import styles as runtime_styles
-from meshplan.runtime.parallel.registry import constructor, make_style, torch_placement
+from meshplan.runtime.parallel.registry import constructor, make_style, resolve, torch_placement
 
 from .conftest import ROOT
 
 EMITTED = ROOT / "planner" / "emitted_styles.py"
 
 
+HEADER = '''"""The bodies of the torch-only runtime modules `plan compile --emit python` writes into
+the standalone script: `runtime/parallel/styles.py` (the ParallelStyles torch lacks) and
+`runtime/parallel/ties.py` (tied parameters put back after each step).
+
+The emitter writes these strings; it never reads a source file of the installed package.
+`tests/test_registry.py` holds them equal to the runtime modules' bodies (after the module
+docstring and the `__future__` import), so the script runs the runtime's very code;
+`MESHPLAN_UPDATE_GOLDEN=1 pytest tests/test_registry.py` rewrites this file after an edit
+there.
+"""
+'''
+COPIES = (("SOURCE", "runtime/parallel/styles.py"), ("TIES", "runtime/parallel/ties.py"))
+
+
 def _body(path: Path) -> str:
     text = path.read_text(encoding="utf-8")
-    body = text.split('"""', 2)[2]
-    return body.replace("from __future__ import annotations\n", "").strip("\n")
+    return text.split('"""', 2)[2].replace("from __future__ import annotations\n", "").strip("\n")
 
 
-def test_the_emitted_source_is_the_runtime_module() -> None:
-    """The script inlines a checked-in copy of runtime/parallel/styles.py: it must be
-    the runtime's very code (MESHPLAN_UPDATE_GOLDEN=1 rewrites the copy)."""
-    body = _body(Path(runtime_styles.__file__))
-    if os.environ.get("MESHPLAN_UPDATE_GOLDEN") and body != SOURCE:
-        head = EMITTED.read_text(encoding="utf-8").split("SOURCE = ", 1)[0]
-        EMITTED.write_text(f"{head}SOURCE = r'''\n{body}\n'''.strip(\"\\n\")\n", encoding="utf-8")
-        pytest.fail("planner/emitted_styles.py rewritten from runtime/parallel/styles.py: rerun")
-    assert body == SOURCE, ("planner/emitted_styles.py differs from runtime/parallel/styles.py; "
-                            "MESHPLAN_UPDATE_GOLDEN=1 pytest tests/test_registry.py rewrites it")
+def _render(root: Path) -> str:
+    """planner/emitted_styles.py as the runtime modules it copies make it."""
+    out = HEADER
+    for name, rel in COPIES:
+        text = _body(root / rel)
+        assert "'''" not in text and not text.endswith("\\")
+        out += f"\n# {rel}\n{name} = r'''\n{text}\n'''.strip(\"\\n\")\n"
+    return out
+
+
+def test_the_emitted_sources_are_the_runtime_modules() -> None:
+    """The script inlines checked-in copies of torch-only runtime modules: they must be
+    the runtime's very code (MESHPLAN_UPDATE_GOLDEN=1 rewrites the copies)."""
+    expected = _render(ROOT)
+    if os.environ.get("MESHPLAN_UPDATE_GOLDEN") and EMITTED.read_text(encoding="utf-8") != expected:
+        EMITTED.write_text(expected, encoding="utf-8")
+        pytest.fail("planner/emitted_styles.py rewritten from the runtime modules: rerun")
+    assert EMITTED.read_text(encoding="utf-8") == expected, (
+        "planner/emitted_styles.py differs from the runtime modules it copies; "
+        "MESHPLAN_UPDATE_GOLDEN=1 pytest tests/test_registry.py rewrites it")
+    assert _body(Path(runtime_styles.__file__)) == SOURCE
 
 
 def test_the_language_reads_the_registry() -> None:
@@ -120,6 +144,15 @@ def test_constructors_are_importable_and_the_script_defines_meshplans(call: Styl
     if built.module == MESHPLAN_STYLES:
         defined = {n.name for n in ast.parse(SOURCE).body if isinstance(n, ast.ClassDef)}
         assert built.name in defined
+
+
+@pytest.mark.parametrize("name", sorted(n for n, r in STYLES.items() if r.after), ids=str)
+def test_after_hooks_are_the_runtime_s_and_the_script_s(name: str) -> None:
+    after = STYLES[name].after
+    assert after is not None and after.startswith(MESHPLAN_STYLES + ".")
+    assert callable(resolve(after))
+    defined = {n.name for n in ast.parse(SOURCE).body if isinstance(n, ast.FunctionDef)}
+    assert after.rsplit(".", 1)[-1] in defined
 
 
 def test_constructor_refuses_what_is_not_a_style() -> None:

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
+from meshplan.dsl.styles import STYLES
 from meshplan.planner.program import (
     Checkpoint,
     ContextParallel,
@@ -34,8 +35,8 @@ from ..attention.context import CP_ATTRIBUTE, ContextParallelAttention
 from .context import ContextSplit, shard_batch
 from .mesh import build_mesh, submesh
 from .pipeline import Pipelined, apply_pipelined, pipeline_step
-from .registry import make_style
-from .styles import rescale_split_sizes, selective_checkpoint_context
+from .registry import make_style, resolve
+from .styles import selective_checkpoint_context
 from .ties import retie, tied_groups
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp64": torch.float64}
@@ -137,9 +138,10 @@ def _parallelize(step: Parallelize, model: nn.Module, mesh: DeviceMesh) -> None:
     if plan:
         parallelize_module(root, tp_mesh, plan)
     for rel, call in step.plan:
-        if call.parts > 1 and call.style == "conv1d_colwise" and "." in rel:
+        after = STYLES[call.style].after
+        if after is not None and call.parts > 1 and "." in rel:
             parent = root.get_submodule(rel.rsplit(".", 1)[0])
-            rescale_split_sizes(parent, root.get_submodule(rel), call.parts, tp_mesh.size())
+            resolve(after)(parent, root.get_submodule(rel), call.parts, tp_mesh.size())
 
 
 def _checkpoint(step: Checkpoint, model: nn.Module, mesh: DeviceMesh) -> None:

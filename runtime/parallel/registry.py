@@ -19,7 +19,7 @@ from torch.distributed.tensor.parallel.style import ParallelStyle
 from meshplan.dsl.spec import Placement
 from meshplan.dsl.styles import STYLES, Arg, CallArgs, Named
 
-__all__ = ["constructor", "make_style", "torch_placement"]
+__all__ = ["constructor", "make_style", "resolve", "torch_placement"]
 
 
 def torch_placement(p: Placement | None) -> TorchPlacement | None:
@@ -42,10 +42,15 @@ def _value(arg: Arg) -> Any:
 
 
 @cache
+def resolve(dotted: str) -> Any:
+    """What a registry record names by its dotted name, imported."""
+    module, _, name = dotted.rpartition(".")
+    return getattr(importlib.import_module(module), name)
+
+
 def constructor(dotted: str) -> type[ParallelStyle]:
     """The class a registry record names, imported (`torch.distributed…ColwiseParallel`)."""
-    module, _, name = dotted.rpartition(".")
-    cls = getattr(importlib.import_module(module), name)
+    cls = resolve(dotted)
     if not (isinstance(cls, type) and issubclass(cls, ParallelStyle)):
         raise TypeError(f"style constructor {dotted} is not a ParallelStyle")
     return cls
