@@ -22,6 +22,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--emit", choices=("json", "python"), default="json",
                    help="the program as JSON or as a standalone torch script (default json)")
     p.add_argument("--json", action="store_true", help="print diagnostics as a JSON list")
+    p.add_argument("--no-dry-run", dest="dry_run", action="store_false",
+                   help="skip the dry run (one training step of each block kind on fake tensors under "
+                        "the program's layouts) that catches a model whose code does not fit the plan")
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
@@ -70,6 +73,15 @@ def _report(term: Terminal, diagnostics: list[PlanError], as_json: bool) -> None
         term.note(f"plan rejected ({errors} error{'s' if errors != 1 else ''})")
 
 
+def dry_run_net(compiled: object, args: argparse.Namespace) -> list[PlanError]:
+    """The dry-run net (`runtime.explain.net`): the errors of a model that does not run
+    under the accepted Program, at the plan's sequence length where it declares one."""
+    from meshplan.runtime.explain.net import check_runs
+    from meshplan.runtime.explain.report import plan_seq_len
+
+    return check_runs(compiled, seq_len=plan_seq_len(Path(args.file), args.overrides))  # type: ignore[arg-type]
+
+
 def run(args: argparse.Namespace, term: Terminal) -> int:
     from meshplan.planner import Compiled
     from meshplan.planner.emit import to_python
@@ -81,6 +93,11 @@ def run(args: argparse.Namespace, term: Terminal) -> int:
     compiled, code = compile_for_cli(args, term, "compile")
     if not isinstance(compiled, Compiled):
         return code
+    if args.dry_run:
+        failed = dry_run_net(compiled, args)
+        if failed:
+            _report(term, [*compiled.warnings, *failed], args.json)
+            return 1
     program = compiled.program
     text = program.to_json() + "\n" if args.emit == "json" else to_python(program)
     if not args.json:

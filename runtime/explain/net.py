@@ -1,0 +1,111 @@
+"""The compiler's dry-run net: run the model once under the Program's real layouts.
+
+The planner's passes judge a plan from the traced graph and the style contracts; what
+they do not model (a reshape by a head count read from the config, an op with no rule
+that happens to run, a style the module's code cannot take) shows only when the model
+runs. `plan compile` therefore runs each traced block kind once, as the runtime builds
+it: the reduced Program (`reduction`: one block per distinct kind and steps) applied by
+the runtime's own `apply` over a fake process group (`world`), the model's parameters
+and activations fake tensors at their local shapes, one forward and backward
+(`trace.trace_step`, the same step `plan explain` measures). Nothing is allocated and
+nothing communicates.
+
+Any exception on the way is the model not fitting the plan, never a compiler bug: it
+becomes one error (E601) on the plan line whose step touched the module that raised,
+with the model's source line as a related location (`failure`, shared with
+`plan explain`).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from meshplan.dsl.errors import PlanError, Span
+
+from .diagnostics import dry_run_error
+from .failure import TraceFailure
+
+if TYPE_CHECKING:
+    from meshplan.planner import Compiled
+
+__all__ = ["DEFAULT_SEQ_LEN", "check_runs", "not_fitting"]
+
+# Without a declared sequence length: a short one (a multiple of what sequence and context
+# parallelism cut it into is taken). Fake tensors cost the same at any length.
+DEFAULT_SEQ_LEN = 16
+
+
+def not_fitting(error: PlanError) -> PlanError:
+    """`error` (E601) worded as what it means to the user: the model does not fit the plan."""
+    return PlanError(error.span, error.code, f"this model does not fit the plan: {error.message}",
+                     hint=error.hint, related=error.related, severity=error.severity)
+
+
+def check_runs(compiled: Compiled, *, seq_len: int | None = None) -> list[PlanError]:
+    """The dry-run net (see the module docstring): [] when one training step of every block
+    kind runs under the Program, else the error naming the plan line and the model line.
+
+    Only the tensor-parallel steps change what the model's code sees (FSDP and
+    checkpointing keep every local shape), so a Program without them, or a model that
+    cannot be rebuilt from a transformers config, has nothing to run."""
+    from meshplan.planner.program import Parallelize
+
+    program, graph = compiled.program, compiled.graph
+    source = graph.source
+    if not program.steps_of(Parallelize) or source.config is None or source.model_class is None:
+        return []
+    try:
+        _one_step(compiled, _length(compiled, seq_len))
+    except TraceFailure as failure:
+        return [not_fitting(dry_run_error(program, failure))]
+    return []
+
+
+def _length(compiled: Compiled, seq_len: int | None) -> int:
+    from meshplan.planner.mesh_facts import program_sequence_multiple
+
+    multiple = program_sequence_multiple(compiled.program)
+    if seq_len is not None and seq_len % multiple == 0:
+        return seq_len
+    return multiple * max(1, -(-DEFAULT_SEQ_LEN // multiple))
+
+
+def _one_step(compiled: Compiled, seq_len: int) -> None:
+    """One forward and backward of the reduced model as rank 0 on fake tensors, with the
+    Program's tensor-parallel steps applied; raises `TraceFailure` where the model fails.
+    (`trace.trace_step` runs the same step twice to measure memory and traffic too.)"""
+    import torch
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from meshplan.planner.program import ContextParallel, Parallelize
+
+    from ..train.loss import causal_lm_loss, vocab_parallel
+    from .failure import ModuleStack, apply_each
+    from .reduction import reduce_program
+    from .trace import _fake_model, _quiet_fake_tensors
+    from .world import fake_world
+
+    program, graph = compiled.program, compiled.graph
+    cp_steps = program.steps_of(ContextParallel)
+    local = max(1, seq_len // (program.mesh.size(cp_steps[0].mesh_dim) if cp_steps else 1))
+    reduction = reduce_program(program, graph)
+    with fake_world(program.mesh, 0) as mesh, FakeTensorMode(allow_non_fake_inputs=True), \
+            _quiet_fake_tensors():
+        model = _fake_model(graph.source, reduction, torch.float32)
+        apply_each(reduction.program, reduction.program.steps_of(Parallelize), model, mesh, reduction)
+        ids = torch.zeros(1, local, dtype=torch.long)
+        positions = torch.arange(local).expand(1, local)
+        phase = "forward"
+        with ModuleStack(model, reduction) as running, vocab_parallel():
+            try:
+                logits = model(input_ids=ids, position_ids=positions).logits
+                loss = causal_lm_loss(logits, ids)
+                phase = "backward"
+                loss.backward()
+            except Exception as e:
+                raise running.failure(e, phase) from e
+
+
+def model_line(error: PlanError) -> Span | None:
+    """The model source line an error of the net names (its related location), if any."""
+    return next((span for span, _ in error.related), None)
