@@ -282,3 +282,14 @@ def test_plan_run_resume_under_another_layout_is_refused(no_process_group: None,
     assert "cannot resume from" in err and "micro_batch=1 (now 2)" in err, err
     assert "internal error" not in err
     assert sorted(p.name for p in ckpt.iterdir()) == before  # nothing written
+
+
+def test_a_broken_collective_is_a_peer_failure_not_an_internal_error() -> None:
+    from meshplan.runtime.train.environment import TrainError, is_peer_failure
+
+    gloo = RuntimeError("[/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection closed by peer "
+                        "[127.0.0.1]:17298")
+    assert is_peer_failure(gloo)
+    assert not is_peer_failure(TrainError("gloo is the backend, and this is our own message"))
+    assert not is_peer_failure(ValueError("connection closed by peer"))  # not a transport error type
+    assert not is_peer_failure(RuntimeError("shape mismatch"))
