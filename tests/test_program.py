@@ -147,7 +147,7 @@ def test_schema_version_mismatch(version: object, shown: str) -> None:
         Program.from_json(json.dumps(data))
 
 
-@pytest.mark.parametrize(("kind", "shown"), [("pipeline", "'pipeline'"), ("Parallelize", "'Parallelize'"),
+@pytest.mark.parametrize(("kind", "shown"), [("adapter", "'adapter'"), ("Parallelize", "'Parallelize'"),
                                              (None, "None")])
 def test_unknown_step_kind(kind: str | None, shown: str) -> None:
     data = _data()
