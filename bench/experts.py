@@ -17,7 +17,8 @@ and step time at ep 2 against ep 1 on this machine.
 2. Step time (forward + backward of one batch per rank, fp32, one thread per process):
    ep 2 over 2 gloo processes (dp_shard 2, FSDP, the experts' own units) with alltoall
    and with allgather, against ep 1: one process, the same per-rank batch, the plan
-   compiled for 1 rank (FSDP over one rank). Median over `--steps` after 2 warm-up steps.
+   compiled for 1 rank (FSDP over one rank). Median over `--steps` after 2 warm-up steps;
+   the variants of one world size take turns step by step.
    On a CPU the exchanges are memory copies through loopback TCP, so ep 2 is slower
    than ep 1 here: the figure is a measurement of this runtime's overhead, not of a
    cluster's speed-up.
@@ -114,36 +115,45 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _time_steps(program_json: str, model_name: str, tokens: int, steps: int) -> list[float]:
+def _build(program_json: str, model_name: str) -> torch.nn.Module:
     from meshplan.planner.program import Program
     from meshplan.runtime import build_applied
 
-    program = Program.from_json(program_json)
-    applied, _, _ = build_applied(program, model_name, seed=0)
-    model = applied.model
-    vocab = int(model.config.vocab_size)
-    g = torch.Generator().manual_seed(100 + dist.get_rank())
-    times = []
-    for _ in range(steps + 2):
-        ids = torch.randint(0, vocab, (1, tokens), generator=g)
-        dist.barrier()
-        start = time.perf_counter()
-        out = model(input_ids=ids)
-        out.logits.float().square().mean().backward()
-        dist.barrier()
-        times.append(time.perf_counter() - start)
-    return times[2:]
+    applied, _, _ = build_applied(Program.from_json(program_json), model_name, seed=0)
+    return applied.model
+
+
+def _step(model: torch.nn.Module, ids: torch.Tensor) -> float:
+    dist.barrier()
+    start = time.perf_counter()
+    out = model(input_ids=ids)
+    out.logits.float().square().mean().backward()
+    dist.barrier()
+    return time.perf_counter() - start
 
 
 def _worker(rank: int, world: int, port: int, jobs: list[tuple[str, str]], model_name: str, tokens: int,
             steps: int, out_dir: str) -> None:
+    """Every variant is built first; then they take turns, one step each per round (the
+    order reversed every other round), so that load from other processes on a shared
+    machine hits every variant alike. The first 2 rounds warm up."""
     torch.set_num_threads(1)
     store = dist.TCPStore("127.0.0.1", port, world, is_master=rank == 0)
     dist.init_process_group("gloo", store=store, rank=rank, world_size=world)
     try:
-        results = {name: _time_steps(program, model_name, tokens, steps) for name, program in jobs}
+        models = {name: _build(program, model_name) for name, program in jobs}
+        vocab = int(next(iter(models.values())).config.vocab_size)
+        g = torch.Generator().manual_seed(100 + rank)
+        times: dict[str, list[float]] = {name: [] for name in models}
+        for round_ in range(steps + 2):
+            ids = torch.randint(0, vocab, (1, tokens), generator=g)
+            order = list(models) if round_ % 2 == 0 else list(reversed(models))
+            for name in order:
+                elapsed = _step(models[name], ids)
+                if round_ >= 2:
+                    times[name].append(elapsed)
         if rank == 0:
-            Path(out_dir, f"times-{world}.json").write_text(json.dumps(results), encoding="utf-8")
+            Path(out_dir, f"times-{world}.json").write_text(json.dumps(times), encoding="utf-8")
     finally:
         dist.destroy_process_group()
 
