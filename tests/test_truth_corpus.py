@@ -70,6 +70,8 @@ def test_every_corpus_case_and_shipped_plan_has_a_truth() -> None:
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
 def test_compiler_rejects_iff_not_exact(case: TruthCase) -> None:
+    if case.truth == "?":  # not measured yet: test_every_corpus_case_and_shipped_plan_has_a_truth says so
+        return
     compiled = compiler_verdict(case)
     exact = case.truth == "exact"
     if case.known is not None:
