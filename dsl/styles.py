@@ -245,6 +245,18 @@ class StyleSchema:
     def fits(self, kind: str) -> bool:
         return "any" in self.applies_to or kind in self.applies_to
 
+    def fused_weight_dim(self) -> int | None:
+        """The weight dimension a fused call (`parts > 1`) shards part by part: the one
+        the style shards on the Linear-like module it fits; None if it takes no parts."""
+        if "parts" not in self.args:
+            return None
+        for kind in ("linear", "conv1d"):
+            if kind in self.applies_to:
+                found = placement_of(self.weight(kind))
+                if found is not None and found.kind == "shard":
+                    return found.dim
+        return None
+
 
 StyleRecord = StyleSchema
 

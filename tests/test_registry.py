@@ -191,6 +191,12 @@ def test_the_layout_contract_says_what_happens_to_weights() -> None:
     assert STYLES["prepare_output"].contract.output == "conversions"
 
 
+def test_fused_weights_are_sharded_along_the_contract_s_dimension() -> None:
+    assert STYLES["colwise"].fused_weight_dim() == 0  # Linear weight [out, in]
+    assert STYLES["conv1d_colwise"].fused_weight_dim() == 1  # Conv1D weight [in, out]
+    assert STYLES["rowwise"].fused_weight_dim() is None  # takes no parts
+
+
 def test_sequence_sharding() -> None:
     assert shards_sequence("sequence_parallel", ())
     assert shards_sequence("rowwise", (None, "shard(1)"))

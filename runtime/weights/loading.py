@@ -91,6 +91,7 @@ from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor, Placement, Replicate, Shard, distribute_tensor
 from torch.distributed.tensor.placement_types import _StridedShard
 
+from meshplan.dsl.styles import STYLES
 from meshplan.planner.program import Parallelize, Program
 
 from ..parallel.apply import Applied
@@ -223,9 +224,9 @@ def fused_rows(model: nn.Module, program: Program | None = None) -> dict[str, Fu
         for step in program.steps_of(Parallelize):
             tp = program.mesh.size(step.mesh_dim)
             for rel, call in step.plan:
-                if call.parts > 1 and call.style in ("colwise", "conv1d_colwise"):
+                weight_dim = STYLES[call.style].fused_weight_dim()  # the style registry's contract
+                if call.parts > 1 and weight_dim is not None:
                     fqn = ".".join(p for p in (step.fqn, rel) if p)
-                    weight_dim = 1 if call.style == "conv1d_colwise" else 0
                     out[f"{fqn}.weight"] = FusedRows(weight_dim, call.parts, tp)
                     out[f"{fqn}.bias"] = FusedRows(0, call.parts, tp)
         present = {canonical_name(n) for n, _ in model.named_parameters(remove_duplicate=False)}
