@@ -285,7 +285,7 @@ class _Checker:
             if size is None and self._is_auto(value):
                 if dim.name == "ep":
                     self.error(dim.span, "E301", "`ep` cannot be `auto`",
-                               "give the expert-parallel size; it must divide dp_shard × cp")
+                               "give the expert-parallel size; it must divide dp_shard × cp × tp")
                 elif auto is not None:
                     self.error(dim.span, "E402", f"`{dim.name}` and `{auto.name}` are both `auto`",
                                "at most one dimension can take what is left of the world size")

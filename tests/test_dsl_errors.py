@@ -660,7 +660,7 @@ CASES = [
         }
         """,
         [
-            E("E301", 4, 3, "`ep` cannot be `auto`", "give the expert-parallel size; it must divide dp_shard × cp"),
+            E("E301", 4, 3, "`ep` cannot be `auto`", "give the expert-parallel size; it must divide dp_shard × cp × tp"),
         ],
     ),
     Case(
