@@ -216,7 +216,9 @@ def select(call: OpCall) -> Result | None:
 def slice_(call: OpCall) -> Result | None:
     """slice/narrow of another dimension keeps the layout; cutting the sharded dimension
     at fixed offsets (a fused qkv split by `[:, :, :q]`) is an error: each rank would cut
-    its own piece at offsets meant for the whole value. A full-range slice is a no-op."""
+    its own piece at offsets meant for the whole value. A full-range slice is a no-op.
+    A per-head fused projection (viewed into heads first, `reshape` moving the shard to
+    the heads dim) is cut on the last dim, another dimension: whole heads, fine."""
     first = call.first
     if first.dim is None:
         return None
@@ -564,9 +566,14 @@ def map_reshape(layout: Layout, before: Shape, after: Shape) -> Layout:
                 )
             targets = [k for k in group_out if after[k] != 1] or group_out
             if layout.parts > 1 and len(group_in) + len(group_out) > 2:
+                # Reshaped into heads before it is cut: the projection is laid out per head
+                # (GPT-NeoX's [h0: q k v][h1: q k v]…), not as [q | k | v]; sharding by
+                # parts would hand each rank rows of other heads.
                 raise LayoutProblem(
                     f"a reshape {list(before)} → {list(after)} splits a fused "
-                    f"({layout.parts}-part) sharded dimension"
+                    f"({layout.parts}-part) sharded dimension: the projection is laid out per "
+                    "head, so its parts are not blocks of the output",
+                    hint="drop `parts`: plain colwise gives each rank whole heads",
                 )
             if not targets:
                 raise LayoutProblem(

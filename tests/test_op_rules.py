@@ -75,6 +75,12 @@ class Case:
         return 64 if self.plan == FUSED else 32
 
 
+def _per_head(heads: Tensor) -> Tensor:
+    """[batch, seq, heads, 2·d] cut at fixed offsets into each head's two parts."""
+    a, b = heads[..., :4], heads[..., 4:]
+    return torch.cat([a.softmax(-1), b], -1).reshape(2, 48, 32)
+
+
 def _heads(h: Tensor) -> Tensor:
     return h.view(2, 48, 4, 8).transpose(1, 2)  # [batch, heads, seq, head_dim]
 
@@ -154,6 +160,13 @@ CASES: tuple[Case, ...] = (
          "`slice` cuts sharded dim 2 at fixed offsets"),
     Case("slicing keeps the shard", ("slice",), lambda n, h, x, i: h[:, 1:].softmax(-1),
          "`softmax` reduces over sharded dim 2"),
+    # A per-head fused projection (GPT-NeoX's [h0: q k v][h1: q k v]…): viewed into heads
+    # first, the shard is on the heads dim and the fixed-offset cut is on another one.
+    Case("a per-head fused projection cut after the view into heads", ("reshape", "slice"),
+         lambda n, h, x, i: _per_head(h.view(2, 48, 4, 8))),
+    Case("a per-head fused projection sharded by parts", ("reshape",),
+         lambda n, h, x, i: h.view(2, 48, 4, 16)[..., :8].reshape(2, 48, 32),
+         "splits a fused (2-part) sharded dimension: the projection is laid out per head", plan=FUSED),
     # -- split: other dims freely; the sharded dim only into a fused value's parts
     Case("chunk the sequence", ("split",), lambda n, h, x, i: torch.cat(h.chunk(2, 1), 1)),
     Case("chunk a fused projection into its parts", ("split",),

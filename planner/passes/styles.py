@@ -19,9 +19,9 @@ from .context import Context
 
 # Leaf names of fused projections and how many parts they pack.
 FUSED = {"qkv_proj": 3, "c_attn": 3, "W_pack": 3, "gate_up_proj": 2}
-# Fused projections laid out per head ([heads, 3, head_dim], GPT-NeoX and Bloom): plain
-# colwise gives each rank whole heads (measured exact); `parts` would reorder their rows.
-PER_HEAD = {"query_key_value"}
+# Not here: projections laid out per head (GPT-NeoX's query_key_value, [heads, 3·head_dim]).
+# The layout walk sees them reshaped into heads before they are cut (`planner.ops`): plain
+# colwise gives each rank whole heads (measured exact); `parts` splits a head (rejected).
 _KIND_WORDS = {"linear": "a Linear", "embedding": "an Embedding", "conv1d": "a GPT-2 Conv1D",
                "norm": "a norm"}
 
@@ -120,12 +120,6 @@ class StyleFit:
             return True
         parts = fused_parts(ctx.graph, fqn) if "parts" in schema.args else None
         wanted = int(str(style.args.get("parts", 1)))
-        leaf = fqn.rsplit(".", 1)[-1]
-        if leaf in PER_HEAD and wanted > 1 and info.kind in ("linear", "conv1d"):
-            ctx.error(style.span, "E504",
-                      f"`parts = {wanted}`: `{fqn}`{more} is laid out per head (each head's q, k and v "
-                      "together): `parts` would reorder rows across heads", f"use plain `{style.name}`")
-            return True
         # Gathering the whole output (`output = replicate`) restores the packed order: a plain
         # style is then exact on a fused projection (measured), and parts need not be equal.
         gathered = wanted == 1 and style.args.get("output") == Placement("replicate")
