@@ -313,6 +313,27 @@ CASES: tuple[Case, ...] = (
          "the logits leave the model sharded on dim 2 (plain tensor): the loss w"),
     Case("phi_tp4_kv2", "phi", 4, "E505", 15, 37,
          "2 key/value heads cannot be split 4 ways (`model.layers.*.self_attn.k_"),
+    # -- pipeline parallelism: each plan's leading comment says what goes wrong; the
+    # measured truth is in tests/plans/truth.json (4-layer stand-ins where a case needs
+    # more layers than tiny-llama has)
+    Case("pp_microbatches_fewer_than_stages", "tiny-llama", 4, "E512", 9, 1,
+         "microbatches = 1 is fewer than pp = 2", hint="at least 2 microbatches"),
+    Case("pp_gpipe_two_stages_per_rank", "tiny-llama", 4, "E512", 9, 1, "gpipe runs one stage per rank"),
+    Case("pp_interleaved_one_stage_per_rank", "tiny-llama", 4, "E512", 9, 1,
+         "virtual_stages must be ≥ 2, not 1"),
+    Case("pp_zbv_three_stages_per_rank", "tiny-llama", 4, "E512", 9, 1, "zbv runs exactly two stages per rank"),
+    Case("pp_interleaved_microbatches_not_multiple", "tiny-llama", 4, "E512", 9, 1,
+         "microbatches = 3 is not a multiple of pp = 2"),
+    Case("pp_split_at_first_layer", "tiny-llama", 4, "E512", 12, 9, "names the first layer"),
+    Case("pp_split_count_mismatch", "tiny-llama", 4, "E512", 13, 9,
+         "the splits cut `model.layers` into 2 stages, but the schedule runs 4"),
+    Case("pp_split_typo", "tiny-llama", 4, "E512", 12, 9, "split `model.layer.1` matches no layer"),
+    Case("pp_more_stages_than_layers", "tiny-llama", 4, "E512", 8, 1,
+         "4 pipeline stages (pp × virtual_stages) cannot share 2 decoder layers"),
+    Case("pp_tied_embedding_across_stages", "tiny-gemma2", 4, "E508", 9, 1,
+         "are one tied tensor, but the pipeline puts the embedding on the first stage"),
+    Case("pp_without_pipeline_section", "tiny-llama", 4, "E509", 5, 3, "pp = 2 but the plan has no `pipeline` section"),
+    Case("pp_not_a_decoder", "tiny-gpt2", 4, "E512", 9, 1, "cannot be cut into pipeline stages"),
 )
 
 
@@ -431,3 +452,27 @@ def test_corpus_is_complete() -> None:
     for path in BROKEN.glob("*.plan"):
         first = path.read_text(encoding="utf-8").splitlines()[0]
         assert first.startswith("# "), f"{path.name} lacks a leading comment"
+
+
+@pytest.mark.parametrize("file,model", [
+    ("phi3_hf", "tiny-phi3"),  # qkv_proj and gate_up_proj: colwise(output = replicate)
+    ("glm4_hf", "glm4"),  # gate_up_proj: colwise(output = replicate)
+    ("gpt_neox_hf", "gpt_neox"),  # per-head query_key_value: plain colwise
+])
+def test_measured_exact_fused_projections_are_accepted(file: str, model: str) -> None:
+    """Measured exact on 4 gloo ranks (tests/plans/truth.json): gathering a fused
+    projection's whole output restores the packed order, and a per-head projection
+    under plain colwise hands each rank whole heads."""
+    compiled = compile_plan(TRUTH / f"{file}.plan", graph(model), 4)
+    assert [w for w in compiled.warnings if w.severity == "error"] == []
+
+
+def test_parts_on_a_per_head_projection_is_rejected() -> None:
+    """GPT-NeoX with `parts = 3`: measured wrong (rows of other heads); the layout walk
+    sees the projection viewed into heads before it is cut."""
+    with pytest.raises(PlanRejected) as info:
+        compile_plan(TRUTH / "gpt_neox_qkv_parts3.plan", graph("gpt_neox"), 4)
+    first = info.value.errors[0]
+    assert (first.code, first.span.line) == ("E506", 16), _shown(info.value.diagnostics)
+    assert "splits a fused (3-part) sharded dimension: the projection is laid out per head" in first.message
+    assert first.hint is not None and "drop `parts`" in first.hint

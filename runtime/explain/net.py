@@ -77,9 +77,11 @@ def _one_step(compiled: Compiled, seq_len: int) -> None:
     import torch
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from meshplan.planner.program import ContextParallel, Parallelize
+    from meshplan.planner.program import ContextParallel, FullyShard, Parallelize
 
+    from ..parallel.apply import DTYPES
     from ..train.loss import causal_lm_loss, vocab_parallel
+    from .comm import compute_dtype
     from .failure import ModuleStack, apply_each
     from .reduction import reduce_program
     from .trace import _fake_model, _quiet_fake_tensors
@@ -89,9 +91,12 @@ def _one_step(compiled: Compiled, seq_len: int) -> None:
     cp_steps = program.steps_of(ContextParallel)
     local = max(1, seq_len // (program.mesh.size(cp_steps[0].mesh_dim) if cp_steps else 1))
     reduction = reduce_program(program, graph)
+    fsdp = next(iter(program.steps_of(FullyShard)), None)
     with fake_world(program.mesh, 0) as mesh, FakeTensorMode(allow_non_fake_inputs=True), \
             _quiet_fake_tensors():
-        model = _fake_model(graph.source, reduction, torch.float32)
+        # The dtype the step computes in (FSDP's mixed precision): kernels such as grouped
+        # expert matmuls exist for it only.
+        model = _fake_model(graph.source, reduction, DTYPES[compute_dtype(fsdp, "fp32")])
         apply_each(reduction.program, reduction.program.steps_of(Parallelize), model, mesh, reduction)
         ids = torch.zeros(1, local, dtype=torch.long)
         positions = torch.arange(local).expand(1, local)

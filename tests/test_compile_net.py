@@ -1,0 +1,68 @@
+"""`plan compile`'s dry-run net (runtime.explain.net): the model run once under the Program.
+
+StableLM's attention views q/k/v with the configured head count, so under colwise
+q/k/v the model fails at its first batch (measured: tests/plans/truth.json,
+`truth/stablelm_colwise_qkv`, a crash). The passes cannot see a size taken from the
+config; the net runs the block on fake tensors and must reject the plan with the plan
+line and the model's source line — exit 1, never 0 (accepted) or 3 (internal error).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from meshplan.cli.main import main
+from meshplan.planner import compile_plan
+from meshplan.planner.hf_import import hf_source
+from meshplan.runtime.explain.net import check_runs, model_line
+from tests.conftest import PLANS
+
+TRUTH = Path(__file__).resolve().parent / "plans" / "truth"
+
+
+@pytest.fixture(scope="module")
+def stablelm_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny StableLM as a Hugging Face directory (config.json only: no weights)."""
+    path = tmp_path_factory.mktemp("stablelm")
+    hf_source("stablelm").config.save_pretrained(path)
+    return path
+
+
+def test_compile_rejects_a_model_that_does_not_fit(stablelm_dir: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    plan = TRUTH / "stablelm_colwise_qkv.plan"
+    code = main(["compile", str(plan), "--model", str(stablelm_dir), "--world-size", "4", "-o", "/dev/null"])
+    err = capsys.readouterr().err
+    assert code == 1, err
+    assert f"{plan}:12:3: error[E601]: this model does not fit the plan" in err
+    assert "model.layers.0.self_attn" in err and "is invalid for input of size" in err
+    assert "modeling_stablelm.py" in err and "query_states.view(bsz, q_len, self.num_heads" in err
+    assert "internal error" not in err and "Traceback" not in err
+
+
+def test_the_error_names_the_plan_line_and_the_model_line() -> None:
+    compiled = compile_plan(TRUTH / "stablelm_colwise_qkv.plan", hf_source("stablelm"), 4)
+    [error] = check_runs(compiled)
+    assert (error.code, error.span.line, error.severity) == ("E601", 12, "error")
+    line = model_line(error)
+    assert line is not None and line.file.endswith("modeling_stablelm.py") and line.line > 0
+
+
+def test_no_dry_run_skips_the_net(stablelm_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    plan = TRUTH / "stablelm_colwise_qkv.plan"
+    code = main(["compile", str(plan), "--model", str(stablelm_dir), "--world-size", "4", "-o", "/dev/null",
+                 "--no-dry-run"])
+    assert code == 0, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("plan,model,overrides", [
+    ("llama.plan", "tiny-llama", ("tp=2",)),
+    ("phi3.plan", "tiny-phi3", ("tp=2",)),
+    ("gpt2.plan", "tiny-gpt2", ()),
+])
+def test_exact_plans_pass_the_net(plan: str, model: str, overrides: tuple[str, ...]) -> None:
+    """Shipped plans measured exact run under the net (it must never reject a correct plan)."""
+    compiled = compile_plan(PLANS / plan, model, 4, list(overrides))
+    assert check_runs(compiled) == []
