@@ -122,9 +122,10 @@ def test_plain_batches_match_plan_runs_loss_and_a_single_process(pool: RankPool,
     single = build_model("tiny-llama", seed=3)
     total, count = token_loss(single(input_ids=ids).logits, ids, shift=True)
     (total / count).backward()
+    single_loss = float((total / count).detach())
     single_norm = math.sqrt(sum(float(p.grad.double().pow(2).sum()) for p in single.parameters()))
     # transformers' own loss on the same batch: the shifted token loss is that loss.
-    assert float((total / count).detach()) == pytest.approx(float(single(input_ids=ids, labels=ids).loss.detach()), rel=1e-6)
+    assert single_loss == pytest.approx(float(single(input_ids=ids, labels=ids).loss.detach()), rel=1e-6)
     for r in pool.run(plain_batch_case, program, ids):
         assert r["grads"] > 0
         assert r["loss"] == pytest.approx(r["reference"], rel=1e-6)
@@ -132,7 +133,7 @@ def test_plain_batches_match_plan_runs_loss_and_a_single_process(pool: RankPool,
         # gradient (the plan computes in bf16): the fp32 losses are equal.
         assert r["worst"] < 1e-3, r
         # The plan computes in bf16 (mixed precision): a single fp32 process agrees loosely.
-        assert r["loss"] == pytest.approx(float(total / count), rel=1e-3)
+        assert r["loss"] == pytest.approx(single_loss, rel=1e-3)
         assert r["grad_norm"] == pytest.approx(single_norm, rel=5e-3)
 
 
