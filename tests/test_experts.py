@@ -207,3 +207,84 @@ def test_the_step_records_the_expert_mesh() -> None:
     kinds = [s.kind for s in program.steps]
     assert kinds.index("expert_parallel") < kinds.index("fully_shard")
     assert kinds.index("parallelize") < kinds.index("expert_parallel")
+
+
+# ------------------------------------------------- the training step's balancing loss
+
+
+def _with_balancing(model: torch.nn.Module) -> torch.nn.Module:
+    model.config.output_router_logits = True
+    model.config.router_aux_loss_coef = AUX_COEF
+    return model
+
+
+@functools.cache
+def step_reference(model_name: str) -> Any:
+    """One process, the 4 bins the 4 ranks train on: CE over their tokens plus the
+    balancing loss over all of them (the global micro-batch), one backward."""
+    from meshplan.runtime import build_model, prepare
+    from meshplan.runtime.attention import forward_kwargs
+    from meshplan.runtime.parallel.experts import load_balancing_loss
+    from meshplan.runtime.train.loss import loss_sum_and_count
+    from meshplan.runtime.weights.loading import canonical_name
+    from tests.truth import BINS, FLOOR, SEQ_LEN, Reference, _data
+
+    torch.set_num_threads(1)
+    model = _with_balancing(build_model(model_name, seed=0))
+    prepare(model)
+    model.train()
+    bins = [next(iter(_data(model_name, SEQ_LEN, None).loader(r, BINS, micro_batch=1)))[0] for r in range(BINS)]
+    targets = sum(int((b["labels"] != -100).sum()) for b in bins)
+    ce = torch.zeros(())
+    router: list[torch.Tensor] = []
+    for b in bins:
+        out = model(**forward_kwargs(b), output_router_logits=True)
+        ce = ce + loss_sum_and_count(out.logits, b["labels"])[0]
+        router += list(out.router_logits)
+    config = model.config
+    aux = load_balancing_loss(router, config.num_experts, config.num_experts_per_tok)
+    (ce / targets + AUX_COEF * aux).backward()
+    grads = {canonical_name(n): p.grad.detach().clone() for n, p in model.named_parameters(remove_duplicate=False)
+             if p.grad is not None}
+    rms = (sum(float(g.norm()) ** 2 for g in grads.values()) / len(grads)) ** 0.5
+    return Reference(float(ce) / targets, 0.0, grads, FLOOR * rms)
+
+
+def step_case(program_json: str, model_name: str, ref: Any) -> tuple[float, float, tuple[float, str]]:
+    from meshplan.planner.program import Program
+    from meshplan.runtime import Topology, build_applied
+    from tests.truth import BINS, SEQ_LEN, _compare_grads, _data, _step
+
+    program = Program.from_json(program_json)
+    applied, _, _ = build_applied(program, model_name, seed=0)
+    _with_balancing(applied.model)
+    topology = Topology.of(applied)
+    loader = _data(model_name, SEQ_LEN, None).loader(topology.dp_rank, topology.dp_size,
+                                                     micro_batch=BINS // topology.dp_size)
+    loss, norm = _step(applied.model, next(iter(loader)), topology)
+    return loss, norm, _compare_grads(applied.model, program, ref)
+
+
+def test_training_step_adds_the_global_balancing_loss(pool: RankPool) -> None:
+    """`train_step` (what `plan run` runs) adds `router_aux_loss_coef` × the balancing loss
+    over the global micro-batch when the config asks for router logits: with ep 2 over
+    dp_shard 4 (one bin per rank) every gradient equals one process's on the 4 bins, and
+    differs from a step without it (the router's gradient changes)."""
+    ref = step_reference("tiny-qwen3-moe")
+    program = _program("tiny-qwen3-moe", "ep2")
+    for rank, (loss, _, worst) in enumerate(pool.run(step_case, program.to_json(), "tiny-qwen3-moe", ref)):
+        assert worst[0] <= TOL, f"rank {rank}: {worst[1]}"
+        assert abs(loss - ref.loss) <= TOL * ref.loss, rank
+    plain = reference_without_balancing("tiny-qwen3-moe")
+    gate = "model.layers.0.mlp.gate.weight"
+    assert float((plain[gate] - ref.grads[gate]).norm()) > 1e-3 * float(ref.grads[gate].norm())
+
+
+def reference_without_balancing(model_name: str) -> dict[str, torch.Tensor]:
+    from meshplan.runtime import Topology, build_model, prepare
+    from tests.truth import BINS, SEQ_LEN, _data, _step
+
+    model = build_model(model_name, seed=0)
+    prepare(model)
+    _step(model, next(iter(_data(model_name, SEQ_LEN, None).loader(0, 1, micro_batch=BINS))), Topology())
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}

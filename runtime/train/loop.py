@@ -177,6 +177,28 @@ def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimiz
                              weight_decay=config.weight_decay)
 
 
+def _router_kwargs(model: nn.Module) -> dict[str, Any]:
+    """MoE models whose config asks for the load-balancing loss return their router logits."""
+    return {"output_router_logits": True} if getattr(getattr(model, "config", None), "output_router_logits",
+                                                      False) else {}
+
+
+def _balancing_loss(model: nn.Module, out: Any, topology: Topology) -> torch.Tensor | float:
+    """`router_aux_loss_coef` × the load-balancing loss of one micro-batch over the loss
+    group (counts and probabilities summed over its ranks; the backward sums too, which
+    FSDP's average over the same ranks undoes): the value one process computes on every
+    rank's micro-batch together. A step adds the mean over its micro-batches."""
+    logits = getattr(out, "router_logits", None)
+    config = getattr(model, "config", None)
+    if not logits or config is None:
+        return 0.0
+    from ..parallel.experts import load_balancing_loss
+
+    experts = getattr(config, "num_local_experts", None) or config.num_experts
+    aux = load_balancing_loss(logits, int(experts), int(config.num_experts_per_tok), topology.loss_group)
+    return float(config.router_aux_loss_coef) * aux
+
+
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, micro_batches: Sequence[Batch],
                topology: Topology, *, step: int = 0, max_grad_norm: float | None = None,
                device: torch.device | None = None) -> StepStats:
@@ -196,9 +218,9 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, micro_batches
     for i, batch in enumerate(batches):
         _set_sync(model, i == len(batches) - 1)
         with vocab_parallel() if topology.vocab_parallel else contextlib.nullcontext():
-            logits = model(**forward_kwargs(batch)).logits
-            total, _ = loss_sum_and_count(logits, batch["labels"])
-            (total * scale).backward()
+            out = model(**forward_kwargs(batch), **_router_kwargs(model))
+            total, _ = loss_sum_and_count(out.logits, batch["labels"])
+            (total * scale + _balancing_loss(model, out, topology) / len(batches)).backward()
         loss_sum += total.detach().double()
     params = [p for group in optimizer.param_groups for p in group["params"]]
     norm = clip_grad_norm(params, max_grad_norm)
