@@ -231,11 +231,12 @@ def _metrics_writer(path: str | None, enabled: bool) -> Any:
 def _run(args: argparse.Namespace, term: Terminal, env: Any) -> int:
     from meshplan.cli.progress import Phases, ProgressDisplay
     from meshplan.planner.program import Program
+    from meshplan.runtime.explain.net import not_fitting_at_run
     from meshplan.runtime.packing import PackingError
     from meshplan.runtime.parallel.apply import StepError, context_step
     from meshplan.runtime.train.build import build_applied
     from meshplan.runtime.train.data import DataError, PackedData, load_sequences
-    from meshplan.runtime.train.environment import TrainError
+    from meshplan.runtime.train.environment import TrainError, is_peer_failure
     from meshplan.runtime.train.loop import TrainConfig, make_optimizer, resume, train
     from meshplan.runtime.train.topology import Topology
     from meshplan.runtime.weights.checkpoint import CheckpointError
@@ -332,6 +333,13 @@ def _run(args: argparse.Namespace, term: Terminal, env: Any) -> int:
                             on_checkpoint=display.checkpoint)
         except (TrainError, CheckpointError) as e:
             raise _Stop(1, str(e)) from None
+        except Exception as e:  # the model's own code failing under the plan is the user's error
+            # (the dry-run net of `plan compile` finds it earlier; it needs a process without
+            # a process group, and here torchrun's is already up)
+            message = None if is_peer_failure(e) else not_fitting_at_run(e, model, program)
+            if message is None:
+                raise
+            raise _Stop(1, message) from None
     if not history:
         raise _Stop(1, "no step ran")
     timed = history[1:] or history  # the first step pays for warm-up

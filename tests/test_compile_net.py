@@ -18,6 +18,7 @@ from meshplan.planner import compile_plan
 from meshplan.planner.hf_import import hf_source
 from meshplan.runtime.explain.net import check_runs, model_line
 from tests.conftest import PLANS
+from tests.distributed import RankPool, rank_pool_fixture
 
 TRUTH = Path(__file__).resolve().parent / "plans" / "truth"
 
@@ -66,3 +67,46 @@ def test_exact_plans_pass_the_net(plan: str, model: str, overrides: tuple[str, .
     """Shipped plans measured exact run under the net (it must never reject a correct plan)."""
     compiled = compile_plan(PLANS / plan, model, 4, list(overrides))
     assert check_runs(compiled) == []
+
+
+# ----------------------------------------------------------------------------- plan run
+
+pool = rank_pool_fixture(2, timeout=300.0)
+
+STABLELM_TP2 = """\
+# StableLM under colwise q/k/v on 2 ranks (tp 2 only): the attention's configured head
+# count does not fit the local shard.
+plan stablelm_tp for StableLmForCausalLM
+
+mesh {
+  tp = 2
+}
+
+tensor_parallel on tp {
+  model.layers.*.self_attn.{q,k,v}_proj : colwise
+  model.layers.*.self_attn.o_proj       : rowwise
+}
+"""
+
+
+def _plan_run(plan: str, model: str, data: str, extra: list[str]) -> tuple[int, str]:
+    import contextlib
+    import io
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = main(["run", plan, "--model", model, "--data", data, "--seq-len", "16", "--steps", "1", *extra])
+    return code, err.getvalue()
+
+
+def test_plan_run_says_the_model_does_not_fit(pool: RankPool, stablelm_dir: Path, tmp_path: Path) -> None:
+    """`plan run` of a plan the model does not fit: exit 1 with the plan line, on every
+    rank — the first step's exception mapped to the step touching the failing module."""
+    plan = tmp_path / "stablelm_tp.plan"
+    plan.write_text(STABLELM_TP2, encoding="utf-8")
+    results = pool.run(_plan_run, str(plan), str(stablelm_dir), "synthetic", [])
+    assert all(code == 1 for code, _ in results), results
+    said = results[0][1]
+    assert "this model does not fit the plan" in said, said
+    assert f"{plan}:10:3:" in said and "modeling_stablelm.py" in said, said
+    assert "internal error" not in said and "Traceback" not in said

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from torch import nn
+
 from meshplan.dsl.errors import PlanError, Span
 
 from .diagnostics import dry_run_error
@@ -27,8 +29,9 @@ from .failure import TraceFailure
 
 if TYPE_CHECKING:
     from meshplan.planner import Compiled
+    from meshplan.planner.program import Program
 
-__all__ = ["DEFAULT_SEQ_LEN", "check_runs", "not_fitting"]
+__all__ = ["DEFAULT_SEQ_LEN", "check_runs", "failing_module", "model_line", "not_fitting", "not_fitting_at_run"]
 
 # Without a declared sequence length: a short one (a multiple of what sequence and context
 # parallelism cut it into is taken). Fake tensors cost the same at any length.
@@ -47,12 +50,18 @@ def check_runs(compiled: Compiled, *, seq_len: int | None = None) -> list[PlanEr
 
     Only the tensor-parallel steps change what the model's code sees (FSDP and
     checkpointing keep every local shape), so a Program without them, or a model that
-    cannot be rebuilt from a transformers config, has nothing to run."""
+    cannot be rebuilt from a transformers config, has nothing to run. Inside a process
+    that already has a process group (`plan run` under torchrun) it does not run either:
+    there the first step's failure is mapped the same way (`not_fitting_at_run`)."""
+    import torch.distributed as dist
+
     from meshplan.planner.program import Parallelize
 
     program, graph = compiled.program, compiled.graph
     source = graph.source
     if not program.steps_of(Parallelize) or source.config is None or source.model_class is None:
+        return []
+    if dist.is_initialized():  # the fake world needs a process without a process group
         return []
     try:
         _one_step(compiled, _length(compiled, seq_len))
@@ -114,3 +123,39 @@ def _one_step(compiled: Compiled, seq_len: int) -> None:
 def model_line(error: PlanError) -> Span | None:
     """The model source line an error of the net names (its related location), if any."""
     return next((span for span, _ in error.related), None)
+
+
+def failing_module(error: BaseException, model: nn.Module) -> str:
+    """The innermost module of `model` whose forward was running when `error` was raised
+    (full name, wrappers removed; '' when no module's frame is in the traceback)."""
+    from .world import clean_name
+
+    names = {id(m): clean_name(n) for n, m in model.named_modules()}
+    found = ""
+    tb = error.__traceback__
+    while tb is not None:
+        owner = tb.tb_frame.f_locals.get("self")
+        if owner is not None and id(owner) in names and isinstance(owner, nn.Module):
+            found = names[id(owner)]
+        tb = tb.tb_next
+    return found
+
+
+def not_fitting_at_run(error: BaseException, model: nn.Module, program: Program) -> str | None:
+    """What `plan run` says when the model's own code raised under the applied Program —
+    the user's plan does not fit the model, not an internal error: the plan line of the
+    step touching the failing module and the model's source line. None when no frame of
+    the traceback is in the model's source (not the model's failure)."""
+    from .failure import model_files, model_frame, touching_step
+
+    source = model_frame(error.__traceback__, model_files(model))
+    if source is None:
+        return None
+    module = failing_module(error, model)
+    step = touching_step(program, module) if module else None
+    span = step.span if step is not None and step.span.line >= 1 else None
+    where = f"{span.file}:{span.line}:{span.column}: " if span is not None else ""
+    first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    what = f"{type(error).__name__}: {first}" if first else type(error).__name__
+    return (f"{where}error: this model does not fit the plan: `{module or 'the model'}` failed at {source} "
+            f"(`{source.text}`): {what}")
