@@ -79,7 +79,7 @@ def dry_run_net(compiled: object, args: argparse.Namespace) -> list[PlanError]:
     from meshplan.runtime.explain.net import check_runs
     from meshplan.runtime.explain.report import plan_seq_len
 
-    return check_runs(compiled, seq_len=plan_seq_len(Path(args.file), args.overrides))  # type: ignore[arg-type]
+    return check_runs(compiled, seq_len=plan_seq_len(Path(args.file), args.overrides))
 
 
 def run(args: argparse.Namespace, term: Terminal) -> int:
