@@ -485,18 +485,17 @@ Fix: set that dimension to 1, or leave the section out for now.
 """,
     "E512": """\
 The pipeline section asks for a schedule that cannot run on this cut: the wrong number of
-stages per rank for the schedule (gpipe and 1f1b run one, the interleaved schedules two or
-more, zbv exactly two), fewer microbatches than pipeline ranks (the last stages wait for
-work that never comes: torch's schedules hang or fail with a shape error), a count the
-interleaved schedules cannot deal in rounds of pp, more stages than decoder layers, split
+stages per rank for the schedule (gpipe and 1f1b run one, zbv exactly two), fewer
+microbatches than pipeline ranks (torch's schedules refuse them on the first step while
+the other stages wait for work that never comes), more stages than decoder layers, split
 points that do not name layers, or a model that is not a decoder that can be cut.
 
 Example:
 
     pipeline on pp { schedule = 1f1b  microbatches = 1 }     # with pp = 2
 
-Fix: use at least pp microbatches (a multiple of pp for interleaved schedules), the
-schedule's number of `virtual_stages`, and split points `model.layers.N` with N ≥ 1.
+Fix: use at least pp microbatches, the schedule's number of `virtual_stages`, and split
+points `model.layers.N` with N ≥ 1.
 """,
     "E601": """\
 `plan explain` applies the compiled Program to a meta-device copy of the model on a

@@ -59,6 +59,10 @@ def lower(ctx: Context) -> Program:
     # The pipeline cut comes first: every later step applies to the stage modules that
     # hold its modules.
     steps: list[Step] = [ctx.pipeline] if ctx.pipeline is not None else []
+    if ctx.pipeline is None and ctx.spec.pipeline is not None and ctx.size(ctx.spec.pipeline.on or "pp") > 1:
+        # Only an unchecked lowering gets here (the pass reported why): a Program without
+        # its stages would be another plan, so there is none.
+        raise ValueError("the pipeline section cannot be cut into stages (see the pass's errors)")
     steps += _tensor_parallel(ctx, order)
     steps += _context_parallel(ctx, order)
     steps += _expert_parallel(ctx, order)
@@ -130,6 +134,10 @@ def _fully_shard(ctx: Context, order: dict[str, int]) -> list[Step]:
     def reshard(unit: ResolvedUnit) -> bool | int:
         value = unit.spec.reshard_after_forward
         if value == "auto":
+            # Under a pipeline every microbatch would gather the parameters again, in
+            # forward and in backward (torchtitan keeps them too).
+            if ctx.pipeline is not None:
+                return False
             # The last unit's parameters are needed again at once by backward: keep them.
             return unit is not last and unit is not root
         assert isinstance(value, bool | int)

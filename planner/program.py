@@ -353,6 +353,9 @@ class Pipeline(Step):
     modules (the root FSDP unit wraps each stage module)."""
 
     kind: ClassVar[str] = "pipeline"
+    # The dry run keeps one block per kind, so it cannot cut the real layer indices:
+    # explain accounts for the stages from the step itself.
+    in_dry_run: ClassVar[bool] = False
     mesh_dim: str
     schedule: str
     microbatches: int

@@ -78,28 +78,28 @@ PLANS: dict[str, str] = {
 }
 
 
-def _config() -> Any:
+def _config(layers: int) -> Any:
     from meshplan.planner.models import resolve_model
 
     config = copy.deepcopy(resolve_model("tiny-llama").config)
-    config.num_hidden_layers = LAYERS
+    config.num_hidden_layers = layers
     return config
 
 
-def _source() -> Any:
+def _source(layers: int = LAYERS) -> Any:
     from meshplan.planner.models import resolve_model
 
     model_class = resolve_model("tiny-llama").model_class
     assert model_class is not None
     with torch.device("meta"):
-        return model_class(_config())
+        return model_class(_config(layers))
 
 
 @functools.cache
-def _data() -> Any:
+def _data(sequences: int = 64) -> Any:
     from meshplan.runtime.train.data import PackedData, synthetic_sequences
 
-    return PackedData.build(synthetic_sequences(64, 256, min_len=4, max_len=SEQ_LEN, seed=1), SEQ_LEN)
+    return PackedData.build(synthetic_sequences(sequences, 256, min_len=4, max_len=SEQ_LEN, seed=1), SEQ_LEN)
 
 
 def _full(p: torch.Tensor) -> torch.Tensor:
@@ -109,7 +109,8 @@ def _full(p: torch.Tensor) -> torch.Tensor:
     return full.detach().float().clone()
 
 
-def train_case(program_json: str | None, micro_batch: int) -> dict[str, Any]:
+def train_case(program_json: str | None, micro_batch: int, layers: int = LAYERS,
+               sequences: int = 64) -> dict[str, Any]:
     """Train with the runtime's loop (one process when program_json is None); every
     rank returns its losses, norms and its own final parameters."""
     from meshplan.planner.program import Program
@@ -118,36 +119,36 @@ def train_case(program_json: str | None, micro_batch: int) -> dict[str, Any]:
     from meshplan.runtime.train.topology import Topology
 
     if program_json is None:
-        model = build_model(_source(), seed=0)
+        model = build_model(_source(layers), seed=0)
         prepare(model)
         target: Any = model
         topology = Topology()
     else:
-        applied, _, _ = build_applied(Program.from_json(program_json), _source(), seed=0)
+        applied, _, _ = build_applied(Program.from_json(program_json), _source(layers), seed=0)
         model, target, topology = applied.model, applied, Topology.of(applied)
     config = TrainConfig(steps=STEPS, lr=1e-3, weight_decay=0.1, max_grad_norm=MAX_NORM)
     optimizer = make_optimizer(model, config)
-    loader = _data().loader(topology.dp_rank, topology.dp_size, micro_batch=micro_batch, seed=0)
+    loader = _data(sequences).loader(topology.dp_rank, topology.dp_size, micro_batch=micro_batch, seed=0)
     history = train(target, optimizer, loader, topology, config)
     params = {n.replace("_checkpoint_wrapped_module.", ""): _full(p) for n, p in model.named_parameters()}
     return {"loss": [s.loss for s in history], "norm": [s.grad_norm for s in history], "params": params}
 
 
 @functools.cache
-def _reference() -> dict[str, Any]:
+def _reference(layers: int = LAYERS, sequences: int = 64) -> dict[str, Any]:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return train_case(None, GLOBAL_BINS)
+        return train_case(None, GLOBAL_BINS, layers, sequences)
     finally:
         torch.set_num_threads(threads)
 
 
-def _program(layout: str) -> Any:
+def _program(layout: str, layers: int = LAYERS) -> Any:
     from meshplan.planner.compile import compile_plan
     from meshplan.planner.graph import build_graph
 
-    return compile_plan(PLANS[layout], build_graph(_source()), WORLD).program
+    return compile_plan(PLANS[layout], build_graph(_source(layers)), WORLD).program
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -175,3 +176,15 @@ def test_pipeline_trains_like_one_process(pool: RankPool, layout: str) -> None:
     # Each rank holds only its stages' layers.
     per_rank = [{n.split(".")[2] for n in r["params"] if n.startswith("model.layers.")} for r in results]
     assert all(len(layers) < LAYERS for layers in per_rank)
+
+
+@pytest.mark.xfail(strict=True, reason="known: pipeline × FSDP drifts from one process after the second "
+                   "optimizer step on this data (the step-2 gradient norm still agrees to the last bit); "
+                   "found, not yet explained")
+def test_pipeline_with_fsdp_stays_exact_on_more_data(pool: RankPool) -> None:
+    program = _program("pp2-dp2-gpipe", layers=2)
+    results = pool.run(train_case, program.to_json(), GLOBAL_BINS // 2, 2, 256)
+    ref = _reference(2, 256)
+    for got in results:
+        for a, b in zip(got["loss"], ref["loss"], strict=True):
+            assert a == pytest.approx(b, rel=1e-5)
