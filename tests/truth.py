@@ -122,11 +122,12 @@ def compile_for_truth(plan: str | Path, model: Any, world: int, overrides: Itera
 
 
 def fp32(program: Program) -> Program:
-    """The Program without mixed precision: the truth is measured in fp32."""
-    from meshplan.planner.program import FullyShard
+    """The Program without mixed precision: the truth is measured in fp32 (the experts'
+    own FSDP units, in the ExpertParallel step, included)."""
+    from meshplan.planner.program import ExpertParallel, FullyShard
 
-    steps = tuple(dataclasses.replace(s, mixed_precision=None) if isinstance(s, FullyShard) else s
-                  for s in program.steps)
+    steps = tuple(dataclasses.replace(s, mixed_precision=None) if isinstance(s, FullyShard | ExpertParallel)
+                  else s for s in program.steps)
     return dataclasses.replace(program, steps=steps)
 
 
