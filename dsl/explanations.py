@@ -601,6 +601,16 @@ Example:
 Fix: shard over more ranks, checkpoint more blocks, lower `--micro-batch`, store
 parameters in bf16 (`--param-dtype bf16`), or split the sequence.
 """,
+    "W205": """\
+`plan explain` applied a pipelined Program without cutting it into stages: its memory and
+communication figures are those of a rank that holds every layer, not one stage, and the
+point-to-point traffic between stages and the microbatches in flight are not counted.
+
+Example: `mesh { pp = 4 ... }` with a `pipeline on pp { ... }` section.
+
+Fix: none needed to train (the runtime cuts the stages); read the parameter, gradient and
+optimizer figures as an upper bound (a stage holds about 1/stages of the layers).
+""",
 }
 
 

@@ -145,3 +145,19 @@ def test_interleaved_schedules_take_any_stage_and_microbatch_count(eight: ModelG
     assert one.ranks == ((0,), (1,))
     three = _step(_plan("  schedule = interleaved_1f1b\n  microbatches = 3\n  virtual_stages = 2"), eight)
     assert three.microbatches == 3 and three.ranks == ((0, 2), (1, 3))
+
+
+def test_explain_says_its_figures_are_not_split_by_stage(tmp_path: object) -> None:
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    plan = Path(str(tmp_path)) / "pp.plan"
+    plan.write_text(_plan("  schedule = 1f1b\n  microbatches = 2"), encoding="utf-8")
+    out = subprocess.run([sys.executable, "-m", "meshplan.cli.main", "explain", str(plan), "--model",
+                          "tiny-llama", "--world-size", "2", "--seq-len", "32", "--json"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    codes = {d["code"]: d for d in json.loads(out.stdout)["diagnostics"]}
+    assert codes["W205"]["line"] == 5 and "does not yet split memory by pipeline stage" in codes["W205"]["message"]

@@ -12,6 +12,8 @@ step that causes it:
   `dp_replicate = 1`); on the first step issuing it.
 - W204 a rank class's estimated peak exceeds `--gpu-memory`; on the first `fully_shard`
   step (the line deciding how parameters, gradients and optimizer states are sharded).
+- W205 a pipelined Program: the figures are those of a rank holding every stage (the dry
+  run does not cut stages yet); on the `pipeline` line.
 
 Errors: E601, a model that fails while the dry run applies or traces it
 (`runtime.explain.failure.TraceFailure`), on the step that touched the failing module,
@@ -201,12 +203,26 @@ def _memory_diagnostics(program: Program, memory: list[Memory], budget: int | No
     return out
 
 
+def _pipeline_diagnostics(program: Program) -> list[PlanError]:
+    from meshplan.planner.program import Pipeline
+
+    return [PlanError(
+        step.span, "W205",
+        f"the figures are for a rank holding all {sum(len(s) for s in step.stages)} layers: the dry run "
+        f"does not yet split memory by pipeline stage ({len(step.stages)} stages), count the stages' "
+        "point-to-point traffic or the microbatches in flight",
+        "read parameters, gradients and optimizer states as an upper bound (a stage holds about "
+        f"1/{len(step.stages)} of the layers)", severity="warning")
+        for step in program.steps_of(Pipeline) if program.mesh.size(step.mesh_dim) > 1]
+
+
 def findings(program: Program, classes: list[RankClass], reduction: Reduction, units: list[Unit],
              rows: list[CommRow], memory: list[Memory], budget: int | None) -> list[PlanError]:
     """Every warning of the dry run, sorted by plan line (see the module docstring)."""
     params = _uneven_params(program, classes, reduction, units)
     out = (_uneven_diagnostics(program, params) + _idle_diagnostics(program, params)
-           + _single_rank_diagnostics(program, rows) + _memory_diagnostics(program, memory, budget))
+           + _single_rank_diagnostics(program, rows) + _memory_diagnostics(program, memory, budget)
+           + _pipeline_diagnostics(program))
     return sorted(out, key=PlanError.sort_key)
 
 
