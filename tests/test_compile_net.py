@@ -23,6 +23,15 @@ from tests.distributed import RankPool, rank_pool_fixture
 TRUTH = Path(__file__).resolve().parent / "plans" / "truth"
 
 
+@pytest.fixture(autouse=True)
+def fresh_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Every test starts with no verified block kinds (the user's cache is not touched)."""
+    from meshplan.runtime.explain import net
+
+    monkeypatch.setattr(net, "VERIFIED", tmp_path / "verified")
+    return tmp_path / "verified"
+
+
 @pytest.fixture(scope="module")
 def stablelm_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny StableLM as a Hugging Face directory (config.json only: no weights)."""
@@ -110,3 +119,22 @@ def test_plan_run_says_the_model_does_not_fit(pool: RankPool, stablelm_dir: Path
     assert "this model does not fit the plan" in said, said
     assert f"{plan}:10:3:" in said and "modeling_stablelm.py" in said, said
     assert "internal error" not in said and "Traceback" not in said
+
+
+def test_verified_block_kinds_are_not_run_again(fresh_cache: Path) -> None:
+    """A success is remembered per (config, reduced Program, length); a failure never is."""
+    from meshplan.runtime.explain import net
+
+    compiled = compile_plan(PLANS / "llama.plan", "tiny-llama", 4, ["tp=2"])
+    assert check_runs(compiled) == [] and len(list(fresh_cache.iterdir())) == 1
+    ran: list[int] = []
+    original = net._one_step
+    try:
+        net._one_step = lambda c, n: ran.append(n)  # type: ignore[assignment]
+        assert check_runs(compiled) == [] and ran == []  # verified: not run
+        assert check_runs(compiled, seq_len=64) == [] and ran == [64]  # another length runs
+    finally:
+        net._one_step = original  # type: ignore[assignment]
+    failing = compile_plan(TRUTH / "stablelm_colwise_qkv.plan", hf_source("stablelm"), 4)
+    assert len(check_runs(failing)) == 1 and len(check_runs(failing)) == 1
+    assert len(list(fresh_cache.iterdir())) == 2  # the llama kinds, the second length; no failure

@@ -10,6 +10,9 @@ and activations fake tensors at their local shapes, one forward and backward
 (`trace.trace_step`, the same step `plan explain` measures). Nothing is allocated and
 nothing communicates.
 
+Block kinds already verified (the same model config, reduced Program and sequence
+length ran before on this machine) are not run again (`VERIFIED`).
+
 Any exception on the way is the model not fitting the plan, never a compiler bug: it
 becomes one error (E601) on the plan line whose step touched the module that raised,
 with the model's source line as a related location (`failure`, shared with
@@ -18,6 +21,10 @@ with the model's source line as a related location (`failure`, shared with
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from torch import nn
@@ -63,11 +70,49 @@ def check_runs(compiled: Compiled, *, seq_len: int | None = None) -> list[PlanEr
         return []
     if dist.is_initialized():  # the fake world needs a process without a process group
         return []
+    from .reduction import reduce_program
+
+    length = _length(compiled, seq_len)
+    reduction = reduce_program(program, graph)
+    key = _verified_key(compiled, reduction.program.to_json(), length)
+    if key is not None and (VERIFIED / key).exists():
+        return []  # these block kinds ran under these steps before: nothing new to learn
     try:
-        _one_step(compiled, _length(compiled, seq_len))
+        _one_step(compiled, length)
     except TraceFailure as failure:
         return [not_fitting(dry_run_error(program, failure))]
+    _remember(key)
     return []
+
+
+# Block kinds already verified: one empty file per (model config, reduced Program, sequence
+# length, torch and transformers versions). The step is deterministic in these, so a kind
+# that ran once runs again; only successes are remembered, a failure is always re-run.
+VERIFIED = Path(os.environ.get("MESHPLAN_CACHE", Path.home() / ".cache" / "meshplan")) / "verified"
+
+
+def _verified_key(compiled: Compiled, reduced: str, seq_len: int) -> str | None:
+    import torch
+    import transformers
+
+    config = compiled.graph.source.config
+    try:
+        text = config.to_json_string(use_diff=False)
+    except (TypeError, ValueError):  # a config that does not serialise: always run
+        return None
+    blob = json.dumps([text, reduced, seq_len, torch.__version__, transformers.__version__,
+                       type(config).__module__])
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+
+def _remember(key: str | None) -> None:
+    if key is None:
+        return
+    try:
+        VERIFIED.mkdir(parents=True, exist_ok=True)
+        (VERIFIED / key).touch()
+    except OSError:  # a read-only home: the net simply runs every time
+        pass
 
 
 def _length(compiled: Compiled, seq_len: int | None) -> int:
@@ -99,7 +144,7 @@ def _one_step(compiled: Compiled, seq_len: int) -> None:
     program, graph = compiled.program, compiled.graph
     cp_steps = program.steps_of(ContextParallel)
     local = max(1, seq_len // (program.mesh.size(cp_steps[0].mesh_dim) if cp_steps else 1))
-    reduction = reduce_program(program, graph)
+    reduction = reduce_program(program, graph)  # deterministic: the same as `check_runs`'
     fsdp = next(iter(program.steps_of(FullyShard)), None)
     with fake_world(program.mesh, 0) as mesh, FakeTensorMode(allow_non_fake_inputs=True), \
             _quiet_fake_tensors():
