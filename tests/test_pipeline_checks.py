@@ -161,3 +161,18 @@ def test_explain_says_its_figures_are_not_split_by_stage(tmp_path: object) -> No
     assert out.returncode == 0, out.stderr
     codes = {d["code"]: d for d in json.loads(out.stdout)["diagnostics"]}
     assert codes["W205"]["line"] == 5 and "does not yet split memory by pipeline stage" in codes["W205"]["message"]
+
+
+def test_emit_python_refuses_a_pipeline_cleanly(tmp_path: object) -> None:
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    plan = Path(str(tmp_path)) / "pp.plan"
+    plan.write_text(_plan("  schedule = 1f1b\n  microbatches = 2"), encoding="utf-8")
+    out_file = Path(str(tmp_path)) / "x.py"
+    out = subprocess.run([sys.executable, "-m", "meshplan.cli.main", "compile", str(plan), "--model",
+                          "tiny-llama", "--world-size", "2", "--emit", "python", "-o", str(out_file)],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2 and "cannot write pipelined Programs" in out.stderr, out.stderr
+    assert not out_file.exists()
