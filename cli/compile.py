@@ -99,11 +99,10 @@ def run(args: argparse.Namespace, term: Terminal) -> int:
             _report(term, [*compiled.warnings, *failed], args.json)
             return 1
     program = compiled.program
-    if args.emit == "python" and any(step.kind == "pipeline" for step in program.steps):
-        return term.usage_error("compile", "--emit python cannot write pipelined Programs yet (the stages "
-                                "are meshplan's own modules); use --emit json, which `plan run` and "
-                                "meshplan.runtime apply")
-    text = program.to_json() + "\n" if args.emit == "json" else to_python(program)
+    try:
+        text = program.to_json() + "\n" if args.emit == "json" else to_python(program)
+    except ValueError as e:  # a step kind the script cannot spell (the message says which)
+        return term.usage_error("compile", str(e))
     if not args.json:
         term.diagnostics(compiled.warnings)
     if args.output:

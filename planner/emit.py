@@ -33,6 +33,7 @@ from .program import (
     FullyShard,
     MixedPrecision,
     Parallelize,
+    Pipeline,
     Program,
     S,
     Step,
@@ -212,6 +213,13 @@ def _fully_shard(step: FullyShard) -> list[str]:
             f"offload_policy={offload})"]
 
 
+def _pipeline(step: Pipeline) -> list[str]:
+    # The stages are meshplan's own modules (runtime.parallel.pipeline) and every later
+    # step applies per stage: a torch-only script cannot say that yet.
+    raise ValueError("--emit python cannot write pipelined Programs yet (the stages are meshplan's own "
+                     "modules); use --emit json, which `plan run` and meshplan.runtime apply")
+
+
 def _entry(kind: type[S], emit: Callable[[S], list[str]]) -> tuple[type[Step], Callable[[Step], list[str]]]:
     return kind, cast(Callable[[Step], list[str]], emit)
 
@@ -223,4 +231,5 @@ EMITTERS: Mapping[type[Step], Callable[[Step], list[str]]] = dict([
     _entry(ContextParallel, _context_parallel),
     _entry(ExpertParallel, _expert_parallel),
     _entry(FullyShard, _fully_shard),
+    _entry(Pipeline, _pipeline),
 ])
