@@ -159,7 +159,7 @@ def _worker(rank: int, world: int, port: int, jobs: list[tuple[str, str]], model
 
 
 def step_times(model_name: str, arch: str, tokens: int, steps: int) -> dict[str, float]:
-    from meshplan.planner import compile
+    from meshplan.planner.compile import compile
 
     runs = {1: [("ep 1", compile(plan_text(arch, 1), model_name, 1).to_json())],
             2: [(f"ep 2 {d}", compile(plan_text(arch, 2, d), model_name, 2).to_json())

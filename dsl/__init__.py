@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from pathlib import Path
 
-from .check import CheckResult, check
+from .checks import CheckResult, check
 from .errors import PlanError, PlanRejected, Span
 from .format import format_plan
 from .parser import parse, parse_file

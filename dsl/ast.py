@@ -2,7 +2,7 @@
 
 Frozen, keyword-only dataclasses. The tree is faithful to the text (it is what
 `plan fmt` prints back), not yet interpreted: section kinds, setting keys and style
-names are strings here and are checked against the schema by `dsl.check`, which turns
+names are strings here and are checked against the schema by `dsl.checks`, which turns
 a tree into a `dsl.spec.PlanSpec`.
 
 Every node has a `span`; spans are excluded from equality so that

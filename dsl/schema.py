@@ -3,7 +3,7 @@
 The grammar only knows shapes (`KIND on X { key = value … }`); this table gives them
 meaning. A ParallelStyle is one record of the style registry (`dsl/styles.py`, which
 reads the value types here); to add a section, a `SectionSchema` in `SECTIONS` and
-its interpretation in `dsl/check.py`.
+its interpretation in `dsl/checks.py`.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The checked plan: what `dsl.check` makes of a syntax tree.
+"""The checked plan: what `dsl.checks` makes of a syntax tree.
 
 Typed, with `param`s and `--set` overrides substituted and defaults filled in, so the
 planner never looks at raw syntax. Spans are kept on everything a later error may need

@@ -168,7 +168,7 @@ def rank_case(program_json: str, model_name: str, ref: dict[str, Any]) -> dict[s
 
 
 def _program(model: str, layout: str, dispatch: str = "alltoall") -> Any:
-    from meshplan.planner import compile
+    from meshplan.planner.compile import compile
 
     return compile(plan_text(model, layout, dispatch), model, 4)
 

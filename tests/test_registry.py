@@ -85,7 +85,7 @@ def test_the_emitted_sources_are_the_runtime_modules() -> None:
 def test_the_language_reads_the_registry() -> None:
     import importlib
 
-    assert importlib.import_module("meshplan.dsl.check").STYLES is STYLES
+    assert importlib.import_module("meshplan.dsl.checks").STYLES is STYLES
 
 
 # One call of each style, with every argument form (fused parts, named and positional

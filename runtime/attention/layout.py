@@ -15,7 +15,7 @@ attention function then receives, besides `query/key/value [B, H, T, D]`, the mo
   `cu_seq_lens_q_padded` / `cu_seq_lens_k_padded` (the Transformer Engine `thd` layout
   under context parallelism) and `segment_ids` [B, T].
 
-`forward_kwargs(batch)` turns a batch from `meshplan.runtime.packing.collate` into
+`forward_kwargs(batch)` turns a batch from `meshplan.runtime.packing.collators` into
 these keyword arguments. `find_segments` reads them back, in this order of precedence:
 
 1. `cu_seq_lens_q_padded`, else `cu_seq_lens_q` (`_k` when `_q` is absent): the
@@ -269,7 +269,7 @@ def find_segments(
 def forward_kwargs(batch: Mapping[str, Any]) -> dict[str, Any]:
     """Keyword arguments for a transformers causal LM's `forward` from a collated batch.
 
-    Works for every format of `meshplan.runtime.packing.collate`; `labels` are left out
+    Works for every format of `meshplan.runtime.packing.collators`; `labels` are left out
     on purpose (they are already shifted, and a transformers model would shift them
     again: compute the loss with `meshplan.runtime.train.loss`). `varlen`/`thd` boundaries are
     passed under transformers' flash-attn names (`cu_seq_lens_q/k`, `max_length_q/k`),

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from .algorithms import ALGORITHMS, OVERLONG_POLICIES, PackResult, pack, shuffle_bins
 from .bounds import lower_bound_l2, lower_bound_trivial
-from .collate import (
+from .collators import (
     FORMATS,
     IGNORE_INDEX,
     collate,

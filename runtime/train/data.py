@@ -27,7 +27,7 @@ Guarantees:
   bins at a step does not depend on how the global batch `dp_size * micro_batch` is split
   (so a single process with `micro_batch = dp_size` sees the global batch of `dp_size`
   ranks with `micro_batch = 1` — what the equivalence tests rely on).
-- Labels are already shifted (see `meshplan.runtime.packing.collate`); each batch also
+- Labels are already shifted (see `meshplan.runtime.packing.collators`); each batch also
   carries `num_tokens`, its real (non-padding) token count, for throughput figures.
 - Context parallelism (`build(..., context=split)`, `loader(..., cp_rank=r)`): every
   sequence is packed and collated padded to a multiple of 2·cp, and each batch is cut

@@ -1,6 +1,6 @@
 """Token-level causal-LM loss for labels that are ALREADY SHIFTED.
 
-`meshplan.runtime.packing.collate` shifts labels inside each sequence (labels[i] is the
+`meshplan.runtime.packing.collators` shifts labels inside each sequence (labels[i] is the
 target of token i, -100 at sequence ends and padding), so the loss here never shifts
 again — unlike a transformers model's own `labels=` loss, which would.
 
