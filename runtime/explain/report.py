@@ -19,6 +19,7 @@ what `plan explain --json` prints.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -41,6 +42,7 @@ from .failure import TraceFailure
 from .memory import BlockActivations, Memory, block_activations, buffer_bytes, memory_of
 from .reduction import Reduction, reduce_program
 from .shards import RankClass, measure_rank_zero, measure_shards
+from .shards import _recompute as recompute_shard
 from .trace import StepTrace, trace_step
 from .world import coordinates, fake_world, rank_at
 
@@ -241,6 +243,23 @@ class Explanation:
     def rank0(self) -> Memory:
         return self.memory[0]
 
+    def class_of(self, rank: int) -> int | None:
+        """The index (into `classes` and `memory`) of the class `rank` belongs to: the
+        class whose local shapes are those rank 0's placements give at `rank`'s
+        coordinates. None when the classes were cut off before it (`rank_classes`' limit)."""
+        layout = self.program.mesh
+        coords = coordinates(layout, rank)
+        zero = self.classes[0].shards
+        local = {k: recompute_shard(s, layout, coords).local_shape for k, s in zero.items()}
+        for i, c in enumerate(self.classes):
+            if all(c.shards[k].local_shape == shape for k, shape in local.items() if k in c.shards):
+                return i
+        return None
+
+    def modules_of(self, index: int) -> list[ModuleRow]:
+        """The module rows (placements, local shapes) of the class at `index`."""
+        return self.modules if index == 0 else module_rows(self.graph, self.reduction, self.classes[index])
+
     def to_json(self) -> dict[str, Any]:
         mesh = self.program.mesh
         return {
@@ -317,9 +336,12 @@ def attention_backend() -> dict[str, Any] | None:
 
 
 def explain(compiled: Compiled, *, seq_len: int, micro_batch: int = 1, param_dtype: str = "fp32",
-            gpu_memory: int | None = None, trace: bool = True, reduce: bool = True) -> Explanation:
+            gpu_memory: int | None = None, trace: bool = True, reduce: bool = True,
+            progress: Callable[[str], None] | None = None) -> Explanation:
     """The dry run of `compiled.program` (see the module docstring). `reduce=False`
-    measures the full model (slow for big models; the tests compare the two)."""
+    measures the full model (slow for big models; the tests compare the two). `progress`
+    hears each phase as it starts (the traced step alone can take a minute)."""
+    say = progress or (lambda _: None)
     program, graph = compiled.program, compiled.graph
     if seq_len < 1 or micro_batch < 1:
         raise ValueError(f"seq_len and micro_batch must be ≥ 1, got {seq_len} and {micro_batch}")
@@ -331,12 +353,16 @@ def explain(compiled: Compiled, *, seq_len: int, micro_batch: int = 1, param_dty
         # Rank 0's fake world serves both the shards and the traced step: one mesh to build.
         with fake_world(program.mesh, 0) as mesh:
             if trace:
+                say(f"dry run: tracing one step ({_layers(reduction)}, {seq_len} tokens × {micro_batch})")
                 step = trace_step(program, graph.source, reduction, seq_len=seq_len,
                                   micro_batch=micro_batch, dtype=compute, mesh=mesh)
+            say("dry run: shards as rank 0")
             first = measure_rank_zero(program, graph.source, reduction, param_dtype=param_dtype, mesh=mesh)
+        say("dry run: shards of each class of ranks (uneven shards differ)")
         classes = measure_shards(program, graph.source, reduction, param_dtype=param_dtype, first=first)
     except TraceFailure as failure:
         raise PlanRejected([dry_run_error(program, failure)]) from failure
+    say("report: memory and communication per rank")
     shards = classes[0].shards
     units = fsdp_units(program, _unique_params(graph), reduction)
     events = list(step.events) if step else []
@@ -356,6 +382,12 @@ def explain(compiled: Compiled, *, seq_len: int, micro_batch: int = 1, param_dty
         diagnostics=findings(program, classes, reduction, units, comm, memory, gpu_memory),
         attention=attention_backend(),
     )
+
+
+def _layers(reduction: Reduction) -> str:
+    if not reduction.reduced:
+        return "the whole model"
+    return f"{len(reduction.kept)} of {reduction.length} layers"
 
 
 def _unique_params(graph: ModelGraph) -> list[str]:
