@@ -50,7 +50,7 @@ if TYPE_CHECKING:
     from meshplan.planner.compile import Compiled
     from meshplan.planner.graph import ModelGraph
 
-__all__ = ["DimGroups", "Explanation", "ModuleRow", "attention_backend", "explain", "mesh_groups"]
+__all__ = ["DimGroups", "Explanation", "ModuleRow", "attention_backend", "explain", "mesh_groups", "modules_json"]
 
 
 # --------------------------------------------------------------------------- the mesh
@@ -265,27 +265,33 @@ class Explanation:
         return {
             "plan": self.program.plan,
             "model": self.program.model,
+            "architecture": self.graph.source.architecture,
             "world_size": self.program.world_size,
             "mesh": {
                 "names": list(mesh.names),
                 "shape": list(mesh.shape),
                 "submeshes": {n: list(d) for n, d in mesh.submeshes},
                 "groups": {g.name: {"size": g.size, "count": g.count, "dims": list(g.dims),
-                                    "strides": list(g.strides), "first": [list(x) for x in g.first]}
+                                    "strides": list(g.strides), "first": [list(x) for x in g.first],
+                                    "pattern": g.pattern(mesh)}
                            for g in self.groups},
             },
             "settings": {"seq_len": self.seq_len, "micro_batch": self.micro_batch,
                          "param_dtype": self.param_dtype, "compute_dtype": self.compute_dtype,
                          "gpu_memory_bytes": self.gpu_memory,
-                         "reduced_layers": list(self.reduction.kept), "attention": self.attention},
+                         "reduced_layers": list(self.reduction.kept), "layers": self.reduction.length,
+                         "attention": self.attention},
             "memory": {**self.rank0.to_json(),
                        "classes": [{**m.to_json(), "measured": c.measured}
                                    for m, c in zip(self.memory, self.classes, strict=True)]},
             "activations": {
                 "outside_blocks_bytes": self.trace.outside if self.trace else None,
                 "tokens_per_rank": self.trace.seq_len * self.micro_batch if self.trace else None,
+                "seq_len": self.trace.seq_len if self.trace else None,
+                "stack": self.reduction.stack,
                 "blocks": [{"layers": _ranges(list(b.layers)), "count": len(b.layers),
-                            "checkpoint": b.mode, "saved_bytes": b.saved, "kept_bytes": b.kept}
+                            "checkpoint": b.mode, "saved_bytes": b.saved, "kept_bytes": b.kept,
+                            "kept_all_bytes": b.kept * len(b.layers)}
                            for b in self.blocks],
             },
             "communication": {
@@ -298,13 +304,18 @@ class Explanation:
             "units": [{"modules": u.label, "mesh": list(u.step.mesh_dims),
                        "reshard_after_forward": u.step.reshard_after_forward, "parameters": len(u.params)}
                       for u in self.units],
-            "modules": [{"name": m.name, "layers": m.layers,
-                         "params": [{"name": p.name, "global_shape": list(p.global_shape),
-                                     "local_shape": list(p.local_shape), "placements": list(p.placements),
-                                     "mesh_dims": list(p.mesh_dims), "dtype": p.dtype} for p in m.params]}
-                        for m in self.modules],
+            "modules": modules_json(self.modules),
             "diagnostics": [d.to_json() for d in self.diagnostics],
         }
+
+
+def modules_json(rows: list[ModuleRow]) -> list[dict[str, Any]]:
+    """Module rows as `plan explain --json` prints them (rank 0's, and `--rank R`'s)."""
+    return [{"name": m.name, "layers": m.layers,
+             "params": [{"name": p.name, "global_shape": list(p.global_shape),
+                         "local_shape": list(p.local_shape), "placements": list(p.placements),
+                         "mesh_dims": list(p.mesh_dims), "dtype": p.dtype} for p in m.params]}
+            for m in rows]
 
 
 def plan_seq_len(plan: Any, overrides: Any = ()) -> int | None:
