@@ -99,6 +99,7 @@ CATALOGUE: dict[str, str] = {
     "W104": "uneven pipeline stages",
     "W105": "FSDP resharding under a pipeline",
     "W106": "implicit redistribution",
+    "W107": "uneven tensor-parallel split",
     # E6xx / W2xx (plan explain): the plan applied to the model on a fake process group
     "E601": "dry run failed in the model",
     "W201": "uneven shards",

@@ -562,6 +562,17 @@ Example: a `sequence_parallel` norm whose DTensor output (shard(1)) flows into a
 Fix: declare the conversion once where it happens (`prepare_input` on the enclosing
 module), or declare the layout the value really has.
 """,
+    "W107": """\
+A size the plan shards does not divide by the tensor-parallel size, at a module whose code
+never sees the shard (a colwise projection that gathers its output, a rowwise one that
+slices a whole input, a vocabulary-parallel embedding): DTensor gives the first ranks one
+row more. The result is exact (measured on GPT-2's odd vocabulary); the ranks are unevenly
+loaded.
+
+Example: `transformer.wte : rowwise(input = replicate)` at tp = 2 with 50257 tokens.
+
+Fix: pad the size (e.g. the vocabulary) to a multiple of the tp size for an even split.
+""",
     "W201": """\
 Some parameters do not divide evenly over the ranks they are sharded on: ranks hold
 shards of different sizes. FSDP pads every shard to the largest, so every rank stores

@@ -60,8 +60,6 @@ CASES: tuple[Case, ...] = (
     # -- divisibility (E505): sizes taken from the model, not from the plan
     Case("kv_heads_tp16", "llama-3.1-8b", 32, "E505", 12, 43,
          "8 key/value heads cannot be split 16 ways", hint="divides both head counts"),
-    Case("vocab_not_divisible", "gpt2", 4, "E505", 12, 21,
-         "a vocabulary of 50257 tokens cannot be split 2 ways", hint="pad the vocabulary"),
     Case("intermediate_not_divisible", "tiny-llama", 6, "E505", 11, 39,
          "128 output features cannot be split 3 ways"),
     Case("seq_len_not_divisible_sp", "tiny-llama", 8, "E505", 14, 45,

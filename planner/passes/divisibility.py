@@ -7,7 +7,9 @@ attention heads and key/value heads behind q/k/v/o projections, the sequence len
 for sequence parallelism (tp; under context parallelism each rank's seq_len / cp
 tokens split tp ways) and context parallelism (2·cp with head-tail balancing),
 and the number of experts for expert parallelism. Errors name the model fact:
-"8 key/value heads cannot be split 16 ways".
+"8 key/value heads cannot be split 16 ways". A size that does not divide where the
+module's code never sees the shard (a colwise that gathers its output, a rowwise that
+slices a whole input) is a warning (W107): DTensor splits it unevenly and exactly.
 """
 
 from __future__ import annotations
@@ -74,12 +76,26 @@ class Divisibility:
         for part in parts:
             if part % n:
                 per = " per part" if len(parts) > 1 else ""
-                self._fail(ctx, span, f"{divides.fact.format(n=part)}{per} cannot be split {_ways(n)}", fqn,
-                           divides.hint)
+                fact = f"{divides.fact.format(n=part)}{per} cannot be split {_ways(n)}"
+                if whole:
+                    # The module's code never sees the shard: DTensor splits unevenly and the
+                    # result is exact (measured: GPT-2's odd vocabulary, rowwise embedding and
+                    # gathered head); only the balance suffers.
+                    self._uneven(ctx, span, fact, fqn)
+                else:
+                    self._fail(ctx, span, fact, fqn, divides.hint)
                 return
         parent = graph.modules.get(fqn.rsplit(".", 1)[0]) if "." in fqn else None
         if divides.heads and not whole and parent is not None and parent.kind == "attention":
             self._heads(ctx, fqn, span, parent.attrs, size, n, fused=len(parts) > 1)
+
+    def _uneven(self, ctx: Context, span: Span, fact: str, fqn: str) -> None:
+        if (span, fact) in self.reported:
+            return
+        self.reported.add((span, fact))
+        ctx.warn(span, "W107", f"{fact} evenly (`{generic(fqn)}`): DTensor gives the first ranks one row more, "
+                 "which is exact but unbalanced",
+                 "pad the size to a multiple of the tp size for an even split")
 
     def _heads(self, ctx: Context, fqn: str, span: Span, attrs: Mapping[str, Any], size: int,
                n: int, *, fused: bool) -> None:
