@@ -14,6 +14,12 @@ outside the clock:
   imports included) and `import torch, transformers` alone.
 Goal: compile ≤ 0.25 × the full trace, and 405B at 16384 ranks in the same order of
 time as 70B. Prints a table and writes bench/results/compile.json.
+
+`--net` measures only the dry-run net's budget, side by side (alternating, best of
+`--repeat`): `plan compile plans/llama.plan --model llama-3.1-70b --world-size 512` as a
+whole command, with the net and with `--no-dry-run`, against
+`python -c "import torch; from transformers import LlamaForCausalLM"`.
+Goal: the command with the net ≤ 1.25 × that import.
 """
 
 from __future__ import annotations
@@ -55,16 +61,61 @@ def in_process(code: str) -> float:
     return float(out.stdout.strip().splitlines()[-1])
 
 
-def timed(cmd: list[str]) -> float:
+def timed(cmd: list[str], env: dict[str, str] | None = None) -> float:
     start = time.perf_counter()
-    subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True)
+    subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, env=env)
     return time.perf_counter() - start
+
+
+NET_GOAL = 1.25
+
+
+def net_budget(repeat: int) -> None:
+    """The dry-run net's budget (see the module docstring): alternating runs, best of each."""
+    plan = str(ROOT / "plans" / "llama.plan")
+    base = [sys.executable, "-m", "meshplan.cli.main", "compile", plan, "--model", "llama-3.1-70b",
+            "--world-size", "512", "-o", "/dev/null"]
+    import os
+    import tempfile
+
+    runs: dict[str, list[float]] = {"import": [], "net_cold": [], "net_verified": [], "no_net": []}
+    with tempfile.TemporaryDirectory() as warm:
+        for _ in range(repeat):
+            runs["import"].append(timed([sys.executable, "-c",
+                                         "import torch; from transformers import LlamaForCausalLM"]))
+            with tempfile.TemporaryDirectory() as cold:  # nothing verified yet: the net runs
+                runs["net_cold"].append(timed(base, {**os.environ, "MESHPLAN_CACHE": cold}))
+            timed(base, {**os.environ, "MESHPLAN_CACHE": warm})  # (verifies the block kinds once)
+            runs["net_verified"].append(timed(base, {**os.environ, "MESHPLAN_CACHE": warm}))
+            runs["no_net"].append(timed([*base, "--no-dry-run"]))
+    best = {k: min(v) for k, v in runs.items()}
+    rows = (("import torch; from transformers import LlamaForCausalLM", "import"),
+            ("plan compile 70B @512, net runs (nothing verified)", "net_cold"),
+            ("plan compile 70B @512, block kinds already verified", "net_verified"),
+            ("plan compile 70B @512, --no-dry-run", "no_net"))
+    print(f"{'what':56} {'seconds (best of ' + str(repeat) + ')':>22} {'× import':>9}")
+    for what, key in rows:
+        print(f"{what:56} {best[key]:22.2f} {best[key] / best['import']:9.2f}")
+    ratio = best["net_cold"] / best["import"]
+    print(f"\ncompile with the net running / import = {ratio:.2f} (goal ≤ {NET_GOAL}); "
+          f"the net costs {best['net_cold'] - best['no_net']:.2f} s")
+    out = ROOT / "bench" / "results" / "compile_net.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"runs_s": runs, "best_s": best, "net_cold_over_import": ratio,
+                               "net_verified_over_import": best["net_verified"] / best["import"],
+                               "goal": NET_GOAL}, indent=2) + "\n")
+    print(f"wrote {out.relative_to(ROOT)}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="trace llama-3.2-1b instead of the 70B (smoke test)")
+    parser.add_argument("--net", action="store_true", help="only the dry-run net's budget (see above)")
+    parser.add_argument("--repeat", type=int, default=3, help="runs of each command for --net")
     args = parser.parse_args()
+    if args.net:
+        net_budget(args.repeat)
+        return
     big = "llama-3.2-1b" if args.quick else "llama-3.1-70b"
     plan = str(ROOT / "plans" / "llama.plan")
     compile_cmd = [sys.executable, "-m", "meshplan.cli.main", "compile", plan, "--model", big,
