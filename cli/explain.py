@@ -7,8 +7,12 @@ them: the mesh and its groups, the module tree with repeated blocks collapsed, m
 per rank class, activations per block, communication per mesh dimension; the dry run's
 warnings are diagnostics on the plan lines (stderr, with the compiler's), and a model that
 fails in the dry run is an error on the line whose step touched the failing module (exit 1).
-`--json` prints the same numbers as JSON (and nothing else on stdout); `--svg`/`--html`
-write a picture of the mesh and the memory breakdown, atomically.
+`--json` prints the same numbers as JSON (and nothing else on stdout); `--html` writes them
+as a page, `--svg` as a picture (the mesh, memory, activations and traffic, with legends
+and scales), atomically. `--rank R` adds what rank R holds: its coordinates and groups,
+the class of ranks it belongs to, that class's memory and module placements. The phases
+(compile, dry run, report) are announced on stderr as they start: the dry run of a big
+model takes a minute, and a silent terminal looks like a hang.
 """
 
 from __future__ import annotations
@@ -30,7 +34,8 @@ if TYPE_CHECKING:
     from rich.console import RenderableType
 
     from meshplan.dsl.errors import PlanError
-    from meshplan.runtime.explain.report import Explanation
+    from meshplan.runtime.explain.memory import Memory
+    from meshplan.runtime.explain.report import Explanation, ModuleRow
 
 DTYPE_CHOICES = ("fp32", "bf16", "fp16")
 _MEMORY_ROWS = (
@@ -64,7 +69,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fail-over-budget", action="store_true",
                    help="exit 1 when a rank's estimated peak exceeds --gpu-memory (for CI)")
     p.add_argument("--rank", type=int, default=None, metavar="R",
-                   help="show rank R's coordinates and the ranks it talks to along each dimension")
+                   help="show rank R's coordinates, the ranks it talks to along each dimension, its class of "
+                        "ranks, memory and module placements")
     p.add_argument("--json", action="store_true", help="print the figures as JSON, and nothing else")
     p.add_argument("--svg", metavar="OUT.svg", help="write the mesh and memory picture as SVG")
     p.add_argument("--html", metavar="OUT.html", help="write the mesh, memory and communication as HTML")
@@ -76,12 +82,16 @@ def run(args: argparse.Namespace, term: Terminal) -> int:
     from meshplan.planner.mesh_facts import program_sequence_multiple
     from meshplan.runtime.explain.report import explain, plan_seq_len
 
+    from .progress import Phases
+
     if args.fail_over_budget and args.gpu_memory is None:
         return term.usage_error("explain", "--fail-over-budget needs --gpu-memory SIZE")
     try:  # before any work: a bad output path costs nothing
         check_outputs({"--svg": args.svg, "--html": args.html})
     except OutputError as e:
         return term.usage_error("explain", str(e))
+    phases = Phases(term.note)  # stderr: never mixed into --json's stdout
+    phases(f"compiling {args.file} for {args.model} on {args.world_size} ranks")
     compiled, code = compile_for_cli(args, term, "explain")
     if not isinstance(compiled, Compiled):
         return code
@@ -98,7 +108,7 @@ def run(args: argparse.Namespace, term: Terminal) -> int:
                                            "pieces sequence/context parallelism split it into on this mesh")
     try:
         ex = explain(compiled, seq_len=seq_len, micro_batch=args.micro_batch, param_dtype=args.param_dtype,
-                     gpu_memory=args.gpu_memory)
+                     gpu_memory=args.gpu_memory, progress=phases)
     except PlanRejected as e:  # the model failed in the dry run: an error on the plan line
         if getattr(args, "debug", False):
             traceback.print_exception(e, file=term.err.file)
@@ -110,7 +120,8 @@ def run(args: argparse.Namespace, term: Terminal) -> int:
             term.note(f"plan rejected ({len(e.errors)} error{'s' if len(e.errors) != 1 else ''})")
         return 1
     diagnostics = [*compiled.warnings, *ex.diagnostics]
-    write_outputs({Path(path): make(ex) for path, make in ((args.svg, svg), (args.html, html_page)) if path})
+    write_outputs({Path(path): make(ex, rank=args.rank)
+                   for path, make in ((args.svg, svg), (args.html, html_page)) if path})
     over = args.fail_over_budget and any(m.peak > args.gpu_memory for m in ex.memory)
     if args.json:
         data = ex.to_json()
@@ -152,40 +163,40 @@ def render(ex: Explanation, term: Terminal, *, rank: int | None = None) -> None:
 def _render(ex: Explanation, term: Terminal, rank: int | None) -> None:
     from rich.text import Text
 
-    from meshplan.runtime.explain.sizes import human_bytes
+    term.print(Text(_title(ex), style="bold"))
+    term.print(f"  {_settings(ex)}")
+    _section(term, "Mesh")
+    _mesh(ex, term)
+    _section(term, "Modules (rank 0: placements along the mesh dims, local shape)")
+    term.print(f"  {_PLACEMENT_KEY}")
+    _print(term, _tree(ex, ex.modules))
+    _section(term, "Memory per rank")
+    _print(term, _rich_table(_memory_head(ex.memory), _memory_rows(ex, ex.memory)))
+    computed = _computed(ex)
+    if computed:
+        term.print(f"  {computed}")
+    if ex.blocks:
+        _section(term, _blocks_title(ex))
+        _print(term, _rich_table(_BLOCK_HEAD, _block_rows(ex)))
+    _section(term, "Communication per rank and training step")
+    _print(term, _rich_table(_COMM_HEAD, _comm_rows(ex)))
+    term.print(f"  {_comm_total(ex)}")
+    term.print(f"\nattention: {_attention(ex.attention)}")
+    if rank is not None:
+        _rank_section(ex, term, rank)
 
+
+def _title(ex: Explanation) -> str:
     p = ex.program
-    head = Text(f"plan {p.plan} for {p.model} on {p.world_size} ranks", style="bold")
-    term.print(head)
+    return f"plan {p.plan} for {p.model} on {p.world_size} ranks"
+
+
+def _settings(ex: Explanation) -> str:
     kept = ex.reduction.kept
     reduced = (f"; measured on layers {_list(kept)} of {ex.reduction.length}, scaled by layer count"
                if ex.reduction.reduced else "")
-    term.print(f"  {ex.seq_len} tokens × micro-batch {ex.micro_batch} per rank; parameters "
-               f"{ex.param_dtype}, compute {ex.compute_dtype}{reduced}")
-    _section(term, "Mesh")
-    _mesh(ex, term, rank)
-    _section(term, "Modules (rank 0: placements along the mesh dims, local shape)")
-    term.print("  R replicate · S(d) shard of dim d · _S(d, k) FSDP's shard of a tensor-parallel piece "
-               "· P partial")
-    _print(term, _tree(ex))
-    _section(term, "Memory per rank")
-    _print(term, _memory_table(ex))
-    computed = [c for c in ex.classes if not c.measured]
-    if computed:
-        term.print(f"  computed from the placements, not applied: {', '.join(f'rank {c.rank}' for c in computed)}")
-    if ex.blocks:
-        _section(term, f"Activations per block ({ex.trace.seq_len if ex.trace else ex.seq_len} tokens "
-                       f"× {ex.micro_batch} per rank, {ex.compute_dtype})")
-        _print(term, _block_table(ex))
-    _section(term, "Communication per rank and training step")
-    _print(term, _comm_table(ex))
-    total = sum(r.bytes for r in ex.comm)
-    wire = sum(r.wire_bytes for r in ex.comm)
-    term.print(f"  total {human_bytes(total)} in collectives, about {human_bytes(wire)} sent per rank (ring)")
-    if ex.attention is not None:
-        term.print(f"\nattention: {_attention(ex.attention)}")
-    else:
-        term.print("\nattention: (no backend selection available in meshplan.runtime.attention)")
+    return (f"{ex.seq_len} tokens × micro-batch {ex.micro_batch} per rank; parameters "
+            f"{ex.param_dtype}, compute {ex.compute_dtype}{reduced}")
 
 
 def _print(term: Terminal, renderable: RenderableType) -> None:
@@ -203,7 +214,9 @@ def _list(values: tuple[int, ...] | list[int]) -> str:
         ", ".join(str(v) for v in values[:5]) + f", … ({len(values)})"
 
 
-def _attention(info: dict[str, Any]) -> str:
+def _attention(info: dict[str, Any] | None) -> str:
+    if info is None:
+        return "(no backend selection available in meshplan.runtime.attention)"
     if not info.get("backend"):
         return f"unknown ({info.get('error', '')})"
     text = f"{info['backend']} on CUDA ({info['kernel']}; packs as {info['format']})"
@@ -213,45 +226,71 @@ def _attention(info: dict[str, Any]) -> str:
     return text
 
 
-# --------------------------------------------------------------------------- mesh
+# A table is a header and rows of cells (strings), the same for the terminal and the page:
+# the page cannot drift from what the terminal shows. A row's style applies to the terminal.
+Row = tuple[list[str], str | None]
+_RIGHT = ("ranks/group", "groups", "count", "group", "fwd/bwd", "bytes", "sent (ring)", "saved / layer",
+          "kept / layer", "kept, all")
 
 
-def _mesh(ex: Explanation, term: Terminal, rank: int | None) -> None:
+def _rich_table(head: list[str], rows: list[Row]) -> RenderableType:
     from rich import box
     from rich.table import Table
 
-    from meshplan.runtime.explain.world import coordinates
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False)
+    for i, col in enumerate(head):
+        right = col in _RIGHT or (i > 0 and col.startswith("rank "))
+        table.add_column(col, justify="right" if right else "left")
+    for cells, style in rows:
+        table.add_row(*cells, style=style)
+    return table
 
+
+# --------------------------------------------------------------------------- mesh
+
+
+_GROUP_HEAD = ["dimension", "ranks/group", "groups", "a group is", "first groups"]
+
+
+def _mesh_line(ex: Explanation) -> str:
     layout = ex.program.mesh
     dims = " × ".join(f"{n} {s}" for n, s in zip(layout.names, layout.shape, strict=True))
-    term.print(f"  {dims} = {layout.world_size} ranks (row-major: the last dimension is innermost)")
-    if layout.submeshes:
-        subs = " · ".join(f"{n} = {' × '.join(d)} ({layout.size(n)})" for n, d in layout.submeshes)
-        term.print(f"  submeshes: {subs}")
-    _print(term, _grid(ex))
-    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False)
-    for col, justify in (("dimension", "left"), ("ranks/group", "right"), ("groups", "right"),
-                         ("a group is", "left"), ("first groups", "left")):
-        table.add_column(col, justify=justify)  # type: ignore[arg-type]
+    return f"{dims} = {layout.world_size} ranks (row-major: the last dimension is innermost)"
+
+
+def _submeshes(ex: Explanation) -> str:
+    layout = ex.program.mesh
+    if not layout.submeshes:
+        return ""
+    return "submeshes: " + " · ".join(f"{n} = {' × '.join(d)} ({layout.size(n)})" for n, d in layout.submeshes)
+
+
+def _trivial(ex: Explanation) -> str:
     trivial = [g.name for g in ex.groups if g.size == 1]
+    return f"size 1 (every rank alone): {', '.join(trivial)}" if trivial else ""
+
+
+def _group_rows(ex: Explanation) -> list[Row]:
+    layout = ex.program.mesh
+    rows: list[Row] = []
     for g in ex.groups:
         if g.size == 1:
             continue
         shown = " ".join("[" + " ".join(str(r) for r in _ellipsis(group, 8)) + "]" for group in g.first)
         if g.count > len(g.first):
             shown += " …"
-        table.add_row(g.name, str(g.size), str(g.count), g.pattern(layout), shown)
-    _print(term, table)
-    if trivial:
-        term.print(f"  size 1 (every rank alone): {', '.join(trivial)}")
-    if rank is not None:
-        coords = coordinates(layout, rank)
-        where = ", ".join(f"{n} {coords[n]}" for n in layout.names if n != "ep")
-        term.print(f"  rank {rank}: {where}")
-        for g in ex.groups:
-            if g.size > 1:
-                group = g.group_of(layout, rank)
-                term.print(f"    along {g.name}: [{' '.join(str(r) for r in _ellipsis(group, 16))}]")
+        rows.append(([g.name, str(g.size), str(g.count), g.pattern(layout), shown], None))
+    return rows
+
+
+def _mesh(ex: Explanation, term: Terminal) -> None:
+    term.print(f"  {_mesh_line(ex)}")
+    if _submeshes(ex):
+        term.print(f"  {_submeshes(ex)}")
+    _print(term, _grid(ex))
+    _print(term, _rich_table(_GROUP_HEAD, _group_rows(ex)))
+    if _trivial(ex):
+        term.print(f"  {_trivial(ex)}")
 
 
 def _ellipsis(values: tuple[int, ...], n: int) -> list[Any]:
@@ -300,16 +339,78 @@ def _axis(n: int, limit: int) -> list[int | None]:
     return [*range(limit - 2), None, n - 1]
 
 
+# --------------------------------------------------------------------------- one rank
+
+
+def _rank_lines(ex: Explanation, rank: int) -> list[str]:
+    """Rank `rank`'s coordinates, its groups, and the class of ranks it belongs to."""
+    from meshplan.runtime.explain.world import coordinates
+
+    layout = ex.program.mesh
+    coords = coordinates(layout, rank)
+    lines = ["coordinates: " + ", ".join(f"{n} {coords[n]}" for n in layout.names if n != "ep")]
+    for g in ex.groups:
+        if g.size > 1:
+            group = g.group_of(layout, rank)
+            lines.append(f"  along {g.name}: [{' '.join(str(r) for r in _ellipsis(group, 16))}]")
+    index = ex.class_of(rank)
+    if index is None:
+        lines.append("class: beyond the classes measured (only the first ones are listed)")
+        return lines
+    c = ex.classes[index]
+    how = "applied" if c.measured else "computed from the placements"
+    same = "its own" if c.rank == rank else f"rank {c.rank}'s"
+    lines.append(f"class: {same} (×{c.count}: ranks with the same local shapes; {how})")
+    return lines
+
+
+def _rank_section(ex: Explanation, term: Terminal, rank: int) -> None:
+    _section(term, f"Rank {rank}")
+    for line in _rank_lines(ex, rank):
+        term.print(f"  {line}")
+    index = ex.class_of(rank)
+    if index is None:
+        return
+    _print(term, _rich_table(_memory_head([ex.memory[index]], rank), _memory_rows(ex, [ex.memory[index]])))
+    _section(term, f"Modules (rank {rank}: placements along the mesh dims, local shape)")
+    _print(term, _tree(ex, ex.modules_of(index)))
+
+
+def _rank_json(ex: Explanation, rank: int) -> dict[str, Any]:
+    from meshplan.runtime.explain.report import modules_json
+    from meshplan.runtime.explain.world import coordinates
+
+    layout = ex.program.mesh
+    out: dict[str, Any] = {"rank": rank, "coordinates": coordinates(layout, rank),
+                           "groups": {g.name: list(g.group_of(layout, rank)) for g in ex.groups}}
+    index = ex.class_of(rank)
+    if index is not None:
+        c = ex.classes[index]
+        out["class"] = {"rank": c.rank, "ranks": c.count, "measured": c.measured}
+        out["memory"] = ex.memory[index].to_json()
+        out["modules"] = modules_json(ex.modules_of(index))
+    return out
+
+
 # --------------------------------------------------------------------------- modules
 
 
-def _tree(ex: Explanation) -> RenderableType:
+_PLACEMENT_KEY = ("R replicate · S(d) shard of dim d · _S(d, k) FSDP's shard of a tensor-parallel piece "
+                  "· P partial")
+_PARAM_HEAD = ["module", "parameter", "global shape", "local shape", "placements", "dtype"]
+
+
+def _placement(prm: Any) -> str:
+    return ", ".join(f"{d}:{_short(pl)}" for d, pl in zip(prm.mesh_dims, prm.placements, strict=True)) or "local"
+
+
+def _tree(ex: Explanation, modules: list[ModuleRow]) -> RenderableType:
     from rich.text import Text
     from rich.tree import Tree
 
     root = Tree(Text(f"{ex.program.model} ({ex.graph.source.architecture or 'model'})"))
     blocks: dict[str, Any] = {}
-    for row in ex.modules:
+    for row in modules:
         parent = root
         label = row.name
         if row.block is not None:
@@ -318,11 +419,16 @@ def _tree(ex: Explanation) -> RenderableType:
             parent, label = blocks[row.block], row.rel
         node = parent.add(Text(label))
         for prm in row.params:
-            placement = ", ".join(f"{d}:{_short(pl)}" for d, pl in zip(prm.mesh_dims, prm.placements,
-                                                                          strict=True)) or "local"
             node.add(Text(f"{prm.name}  {_shape(prm.global_shape)} → {_shape(prm.local_shape)}  "
-                          f"[{placement}]  {prm.dtype}"))
+                          f"[{_placement(prm)}]  {prm.dtype}"))
     return root
+
+
+def _param_rows(modules: list[ModuleRow]) -> list[Row]:
+    """The module tree flattened, one row per parameter (the page's form of the tree)."""
+    return [([row.name + (f"  ×{row.layers}" if row.layers > 1 else ""), prm.name, _shape(prm.global_shape),
+              _shape(prm.local_shape), f"[{_placement(prm)}]", prm.dtype], None)
+            for row in modules for prm in row.params]
 
 
 def _short(placement: str) -> str:
@@ -337,104 +443,158 @@ def _shape(shape: tuple[int, ...]) -> str:
 # --------------------------------------------------------------------------- tables
 
 
-def _memory_table(ex: Explanation) -> RenderableType:
-    from rich import box
-    from rich.table import Table
+def _memory_head(memory: list[Memory], rank: int | None = None) -> list[str]:
+    if rank is not None:  # one rank's column: which class it is
+        (m,) = memory
+        return ["per rank", f"rank {rank}" + (f" (class of rank {m.rank}, ×{m.count})" if m.rank != rank
+                                               else f" (×{m.count})")]
+    return ["per rank", *[f"rank {m.rank} (×{m.count})" for m in memory]]
 
+
+def _memory_rows(ex: Explanation, memory: list[Memory]) -> list[Row]:
     from meshplan.runtime.explain.sizes import human_bytes
 
-    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False)
-    table.add_column("per rank")
-    for m in ex.memory:
-        table.add_column(f"rank {m.rank} (×{m.count})", justify="right")
-    rows = [(label, [m.to_json()[key] for m in ex.memory]) for label, key in _MEMORY_ROWS]
-    for label, values in rows:
-        table.add_row(label, *[human_bytes(v) for v in values])
-    no_ac = [m.activations_no_ac for m in ex.memory]
-    if no_ac != [m.activations for m in ex.memory]:
-        table.add_row("  (activations without checkpointing)", *[human_bytes(v) for v in no_ac],
-                      style="dim")
-    table.add_row("peak (upper bound)", *[human_bytes(m.peak) for m in ex.memory], style="bold")
+    rows: list[Row] = [([label, *[human_bytes(m.to_json()[key]) for m in memory]], None)
+                       for label, key in _MEMORY_ROWS]
+    no_ac = [m.activations_no_ac for m in memory]
+    if no_ac != [m.activations for m in memory]:
+        rows.append((["  (activations without checkpointing)", *[human_bytes(v) for v in no_ac]], "dim"))
+    rows.append((["peak (upper bound)", *[human_bytes(m.peak) for m in memory]], "bold"))
     if ex.gpu_memory is not None:
-        table.add_row("--gpu-memory", *[human_bytes(ex.gpu_memory) for _ in ex.memory], style="dim")
-    return table
+        rows.append((["--gpu-memory", *[human_bytes(ex.gpu_memory) for _ in memory]], "dim"))
+    return rows
 
 
-def _block_table(ex: Explanation) -> RenderableType:
-    from rich import box
-    from rich.table import Table
+def _computed(ex: Explanation) -> str:
+    computed = [c for c in ex.classes if not c.measured]
+    if not computed:
+        return ""
+    return f"computed from the placements, not applied: {', '.join(f'rank {c.rank}' for c in computed)}"
 
+
+_BLOCK_HEAD = ["layers", "count", "checkpoint", "saved / layer", "kept / layer", "kept, all"]
+
+
+def _blocks_title(ex: Explanation) -> str:
+    return (f"Activations per block ({ex.trace.seq_len if ex.trace else ex.seq_len} tokens "
+            f"× {ex.micro_batch} per rank, {ex.compute_dtype})")
+
+
+def _block_rows(ex: Explanation) -> list[Row]:
     from meshplan.runtime.explain.report import _ranges
     from meshplan.runtime.explain.sizes import human_bytes
 
-    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False)
-    for col, justify in (("layers", "left"), ("count", "right"), ("checkpoint", "left"),
-                         ("saved / layer", "right"), ("kept / layer", "right"), ("kept, all", "right")):
-        table.add_column(col, justify=justify)  # type: ignore[arg-type]
     stack = ex.reduction.stack or ""
+    rows: list[Row] = []
     for b in ex.blocks:
         name = f"{stack}.[{_ranges(list(b.layers))}]" if len(b.layers) > 1 else f"{stack}.{b.layers[0]}"
-        table.add_row(name, str(len(b.layers)), b.mode or "none",
-                      human_bytes(b.saved), human_bytes(b.kept), human_bytes(b.kept * len(b.layers)))
+        rows.append(([name, str(len(b.layers)), b.mode or "none", human_bytes(b.saved), human_bytes(b.kept),
+                      human_bytes(b.kept * len(b.layers))], None))
     if ex.trace is not None:
-        table.add_row("outside the blocks", "", "", human_bytes(ex.trace.outside), "", "")
-    return table
+        rows.append((["outside the blocks", "", "", human_bytes(ex.trace.outside), "", ""], None))
+    return rows
 
 
-def _comm_table(ex: Explanation) -> RenderableType:
-    from rich import box
-    from rich.table import Table
+_COMM_HEAD = ["dimension", "source", "collective", "group", "count", "fwd/bwd", "bytes", "sent (ring)"]
 
+
+def _comm_rows(ex: Explanation) -> list[Row]:
     from meshplan.runtime.explain.comm import KIND_LABELS
     from meshplan.runtime.explain.sizes import human_bytes
 
-    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False)
-    for col, justify in (("dimension", "left"), ("source", "left"), ("collective", "left"),
-                         ("group", "right"), ("count", "right"), ("fwd/bwd", "right"),
-                         ("bytes", "right"), ("sent (ring)", "right")):
-        table.add_column(col, justify=justify)  # type: ignore[arg-type]
-    for r in ex.comm:
-        table.add_row(r.dim, KIND_LABELS.get(r.kind, r.kind), r.op.replace("_", "-"), str(r.group_size),
-                      str(r.count), f"{r.forward}/{r.backward}", human_bytes(r.bytes), human_bytes(r.wire_bytes))
-    return table
+    return [([r.dim, KIND_LABELS.get(r.kind, r.kind), r.op.replace("_", "-"), str(r.group_size), str(r.count),
+              f"{r.forward}/{r.backward}", human_bytes(r.bytes), human_bytes(r.wire_bytes)], None)
+            for r in ex.comm]
 
 
-def _rank_json(ex: Explanation, rank: int) -> dict[str, Any]:
-    from meshplan.runtime.explain.world import coordinates
+def _comm_total(ex: Explanation) -> str:
+    from meshplan.runtime.explain.sizes import human_bytes
 
-    layout = ex.program.mesh
-    return {"rank": rank, "coordinates": coordinates(layout, rank),
-            "groups": {g.name: list(g.group_of(layout, rank)) for g in ex.groups}}
+    total = sum(r.bytes for r in ex.comm)
+    wire = sum(r.wire_bytes for r in ex.comm)
+    return f"total {human_bytes(total)} in collectives, about {human_bytes(wire)} sent per rank (ring)"
 
 
 # --------------------------------------------------------------------------- pictures
 
 
-def svg(ex: Explanation) -> str:
-    """A standalone SVG: the mesh grid (ranks coloured by their data-parallel group) and a
-    stacked bar of each rank class's memory."""
+_BAR_W = 360  # pixels of the widest bar of a chart
+
+
+def _scale(out: list[str], x: float, y: float, top: int, human: Any) -> float:
+    """An axis under a chart: ticks at 0, ¼, ½, ¾ and the whole of `top` bytes."""
+    out.append(f'<line x1="{x}" y1="{y}" x2="{x + _BAR_W}" y2="{y}" stroke="#333" stroke-width="0.8"/>')
+    for i in range(5):
+        tx = x + _BAR_W * i / 4
+        out.append(f'<line x1="{tx:.1f}" y1="{y}" x2="{tx:.1f}" y2="{y + 4}" stroke="#333" stroke-width="0.8"/>')
+        out.append(f'<text x="{tx:.1f}" y="{y + 15}" text-anchor="middle" font-size="9" fill="#555">'
+                   f"{_x(human(top * i // 4))}</text>")
+    return y + 24
+
+
+def _bars(out: list[str], x: float, y: float, title: str, items: list[tuple[str, int, str]]) -> float:
+    """A bar chart to a common scale with its axis: one bar per item, labelled with its value."""
     from meshplan.runtime.explain.sizes import human_bytes
+
+    out.append(f'<text x="{x}" y="{y}" font-weight="bold">{_x(title)}</text>')
+    y += 8
+    top = max((v for _, v, _ in items), default=0) or 1
+    for label, value, colour in items:
+        out.append(f'<text x="{x}" y="{y + 11}" font-size="11">{_x(label)}: {_x(human_bytes(value))}</text>')
+        out.append(f'<rect x="{x}" y="{y + 15}" width="{_BAR_W * value / top:.1f}" height="10" '
+                   f'fill="{colour}"><title>{_x(label)}: {_x(human_bytes(value))}</title></rect>')
+        y += 30
+    return _scale(out, x, y + 2, top, human_bytes) + 10
+
+
+def _memory_chart(ex: Explanation, out: list[str], x: float, y: float) -> float:
+    """One stacked bar per class of ranks to a common scale, the axis, and a legend giving
+    every part's size in every class."""
+    from meshplan.runtime.explain.sizes import human_bytes
+
+    out.append(f'<text x="{x}" y="{y}" font-weight="bold">memory per rank (peak, upper bound)</text>')
+    y += 8
+    top = max((m.peak for m in ex.memory), default=0) or 1
+    for m in ex.memory:
+        data = m.to_json()
+        out.append(f'<text x="{x}" y="{y + 12}">rank {m.rank} (×{m.count}): {human_bytes(m.peak)}</text>')
+        bx = float(x)
+        for label, key in _MEMORY_ROWS:
+            w = _BAR_W * data[key] / top
+            if w > 0:
+                out.append(f'<rect x="{bx:.1f}" y="{y + 18}" width="{w:.1f}" height="22" fill="{_COLOURS[label]}">'
+                           f"<title>{_x(label)}: {human_bytes(data[key])}</title></rect>")
+            bx += w
+        y += 48
+    if ex.gpu_memory:
+        gx = x + _BAR_W * min(1.0, ex.gpu_memory / top)
+        out.append(f'<line x1="{gx:.1f}" y1="{y - 48 * len(ex.memory) + 14}" x2="{gx:.1f}" y2="{y}" '
+                   'stroke="#c00" stroke-dasharray="4 3"/>')
+        out.append(f'<text x="{gx:.1f}" y="{y + 10}" fill="#c00" text-anchor="middle">'
+                   f"--gpu-memory {human_bytes(ex.gpu_memory)}</text>")
+        y += 16
+    y = _scale(out, x, y, top, human_bytes)
+    for i, m in enumerate(ex.memory):  # the legend's columns: one per class
+        out.append(f'<text x="{x + 170 + 110 * i}" y="{y + 12}" font-size="10" fill="#555">'
+                   f"rank {m.rank} (×{m.count})</text>")
+    y += 16
+    for label, key in _MEMORY_ROWS:
+        out.append(f'<rect x="{x}" y="{y + 4}" width="12" height="12" fill="{_COLOURS[label]}"/>')
+        out.append(f'<text x="{x + 18}" y="{y + 14}">{_x(label)}</text>')
+        for i, m in enumerate(ex.memory):
+            out.append(f'<text x="{x + 170 + 110 * i}" y="{y + 14}">{human_bytes(m.to_json()[key])}</text>')
+        y += 20
+    return y + 16
+
+
+def _grid_svg(ex: Explanation, out: list[str], top: int, pad: int, rank: int | None) -> int:
+    """The mesh grid, its legend; returns the height it takes."""
     from meshplan.runtime.explain.world import coordinates
 
     layout = ex.program.mesh
     rows, cols, n_rows, n_cols = _grid_axes(ex)
     row_axis, col_axis = _axis(n_rows, 8), _axis(n_cols, 16)
-    cell, pad, top = 34, 16, 56
-    grid_w = 120 + cell * len(col_axis)
-    grid_h = top + cell * (len(row_axis) + 1)
-    bar_w, bar_h = 360, 26
-    width = grid_w + pad * 2 + bar_w + 240
-    height = max(grid_h + pad, top + (bar_h + 30) * len(ex.memory) + 40 + 22 * len(_MEMORY_ROWS))
-    out: list[str] = [
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-        f'viewBox="0 0 {width} {height}" font-family="Helvetica, Arial, sans-serif" font-size="12">',
-        '<rect width="100%" height="100%" fill="white"/>',
-        f'<text x="{pad}" y="22" font-size="15" font-weight="bold">{_x(ex.program.plan)} for '
-        f'{_x(ex.program.model)} on {layout.world_size} ranks</text>',
-        f'<text x="{pad}" y="40" fill="#555">' + _x(" × ".join(
-            f"{n} {s}" for n, s in zip(layout.names, layout.shape, strict=True))) + "</text>",
-    ]
-    x0 = pad + 100
+    cell, x0 = 34, pad + 100
     for j, c in enumerate(col_axis):
         label = f"{cols[0]} {c}" if c is not None else "…"
         out.append(f'<text x="{x0 + j * cell + cell / 2}" y="{top + cell * 0.6}" text-anchor="middle" '
@@ -452,75 +612,103 @@ def svg(ex: Explanation) -> str:
                 out.append(f'<text x="{x0 + j * cell + cell / 2}" y="{y + cell * 0.6}" '
                            'text-anchor="middle">…</text>')
                 continue
-            rank = r * n_cols + c
-            hue = (r * 47) % 360
+            here = r * n_cols + c
+            stroke = ('stroke="#c00" stroke-width="2.5"' if here == rank else 'stroke="#333" stroke-width="0.5"')
             out.append(f'<rect x="{x0 + j * cell + 1}" y="{y + 1}" width="{cell - 2}" height="{cell - 2}" '
-                       f'rx="4" fill="hsl({hue},55%,82%)" stroke="#333" stroke-width="0.5"/>')
+                       f'rx="4" fill="hsl({(r * 47) % 360},55%,82%)" {stroke}/>')
             out.append(f'<text x="{x0 + j * cell + cell / 2}" y="{y + cell * 0.62}" text-anchor="middle">'
-                       f"{rank}</text>")
-    # Memory: one stacked bar per rank class, to a common scale.
-    bx = grid_w + pad * 2
-    scale = max((m.peak for m in ex.memory), default=1) or 1
-    out.append(f'<text x="{bx}" y="{top - 4}" font-weight="bold">memory per rank (peak, upper bound)</text>')
-    y = top + 8
-    for m in ex.memory:
-        data = m.to_json()
-        out.append(f'<text x="{bx}" y="{y + 12}">rank {m.rank} (×{m.count}): {human_bytes(m.peak)}</text>')
-        x = float(bx)
-        for label, key in _MEMORY_ROWS:
-            w = bar_w * data[key] / scale
-            if w > 0:
-                out.append(f'<rect x="{x:.1f}" y="{y + 18}" width="{w:.1f}" height="{bar_h}" '
-                           f'fill="{_COLOURS[label]}"><title>{_x(label)}: {human_bytes(data[key])}</title></rect>')
-            x += w
-        y += bar_h + 30
-    if ex.gpu_memory:
-        gx = bx + bar_w * min(1.0, ex.gpu_memory / scale)
-        out.append(f'<line x1="{gx:.1f}" y1="{top + 20}" x2="{gx:.1f}" y2="{y}" stroke="#c00" '
-                   'stroke-dasharray="4 3"/>')
-        out.append(f'<text x="{gx:.1f}" y="{y + 12}" fill="#c00" text-anchor="middle">'
-                   f"GPU {human_bytes(ex.gpu_memory)}</text>")
-        y += 18
-    first = ex.memory[0].to_json()
-    for label, key in _MEMORY_ROWS:
-        out.append(f'<rect x="{bx}" y="{y + 4}" width="12" height="12" fill="{_COLOURS[label]}"/>')
-        out.append(f'<text x="{bx + 18}" y="{y + 14}">{_x(label)}: {human_bytes(first[key])}</text>')
-        y += 22
-    out.append("</svg>")
-    return "\n".join(out) + "\n"
+                       f"{here}</text>")
+    y = top + cell * (len(row_axis) + 1) + 18
+    legend = [f"a cell is a rank; columns: {cols[0]}; one colour per row"
+              + (f" ({' × '.join(rows)})" if rows else "")]
+    if rank is not None:
+        legend.append(f"red outline: rank {rank} (--rank)")
+    for g in ex.groups:
+        if g.size > 1:
+            legend.append(f"{g.name}: {g.count} groups of {g.size}, {g.pattern(layout)}")
+    for line in legend:
+        out.append(f'<text x="{pad}" y="{y}" font-size="11" fill="#333">{_x(line)}</text>')
+        y += 16
+    return y
 
 
-def html_page(ex: Explanation) -> str:
-    """A standalone HTML page: the SVG picture plus the memory and communication tables."""
-    from meshplan.runtime.explain.comm import KIND_LABELS
-    from meshplan.runtime.explain.sizes import human_bytes
+def svg(ex: Explanation, *, rank: int | None = None) -> str:
+    """A standalone SVG: the mesh grid (ranks coloured by row, `rank` outlined) with its
+    groups; memory per class of ranks as stacked bars; activations per block and
+    traffic per collective as bars; every chart with its scale and legend."""
+    _, _, _, n_cols = _grid_axes(ex)
+    pad, top = 16, 64
+    grid_w = 120 + 34 * len(_axis(n_cols, 16))
+    left_w = max(grid_w, 420)
+    out: list[str] = [
+        '<rect width="100%" height="100%" fill="white"/>',
+        f'<text x="{pad}" y="22" font-size="15" font-weight="bold">{_x(_title(ex))}</text>',
+        f'<text x="{pad}" y="40" fill="#555">{_x(_mesh_line(ex))}</text>',
+        f'<text x="{pad}" y="56" fill="#555" font-size="11">{_x(_settings(ex))}</text>',
+    ]
+    left_h = _grid_svg(ex, out, top, pad, rank)
+    x = left_w + pad * 2
+    y = _memory_chart(ex, out, x, top + 16)
+    if ex.blocks:
+        blocks = [(cells[0] + (f" ({cells[2]}, {cells[1]} × {cells[4]})" if cells[1] else ""), v, "#59a14f")
+                  for (cells, _), v in zip(_block_rows(ex), _block_values(ex), strict=True)]
+        y = _bars(out, x, y, _blocks_title(ex).replace("Activations per block", "activations kept"), blocks)
+    comm = [(f"{cells[0]} {cells[2]} ({cells[1]}), {cells[4]}× ({cells[5]}), sent {cells[7]}", r.bytes, "#4e79a7")
+            for (cells, _), r in zip(_comm_rows(ex), ex.comm, strict=True)]
+    if comm:
+        y = _bars(out, x, y, "communication per rank and training step (bytes; " + _comm_total(ex) + ")", comm)
+    width, height = x + _BAR_W + 460, max(left_h, int(y)) + pad
+    head = (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+            f'viewBox="0 0 {width} {height}" font-family="Helvetica, Arial, sans-serif" font-size="12">')
+    return "\n".join([head, *out, "</svg>"]) + "\n"
 
-    def table(head: list[str], rows: list[list[str]]) -> str:
+
+def _block_values(ex: Explanation) -> list[int]:
+    """The bytes each row of the activation table stands for: a block's kept activations
+    over all its layers; outside the blocks, what the trace saved there."""
+    values = [b.kept * len(b.layers) for b in ex.blocks]
+    return values + ([ex.trace.outside] if ex.trace is not None else [])
+
+
+def html_page(ex: Explanation, *, rank: int | None = None) -> str:
+    """A standalone HTML page: every table and line of the text output, and the SVG picture."""
+    def table(head: list[str], rows: list[Row]) -> str:
         th = "".join(f"<th>{_x(h)}</th>" for h in head)
-        body = "".join("<tr>" + "".join(f"<td>{_x(c)}</td>" for c in row) + "</tr>" for row in rows)
-        return f"<table><thead><tr>{th}</tr></thead><tbody>{body}</tbody></table>"
+        body = "".join("<tr>" + "".join(f"<td>{_x(c)}</td>" for c in cells) + "</tr>" for cells, _ in rows)
+        return f"<table><thead><tr>{th}</tr></thead><tbody>{body}</tbody></table>\n"
 
-    memory = [[label, *[human_bytes(m.to_json()[key]) for m in ex.memory]] for label, key in _MEMORY_ROWS]
-    memory.append(["peak (upper bound)", *[human_bytes(m.peak) for m in ex.memory]])
-    comm = [[r.dim, KIND_LABELS.get(r.kind, r.kind), r.op.replace("_", "-"), str(r.group_size), str(r.count),
-             human_bytes(r.bytes), human_bytes(r.wire_bytes)] for r in ex.comm]
-    title = f"{ex.program.plan} for {ex.program.model} on {ex.program.world_size} ranks"
+    def para(*lines: str) -> str:
+        return "".join(f"<p>{_x(line)}</p>\n" for line in lines if line)
+
+    parts = [f"<h1>{_x(_title(ex))}</h1>\n", para(_settings(ex)), svg(ex, rank=rank),
+             "<h2>Mesh</h2>\n", para(_mesh_line(ex), _submeshes(ex)), table(_GROUP_HEAD, _group_rows(ex)),
+             para(_trivial(ex)),
+             "<h2>Modules (rank 0: placements along the mesh dims, local shape)</h2>\n", para(_PLACEMENT_KEY),
+             table(_PARAM_HEAD, _param_rows(ex.modules)),
+             "<h2>Memory per rank</h2>\n", table(_memory_head(ex.memory), _memory_rows(ex, ex.memory)),
+             para(_computed(ex))]
+    if ex.blocks:
+        parts += [f"<h2>{_x(_blocks_title(ex))}</h2>\n", table(_BLOCK_HEAD, _block_rows(ex))]
+    parts += ["<h2>Communication per rank and training step</h2>\n", table(_COMM_HEAD, _comm_rows(ex)),
+              para(_comm_total(ex)), para(f"attention: {_attention(ex.attention)}")]
+    if rank is not None:
+        parts += [f"<h2>Rank {rank}</h2>\n", para(*_rank_lines(ex, rank))]
+        index = ex.class_of(rank)
+        if index is not None:
+            mem = [ex.memory[index]]
+            parts += [table(_memory_head(mem, rank), _memory_rows(ex, mem)),
+                      f"<h3>Modules (rank {rank}: placements along the mesh dims, local shape)</h3>\n",
+                      table(_PARAM_HEAD, _param_rows(ex.modules_of(index)))]
     warnings = "".join(f"<li>{_x(str(d))}</li>" for d in ex.diagnostics)
+    if warnings:
+        parts.append(f"<h2>Warnings</h2><ul>{warnings}</ul>\n")
     return (
         "<!doctype html>\n<html><head><meta charset=\"utf-8\">"
-        f"<title>{_x(title)}</title><style>"
+        f"<title>{_x(_title(ex))}</title><style>"
         "body{font-family:Helvetica,Arial,sans-serif;margin:2em;color:#222}"
         "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 10px;"
         "text-align:right}td:first-child,th:first-child{text-align:left}</style></head><body>\n"
-        f"<h1>{_x(title)}</h1>\n<p>{ex.seq_len} tokens × micro-batch {ex.micro_batch} per rank; parameters "
-        f"{ex.param_dtype}, compute {ex.compute_dtype}.</p>\n"
-        + svg(ex)
-        + "<h2>Memory per rank</h2>\n"
-        + table(["", *[f"rank {m.rank} (×{m.count})" for m in ex.memory]], memory)
-        + "\n<h2>Communication per rank and step</h2>\n"
-        + table(["dimension", "source", "collective", "group", "count", "bytes", "sent (ring)"], comm)
-        + (f"\n<h2>Warnings</h2><ul>{warnings}</ul>" if warnings else "")
-        + "\n</body></html>\n"
+        + "".join(parts) + "</body></html>\n"
     )
 
 
