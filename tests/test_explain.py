@@ -4,13 +4,17 @@ Scaling: figures measured on the reduced model (one block per (kind, steps), sca
 layer count) equal those of the full dry run — layouts, padded storage, optimizer
 states and FSDP traffic on Llama-3.2-1B at 8 ranks; activations and tensor-parallel
 traffic on a 6-layer Llama. Rank classes: the shapes computed for a class equal those
-obtained by applying the Program as that rank. The rendered text is golden.
+obtained by applying the Program as that rank. The rendered text is golden; the JSON and
+the HTML page carry every figure of the text's tables (parsed, not compared as text);
+`--rank R` shows R's own class, memory and local shapes; the phases go to stderr.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import xml.etree.ElementTree as ET
+from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
 
@@ -166,6 +170,16 @@ def _run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str,
     return code, out.out, out.err
 
 
+_PHASE = re.compile(r"^\[ *\d+\.\d s\] (.*) …$")
+
+
+def _phases(err: str) -> tuple[list[str], str]:
+    """The phase lines of stderr (their seconds vary) and the rest of it."""
+    phases = [m.group(1) for line in err.splitlines() if (m := _PHASE.match(line))]
+    rest = "".join(line for line in err.splitlines(keepends=True) if not _PHASE.match(line))
+    return phases, rest
+
+
 def test_golden_text(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(ROOT)
     code, out, err = _run(["explain", "plans/llama.plan", "--model", "tiny-llama", "--world-size", "8",
@@ -173,8 +187,12 @@ def test_golden_text(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.Mon
                            "--gpu-memory", "1MB", "--rank", "5"], capsys)
     assert code == 0, err
     assert_golden("explain/llama_tiny-llama_w8_tp2.txt", out)
-    # The dry run's warnings: diagnostics on the plan lines, on stderr, as `plan check` prints them.
-    assert_golden("explain/llama_tiny-llama_w8_tp2.stderr", err)
+    # The phases, on stderr as they start, in order; then the dry run's warnings:
+    # diagnostics on the plan lines, as `plan check` prints them.
+    phases, rest = _phases(err)
+    assert [p.split(" ")[0] for p in phases] == ["compiling", "dry", "dry", "dry", "report:"]
+    assert phases[1].startswith("dry run: tracing one step (2 of 2 layers, 128 tokens × 2)")
+    assert_golden("explain/llama_tiny-llama_w8_tp2.stderr", rest)
 
 
 def test_json_svg_html(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
@@ -185,7 +203,8 @@ def test_json_svg_html(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.M
                            "--set", "seq_len=64", "--json", "--rank", "2", "--svg", str(svg),
                            "--html", str(page)], capsys)
     assert code == 0, err
-    data = json.loads(out)  # nothing but JSON on stdout
+    data = json.loads(out)  # nothing but JSON on stdout: the phases went to stderr
+    assert len(_phases(err)[0]) == 5
     assert data["mesh"]["names"] == ["dp_shard"] and data["mesh"]["shape"] == [3]
     memory = data["memory"]
     for key in ("parameters_bytes", "gradients_bytes", "optimizer_bytes", "activations_bytes", "peak_bytes"):
@@ -194,9 +213,155 @@ def test_json_svg_html(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.M
     assert data["rank"]["coordinates"]["dp_shard"] == 2
     assert {r["source"] for r in data["communication"]["rows"]} == {"fsdp"}
     assert_golden("explain/fsdp_tiny-llama_w3.json", json.dumps(data, indent=2) + "\n")
+    # --rank 2: the last class (smaller shards), its own memory and local shapes.
+    rank = data["rank"]
+    assert rank["class"] == {"rank": 2, "ranks": 1, "measured": True}
+    assert {**rank["memory"], "measured": True} == memory["classes"][1]
+    embed = {m["name"]: m for m in rank["modules"]}["model.embed_tokens"]["params"][0]
+    assert (embed["global_shape"], embed["local_shape"]) == ([256, 64], [84, 64])
+    # The picture: well-formed, rank 2 outlined, memory, activations and traffic each on a
+    # scale (an axis ending at the largest bar's value) with their legends.
+    text = svg.read_text(encoding="utf-8")
     root = ET.parse(svg).getroot()
-    assert root.tag.endswith("svg") and "rank 2 (×1)" in svg.read_text(encoding="utf-8")
+    assert root.tag.endswith("svg") and "rank 2 (×1)" in text and "red outline: rank 2 (--rank)" in text
+    labels = ["".join(t.itertext()) for t in root.iter("{http://www.w3.org/2000/svg}text")]
+    peak = human_bytes(max(c["peak_bytes"] for c in memory["classes"]))
+    assert peak in labels  # the memory axis' last tick
+    top_comm = human_bytes(max(r["bytes"] for r in data["communication"]["rows"]))
+    assert top_comm in labels
+    for part in ("parameters", "optimizer (AdamW)", "backward temporaries"):
+        assert part in labels  # the memory legend
+    assert human_bytes(memory["classes"][1]["optimizer_bytes"]) in labels  # rank 2's column of it
     assert "<svg" in page.read_text(encoding="utf-8") and "Memory per rank" in page.read_text(encoding="utf-8")
+
+
+class _Cells(HTMLParser):
+    """The rows of every table of a page (header rows too), as lists of cell texts."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rows: list[list[str]] = []
+        self._row: list[str] | None = None
+        self._cell: list[str] | None = None
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag == "tr":
+            self._row = []
+        elif tag in ("td", "th") and self._row is not None:
+            self._cell = []
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag in ("td", "th") and self._row is not None and self._cell is not None:
+            self._row.append("".join(self._cell).strip())
+            self._cell = None
+        elif tag == "tr" and self._row is not None:
+            self.rows.append(self._row)
+            self._row = None
+
+    def handle_data(self, data: str) -> None:
+        if self._cell is not None:
+            self._cell.append(data)
+
+
+_NUMBER = re.compile(r"\d+(?:\.\d+)? (?:B|KiB|MiB|GiB|TiB)\b|\d+")
+
+
+def _table_rows(text: str) -> list[list[str]]:
+    """The rows of the text output's tables (memory, activations, communication, mesh
+    groups, header rows included): lines of two or more cells, cells two spaces apart."""
+    rows = []
+    for line in text.splitlines():
+        if not line.strip() or line.lstrip()[0] in "┌├└│─╭╰":
+            continue
+        cells = [c for c in re.split(r"\s{2,}", line.strip()) if c]
+        if len(cells) >= 2:
+            rows.append(cells)
+    return rows
+
+
+def _tree_params(text: str) -> list[tuple[str, str, str, str]]:
+    """(global shape, local shape, placements, dtype) of each parameter line of the tree."""
+    found = re.findall(r"(\[[\d, ]*\]) → (\[[\d, ]*\])  (\[[^\]]*\])  (\w+)", text)
+    return [tuple(f) for f in found]
+
+
+def _json_numbers(data: Any) -> tuple[set[int], set[str]]:
+    """Every integer of a JSON document, and each as a human-readable size."""
+    ints: set[int] = set()
+
+    def walk(x: Any) -> None:
+        if isinstance(x, bool):
+            return
+        if isinstance(x, int):
+            ints.add(x)
+        elif isinstance(x, dict):
+            for v in x.values():
+                walk(v)
+        elif isinstance(x, list):
+            for v in x:
+                walk(v)
+        elif isinstance(x, str):
+            ints.update(int(n) for n in re.findall(r"\d+", x))
+    walk(data)
+    return ints, {human_bytes(i) for i in ints}
+
+
+def test_json_and_html_carry_every_figure_of_the_text(capsys: pytest.CaptureFixture[str],
+                                                      monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The text, the page and the JSON of one dry run (uneven shards: two rank classes; a
+    rank of the second): every row of the text's tables is a row of the page's, every
+    parameter line of the trees a row of the page's module tables, and every number of
+    the text's tables and trees is in the JSON (sizes as the text rounds them)."""
+    monkeypatch.chdir(ROOT)
+    page = tmp_path / "explain.html"
+    argv = ["explain", "plans/fsdp.plan", "--model", "tiny-llama", "--world-size", "3", "--set", "seq_len=64",
+            "--micro-batch", "2", "--gpu-memory", "4MiB", "--rank", "2"]
+    code, text, err = _run([*argv, "--html", str(page)], capsys)
+    assert code == 0, err
+    code, out, err = _run([*argv, "--json"], capsys)
+    assert code == 0, err
+    data = json.loads(out)
+    cells = _Cells()
+    cells.feed(page.read_text(encoding="utf-8"))
+    rows = _table_rows(text)
+    assert len(rows) > 25  # the four tables, twice the memory one
+    for row in rows:
+        assert row in [[c for c in r if c] for r in cells.rows], row
+    params = _tree_params(text)
+    assert len(params) == 2 * 21  # rank 0's tree and rank 2's
+    page_params = {tuple(r[2:6]) for r in cells.rows if len(r) == 6}
+    assert set(params) <= page_params
+    ints, sizes = _json_numbers(data)
+    numbers = [n for row in rows for cell in row for n in _NUMBER.findall(cell)]
+    numbers += [n for p in params for n in _NUMBER.findall(" ".join(p[:2]))]
+    for n in numbers:
+        assert (n in sizes) if " " in n else (int(n) in ints), n
+    # The rank's own figures in both: rank 2's memory column and its local shapes.
+    assert ["optimizer (AdamW)", human_bytes(data["rank"]["memory"]["optimizer_bytes"])] in rows
+    assert ("[256, 64]", "[84, 64]", "[dp_shard:S(0)]", "float32") in params
+
+
+def test_each_rank_shows_its_own_class(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """3 ranks FSDP-shard 256 rows as 86/86/84: --rank 0 and --rank 1 are rank 0's class,
+    --rank 2 its own, with less optimizer state; each shows its own local shapes."""
+    monkeypatch.chdir(ROOT)
+    argv = ["explain", "plans/fsdp.plan", "--model", "tiny-llama", "--world-size", "3", "--set", "seq_len=64"]
+    code, out, err = _run([*argv, "--rank", "1"], capsys)
+    assert code == 0, err
+    rank_part = out[out.index("\nRank 1\n"):]
+    assert "class: rank 0's (×2: ranks with the same local shapes; applied)" in rank_part
+    assert "rank 1 (class of rank 0, ×2)" in rank_part
+    assert "weight  [256, 64] → [86, 64]  [dp_shard:S(0)]  float32" in rank_part
+    code, out, err = _run([*argv, "--rank", "0", "--json"], capsys)
+    assert code == 0, err
+    data = json.loads(out)
+    zero = data["rank"]
+    assert zero["class"] == {"rank": 0, "ranks": 2, "measured": True}
+    classes = [{k: v for k, v in c.items() if k != "measured"} for c in data["memory"]["classes"]]
+    assert zero["memory"] == classes[0] != classes[1]
+    shapes = {m["name"]: m["params"][0]["local_shape"] for m in zero["modules"]}
+    assert shapes["model.embed_tokens"] == [86, 64] and shapes["model.layers.0.mlp.gate_proj"] == [43, 64]
+    assert zero["memory"]["optimizer_bytes"] > data["memory"]["classes"][1]["optimizer_bytes"]
 
 
 def test_cli_errors(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
