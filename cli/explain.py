@@ -584,6 +584,12 @@ def _memory_chart(ex: Explanation, out: list[str], x: float, y: float) -> float:
         for i, m in enumerate(ex.memory):
             out.append(f'<text x="{x + 170 + 110 * i}" y="{y + 14}">{human_bytes(m.to_json()[key])}</text>')
         y += 20
+    if any(m.activations_no_ac != m.activations for m in ex.memory):
+        out.append(f'<text x="{x + 18}" y="{y + 14}" fill="#555">(activations without checkpointing)</text>')
+        for i, m in enumerate(ex.memory):
+            out.append(f'<text x="{x + 170 + 110 * i}" y="{y + 14}" fill="#555">'
+                       f"{human_bytes(m.activations_no_ac)}</text>")
+        y += 20
     return y + 16
 
 
@@ -622,7 +628,9 @@ def _grid_svg(ex: Explanation, out: list[str], top: int, pad: int, rank: int | N
     legend = [f"a cell is a rank; columns: {cols[0]}; one colour per row"
               + (f" ({' × '.join(rows)})" if rows else "")]
     if rank is not None:
-        legend.append(f"red outline: rank {rank} (--rank)")
+        index = ex.class_of(rank)
+        of = f", in the class of rank {ex.classes[index].rank} (its memory bar)" if index is not None else ""
+        legend.append(f"red outline: rank {rank} (--rank){of}")
     for g in ex.groups:
         if g.size > 1:
             legend.append(f"{g.name}: {g.count} groups of {g.size}, {g.pattern(layout)}")
@@ -650,7 +658,8 @@ def svg(ex: Explanation, *, rank: int | None = None) -> str:
     x = left_w + pad * 2
     y = _memory_chart(ex, out, x, top + 16)
     if ex.blocks:
-        blocks = [(cells[0] + (f" ({cells[2]}, {cells[1]} × {cells[4]})" if cells[1] else ""), v, "#59a14f")
+        blocks = [(cells[0] + (f" ({cells[2]}; per layer saved {cells[3]}, kept {cells[4]}; ×{cells[1]})"
+                               if cells[1] else ""), v, "#59a14f")
                   for (cells, _), v in zip(_block_rows(ex), _block_values(ex), strict=True)]
         y = _bars(out, x, y, _blocks_title(ex).replace("Activations per block", "activations kept"), blocks)
     comm = [(f"{cells[0]} {cells[2]} ({cells[1]}), {cells[4]}× ({cells[5]}), sent {cells[7]}", r.bytes, "#4e79a7")

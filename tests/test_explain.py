@@ -223,7 +223,7 @@ def test_json_svg_html(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.M
     # scale (an axis ending at the largest bar's value) with their legends.
     text = svg.read_text(encoding="utf-8")
     root = ET.parse(svg).getroot()
-    assert root.tag.endswith("svg") and "rank 2 (×1)" in text and "red outline: rank 2 (--rank)" in text
+    assert root.tag.endswith("svg") and "rank 2 (×1)" in text and "red outline: rank 2 (--rank), in the class of rank 2" in text
     labels = ["".join(t.itertext()) for t in root.iter("{http://www.w3.org/2000/svg}text")]
     peak = human_bytes(max(c["peak_bytes"] for c in memory["classes"]))
     assert peak in labels  # the memory axis' last tick
