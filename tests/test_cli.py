@@ -133,7 +133,7 @@ def test_check_overrides(workdir: Path, capsys: pytest.CaptureFixture[str]) -> N
     assert err == (
         "--set tp=four: error[E302]: `tp` is an integer (declared at line 5), not a name\n"
         "--set tq=2: error[E209]: the plan has no parameter `tq`\n"
-        "  hint: parameters are `tp` or `seq_len`; mesh dimensions are set as `--set mesh.DIM=N` (`pp`, `dp_replicate`, `dp_shard`, `cp` or `tp`)\n"
+        "  hint: parameters are `tp`, `seq_len` or `microbatches`; mesh dimensions are set as `--set mesh.DIM=N` (`pp`, `dp_replicate`, `dp_shard`, `cp` or `tp`)\n"
         "--set x: error[E304]: `--set x` is not NAME=VALUE\n"
         "  hint: write e.g. `--set tp=4` or `--set mesh.dp_shard=8`\n"
         "1 file checked, 1 rejected (3 errors)\n"

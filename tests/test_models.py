@@ -34,6 +34,8 @@ REAL = {
     "phi-3-mini": 3.82e9,
     "gpt2": 124.4e6,
     "mixtral-8x7b": 46.7e9,
+    "qwen3-30b-a3b": 30.5e9,
+    "deepseek-v3": 671e9,
 }
 TINY = [
     "tiny-llama",
@@ -44,6 +46,8 @@ TINY = [
     "tiny-phi3",
     "tiny-gpt2",
     "tiny-mixtral",
+    "tiny-qwen3-moe",
+    "tiny-deepseek-v3",
 ]
 
 
@@ -80,11 +84,14 @@ def test_tiny_preset_builds(name: str) -> None:
     model = build_meta_model(src)
     assert all(p.is_meta for p in model.parameters())
     config = src.config
-    assert config.hidden_size == 64 and config.vocab_size == 256
+    # The MoE stand-ins are narrower: their experts multiply the width.
+    assert config.hidden_size == (32 if name in ("tiny-qwen3-moe", "tiny-deepseek-v3") else 64)
+    assert config.vocab_size == 256
     assert config.num_attention_heads == 4
-    # GQA 4/2 everywhere, except GPT-2 (no GQA) and Phi-3, whose fused qkv_proj has equal
-    # parts as in Phi-3-mini (32/32) so that `colwise(parts = 3)` applies.
-    expected_kv = 4 if name == "tiny-phi3" else 2
+    # GQA 4/2 everywhere, except GPT-2 (no GQA), Phi-3, whose fused qkv_proj has equal
+    # parts as in Phi-3-mini (32/32) so that `colwise(parts = 3)` applies, and DeepSeek-V3,
+    # whose latent attention has as many key/value heads as heads (as the published model).
+    expected_kv = 4 if name in ("tiny-phi3", "tiny-deepseek-v3") else 2
     assert getattr(config, "num_key_value_heads", expected_kv) == expected_kv or name == "tiny-gpt2"
 
 
