@@ -237,7 +237,10 @@ def tiny_config(config_class: Any) -> Any:
 
 def _config_class(name: str) -> Any:
     import transformers
-    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+    from transformers.models.auto import configuration_auto
+
+    # A module-level table of transformers' that its module does not re-export by name.
+    CONFIG_MAPPING_NAMES: dict[str, str] = getattr(configuration_auto, "CONFIG_MAPPING_NAMES")  # noqa: B009
 
     if name in CONFIG_MAPPING_NAMES:
         return getattr(transformers, CONFIG_MAPPING_NAMES[name])

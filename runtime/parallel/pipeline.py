@@ -80,6 +80,15 @@ def stage_indices(schedule: str, pp_rank: int, pp: int, stages: int) -> tuple[in
     return tuple(range(pp_rank, stages, pp))
 
 
+class _Decoder(nn.Module):
+    """The `model.` part of a stage: the Hugging Face decoder's modules this stage runs."""
+
+    rotary_emb: nn.Module
+    layers: nn.ModuleDict
+    embed_tokens: nn.Module
+    norm: nn.Module
+
+
 class StageModule(nn.Module):
     """One pipeline stage of a decoder-only causal LM (see the module docstring).
 
@@ -87,20 +96,24 @@ class StageModule(nn.Module):
     others. Outputs: `(hidden, position_ids)`, or the logits on the last stage.
     """
 
+    model: _Decoder
+    lm_head: nn.Module
+    config: Any
+
     def __init__(self, model: nn.Module, layers: Sequence[int], *, first: bool, last: bool) -> None:
         super().__init__()
-        inner = model.model  # type: ignore[union-attr]
+        inner: Any = model.model
         self.first, self.last = first, last
         self.config = model.config
         # Same FQNs as the Hugging Face model: `model.<...>` and `lm_head`.
-        self.model = nn.Module()
+        self.model = _Decoder()
         self.model.rotary_emb = inner.rotary_emb
         self.model.layers = nn.ModuleDict({str(i): inner.layers[i] for i in layers})
         if first:
             self.model.embed_tokens = inner.embed_tokens
         if last:
             self.model.norm = inner.norm
-            self.lm_head = model.lm_head  # type: ignore[union-attr]
+            self.lm_head = getattr(model, "lm_head")  # noqa: B009 (a submodule, typed as one)
         # Gemma-style models scale embeddings by sqrt(hidden) inside their forward.
         self.embed_scale = float(self.config.hidden_size) ** 0.5 if _scales_embeddings(model) else None
         self.final_softcap = getattr(self.config, "final_logit_softcapping", None)
@@ -253,8 +266,9 @@ def holder(stages: Sequence[StageModule]) -> nn.Module:
     if len(stages) == 1:
         return stages[0]
     out = nn.Module()
-    out.model = nn.Module()
-    out.model.layers = nn.ModuleDict({k: v for s in stages for k, v in s.model.layers.items()})
+    decoder = _Decoder()
+    decoder.layers = nn.ModuleDict({k: v for s in stages for k, v in s.model.layers.items()})
+    out.model = decoder
     for stage in stages:
         for name in ("embed_tokens", "norm"):
             if hasattr(stage.model, name):
