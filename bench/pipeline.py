@@ -77,12 +77,8 @@ def _rank(rank: int, pp: int, schedule: str, virtual: int, microbatches: int, st
           out: Any) -> None:
     import torch.distributed as dist
 
-    from meshplan.runtime.parallel.pipeline import (
-        PipelineLoss,
-        build_schedule,
-        stage_indices,
-        stage_module,
-    )
+    from meshplan.planner.passes.pipeline import stage_ranks
+    from meshplan.runtime.parallel.pipeline import PipelineLoss, build_schedule, stage_module
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -91,7 +87,7 @@ def _rank(rank: int, pp: int, schedule: str, virtual: int, microbatches: int, st
         model = _model()
         stages = pp * virtual
         per = LAYERS // stages
-        indices = stage_indices(schedule, rank, pp, stages)
+        indices = stage_ranks(schedule, pp, stages)[rank]
         modules = [stage_module(model, range(s * per, (s + 1) * per), first=s == 0, last=s == stages - 1)
                    for s in indices]
         loss = PipelineLoss(_loss, 1.0 / (BATCH * SEQ))

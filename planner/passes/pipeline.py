@@ -35,6 +35,8 @@ from ..graph import Stack
 from ..program import Pipeline
 from .context import Context
 
+# Schedules that run one stage per rank, and the V-shaped ones (two per rank); the
+# runtime reads these too (runtime.parallel.pipeline).
 SINGLE = ("gpipe", "1f1b")
 V_SHAPED = ("zbv",)
 _PARTS = {"embed": ("model.embed_tokens",), "head": ("model.norm", "lm_head"),
@@ -91,7 +93,9 @@ def stages_of(ctx: Context, stack: Stack, count: int) -> tuple[tuple[int, ...], 
     return tuple(tuple(range(a, b)) for a, b in itertools.pairwise(bounds))
 
 
-def _ranks(schedule: str, pp: int, count: int) -> tuple[tuple[int, ...], ...]:
+def stage_ranks(schedule: str, pp: int, count: int) -> tuple[tuple[int, ...], ...]:
+    """The stages each pp rank holds, in the order the schedule wants: looped schedules
+    give rank r the stages r, r + pp, …; V-shaped ones r and 2·pp − 1 − r."""
     if schedule in V_SHAPED:
         return tuple((r, 2 * pp - 1 - r) for r in range(pp))
     return tuple(tuple(range(r, count, pp)) for r in range(pp))
@@ -125,7 +129,7 @@ class PipelineStages:
         try:
             ctx.pipeline = Pipeline(
                 mesh_dim=spec.on, schedule=spec.schedule, microbatches=spec.microbatches,
-                layers=stack.fqn, stages=stages, ranks=_ranks(spec.schedule, pp, len(stages)),
+                layers=stack.fqn, stages=stages, ranks=stage_ranks(spec.schedule, pp, len(stages)),
                 embed=_PARTS["embed"], head=_PARTS["head"], rotary=_PARTS["rotary"], span=spec.span)
         except ValueError:
             if not ctx.failed:

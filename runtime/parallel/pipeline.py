@@ -20,8 +20,9 @@ times the FSDP gradient divisor; the schedule does not rescale (`scale_grads=Fal
 gradients are therefore those of the global token-weighted mean, as in one process,
 however the batch is cut into microbatches and data-parallel ranks.
 
-Which stages a rank holds (`stage_indices`): looped schedules give pp rank r the stages
-r, r + pp, r + 2·pp, …; the V-shaped ones (ZBV, DualPipeV) exactly two, r and 2·pp − 1 − r.
+Which stages a rank holds is the Program's (`Pipeline.ranks`, dealt by the compiler's
+`planner.passes.pipeline.stage_ranks`): looped schedules give pp rank r the stages r,
+r + pp, r + 2·pp, …; the V-shaped ones exactly two, r and 2·pp − 1 − r.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from meshplan.planner.passes.pipeline import SINGLE
 from meshplan.planner.program import FullyShard, Pipeline, Program, Step
 
 from .mesh import submesh
@@ -47,7 +49,6 @@ __all__ = [
     "build_schedule",
     "cut",
     "pipeline_step",
-    "stage_indices",
     "stage_module",
     "stage_steps",
 ]
@@ -60,24 +61,10 @@ SCHEDULES = {
     "interleaved_zero_bubble": "ScheduleInterleavedZeroBubble",
     "zbv": "ScheduleZBVZeroBubble",
 }
-# Schedules that run one stage per rank; the others take several (`virtual_stages`).
-SINGLE_STAGE = frozenset({"gpipe", "1f1b"})
-V_SHAPED = frozenset({"zbv"})
 
 
 class PipelineError(RuntimeError):
     """The model cannot be cut as the plan asks; the message says why."""
-
-
-def stage_indices(schedule: str, pp_rank: int, pp: int, stages: int) -> tuple[int, ...]:
-    """The global stage indices pp rank `pp_rank` holds, in the order the schedule wants."""
-    if schedule in V_SHAPED:
-        if stages != 2 * pp:
-            raise PipelineError(f"{schedule} runs exactly two stages per rank ({2 * pp}), not {stages}")
-        return (pp_rank, 2 * pp - 1 - pp_rank)
-    if stages % pp:
-        raise PipelineError(f"{stages} stages cannot be dealt evenly to {pp} pipeline ranks")
-    return tuple(range(pp_rank, stages, pp))
 
 
 class _Decoder(nn.Module):
@@ -183,7 +170,7 @@ def build_schedule(schedule: str, stages: Sequence[nn.Module], indices: Sequence
     made = [pipelining.PipelineStage(module, index, num_stages, device, group=group)
             for module, index in zip(stages, indices, strict=True)]
     cls = getattr(pipelining, SCHEDULES[schedule])
-    if schedule in SINGLE_STAGE:
+    if schedule in SINGLE:  # these take one stage, the others a list
         return cls(made[0], n_microbatches=microbatches, loss_fn=loss, scale_grads=False)
     return cls(made, n_microbatches=microbatches, loss_fn=loss, scale_grads=False)
 

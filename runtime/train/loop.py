@@ -118,13 +118,19 @@ def clip_grad_norm(parameters: Iterable[torch.Tensor], max_norm: float | None) -
     """Scale gradients so their total norm is at most `max_norm`; returns the norm before."""
     params = list(parameters)
     norm = grad_norm(params)
-    if max_norm is not None:
-        coef = min(1.0, max_norm / (float(norm) + 1e-6))
-        if coef < 1.0:
-            with torch.no_grad():
-                for g in _grads(params):
-                    g.mul_(coef)
+    _scale_to(params, norm, max_norm)
     return norm
+
+
+def _scale_to(params: list[torch.Tensor], norm: torch.Tensor, max_norm: float | None) -> None:
+    """Scale the gradients, whose total norm is `norm`, by min(1, max_norm / (norm + 1e-6))."""
+    if max_norm is None:
+        return
+    coef = min(1.0, max_norm / (float(norm) + 1e-6))
+    if coef < 1.0:
+        with torch.no_grad():
+            for g in _grads(params):
+                g.mul_(coef)
 
 
 # --------------------------------------------------------------------------- the loop
@@ -239,13 +245,8 @@ def pipeline_train_step(applied: Applied, optimizer: torch.optim.Optimizer, micr
     start = time.perf_counter()
     loss, targets, tokens = pipeline_backward(applied, micro_batches, topology)
     params = [p for group in optimizer.param_groups for p in group["params"]]
-    norm = stages_norm(applied, grad_norm(params))
-    if max_grad_norm is not None:
-        coef = min(1.0, max_grad_norm / (float(norm) + 1e-6))
-        if coef < 1.0:
-            with torch.no_grad():
-                for g in _grads(params):
-                    g.mul_(coef)
+    norm = stages_norm(applied, grad_norm(params))  # the norm over every stage, then clip by it
+    _scale_to(params, norm, max_grad_norm)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return StepStats(step, loss, float(norm), tokens, targets, time.perf_counter() - start)

@@ -1,7 +1,8 @@
 """One training step through a pipeline schedule, with the loss one process would compute.
 
-`pipeline_train_step` is `loop.train_step` for an Applied model whose Program cuts it
-into stages (`runtime.parallel.pipeline`):
+`pipeline_backward` is the forward and backward of `loop.pipeline_train_step`, the
+`loop.train_step` of an Applied model whose Program cuts it into stages
+(`runtime.parallel.pipeline`):
 
 - the micro-batches of one step are one batch for the schedule, which cuts it into the
   plan's `microbatches` (the batch must divide by them);
