@@ -234,6 +234,7 @@ def _run(args: argparse.Namespace, term: Terminal, env: Any) -> int:
     from meshplan.runtime.explain.net import not_fitting_at_run
     from meshplan.runtime.packing import PackingError
     from meshplan.runtime.parallel.apply import StepError, context_step
+    from meshplan.runtime.parallel.pipeline import PipelineError
     from meshplan.runtime.train.build import build_applied
     from meshplan.runtime.train.data import DataError, PackedData, load_sequences
     from meshplan.runtime.train.environment import TrainError, is_peer_failure
@@ -263,10 +264,17 @@ def _run(args: argparse.Namespace, term: Terminal, env: Any) -> int:
         applied, backend, weights = build_applied(program, args.model, seed=args.seed,
                                                   device=env.device)
         topology = Topology.of(applied)
-    except (StepError, TrainError) as e:
+    except (StepError, TrainError, PipelineError) as e:
         raise _Stop(1, str(e)) from None
     except LoadError as e:
         raise _Stop(2, f"--model {args.model}: {e}") from None
+    cut = applied.pipeline
+    if cut is not None and args.micro_batch % cut.step.microbatches:
+        # The schedule cuts each rank's step into the plan's microbatches (checked here,
+        # before any data is read, rather than as a failure inside the first step).
+        raise _Stop(2, f"--micro-batch {args.micro_batch}: the plan's pipeline cuts each step into "
+                       f"{cut.step.microbatches} microbatches (line {cut.step.span.line}); give a "
+                       f"multiple of {cut.step.microbatches}")
     model = applied.model
     config = getattr(model, "config", None)
     phases(f"loading and packing the data ({args.data})")
@@ -331,7 +339,7 @@ def _run(args: argparse.Namespace, term: Terminal, env: Any) -> int:
             history = train(applied, optimizer, loader, topology, train_config, start_step=start,
                             on_step=on_step, checkpoint_root=args.checkpoint_dir,
                             on_checkpoint=display.checkpoint)
-        except (TrainError, CheckpointError) as e:
+        except (TrainError, CheckpointError, PipelineError) as e:
             raise _Stop(1, str(e)) from None
         except Exception as e:  # the model's own code failing under the plan is the user's error
             # (the dry-run net of `plan compile` finds it earlier; it needs a process without

@@ -176,3 +176,21 @@ def test_emit_python_refuses_a_pipeline_cleanly(tmp_path: object) -> None:
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 2 and "cannot write pipelined Programs" in out.stderr, out.stderr
     assert not out_file.exists()
+
+
+def test_plan_run_refuses_a_batch_the_microbatches_do_not_divide(tmp_path: object) -> None:
+    """A user's mistake, found before any data is read: exit 2 with the fix, not an
+    internal error inside the first step."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    plan = Path(str(tmp_path)) / "pp.plan"
+    plan.write_text(_plan("  schedule = 1f1b\n  microbatches = 2"), encoding="utf-8")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "meshplan.cli.main", "run", str(plan), "--model", "tiny-llama", "--steps", "1",
+               "--micro-batch", "3", "--seq-len", "32"]
+    out = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert out.returncode != 0
+    assert "--micro-batch 3: the plan's pipeline cuts each step into 2 microbatches (line 5)" in out.stderr
+    assert "internal error" not in out.stderr
