@@ -189,6 +189,35 @@ class PipelineSpec:
 
 
 @dataclass(frozen=True)
+class QuantizeSpec:
+    """`quantize { … }` inside `adapters`: a 4-bit frozen base (QLoRA)."""
+
+    format: Literal["nf4"]
+    backend: Literal["torchao", "bitsandbytes"]
+    compute: Dtype
+    storage: str  # "uint8" or a dtype name
+    block_size: int
+    scaler_block_size: int
+    span: Span = field(default=NOWHERE, compare=False)
+
+
+@dataclass(frozen=True)
+class AdaptersSpec:
+    """`adapters { … }`: PEFT adapters on the base modules `targets` name."""
+
+    method: Literal["lora"]
+    targets: tuple[PatternSpec, ...]
+    rank: int
+    alpha: float
+    dropout: float
+    dtype: Dtype | None
+    quantize: QuantizeSpec | None
+    span: Span = field(default=NOWHERE, compare=False)
+    # Where each setting was written (for errors that point at `rank = 12`).
+    setting_spans: Mapping[str, Span] = field(default_factory=dict, compare=False)
+
+
+@dataclass(frozen=True)
 class PackingSpec:
     algorithm: Literal["ffd", "bfd", "greedy"]
     seq_len: int
@@ -212,6 +241,7 @@ class PlanSpec:
     context_parallel: ContextParallelSpec | None = None
     expert_parallel: ExpertParallelSpec | None = None
     pipeline: PipelineSpec | None = None
+    adapters: AdaptersSpec | None = None
     packing: PackingSpec | None = None
     span: Span = field(default=NOWHERE, compare=False)
     header_span: Span = field(default=NOWHERE, compare=False)

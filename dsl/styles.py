@@ -179,6 +179,59 @@ def _prepare_output(call: CallArgs) -> Construct:
         ("desired_output_layouts", tuple(d for _, d in positional)), *_local(call)))
 
 
+# ------------------------------------------------------------------ adapter layouts
+
+
+@dataclass(frozen=True)
+class AdapterCall:
+    """A style call on one adapter matrix (`lora_A` / `lora_B`) of an adapted module; it
+    has the shape of a Program's StyleCall, so the runtime and the script build it alike."""
+
+    style: str
+    input: str | None = None
+    output: str | None = None
+    local_output: bool = True
+    parts: int = 1
+    dim: int = 1
+    conversions: tuple[tuple[str | None, str | None, str | None], ...] = ()
+
+
+@dataclass(frozen=True)
+class AdapterLayout:
+    """How a style lays out a LoRA adapter beside its base module (PEFT's convention):
+    the style itself goes on `base_layer`, `a` on `lora_A`, `b` on `lora_B`."""
+
+    a: AdapterCall
+    b: AdapterCall
+
+
+def _text(p: str | None, default: str) -> str:
+    return p if p is not None else default
+
+
+def _colwise_adapter(call: CallArgs) -> AdapterLayout:
+    # x → A (r features, replicated weight, same layout as the base's input) → B sharded
+    # like the base: B's output lies exactly as the base's, so the sum needs no traffic.
+    i = _text(call.input, "replicate")
+    return AdapterLayout(a=AdapterCall("replicate", input=i, output=i),
+                         b=AdapterCall("colwise", input=i, output=_text(call.output, "shard(-1)"),
+                                       local_output=call.local_output, parts=call.parts))
+
+
+def _rowwise_adapter(call: CallArgs) -> AdapterLayout:
+    # A is sharded on its input features like the base and reduces its r-wide output the
+    # way the base reduces its own; B (replicated) then works on that reduced layout.
+    o = _text(call.output, "replicate")
+    return AdapterLayout(a=AdapterCall("rowwise", input=_text(call.input, "shard(-1)"), output=o),
+                         b=AdapterCall("replicate", input=o, output=o, local_output=call.local_output))
+
+
+def _replicate_adapter(call: CallArgs) -> AdapterLayout:
+    i, o = _text(call.input, "replicate"), _text(call.output, "replicate")
+    return AdapterLayout(a=AdapterCall("replicate", input=i, output=i),
+                         b=AdapterCall("replicate", input=i, output=o, local_output=call.local_output))
+
+
 # ------------------------------------------------------------------ the record
 
 
@@ -230,6 +283,9 @@ class StyleSchema:
     # parent is sharded: the dotted name of a function in the styles torch lacks, which
     # fixes what the parent knows of the module's (now local) width.
     after: str | None = None
+    # The layout of a LoRA adapter on a module in this style (`AdapterLayout`), per
+    # module kind it can be adapted on; a kind absent here cannot carry an adapter.
+    adapter: Mapping[str, Callable[[CallArgs], AdapterLayout]] = field(default_factory=dict)
 
     def construct(self, call: CallArgs) -> Construct:
         return self.build(call)
@@ -288,6 +344,7 @@ STYLES: Mapping[str, StyleSchema] = {
         contract=Contract(weights={"linear": "shard(0)", "embedding": "shard(1)"}),
         divides={"linear": _OUT, "conv1d": _OUT,
                  "embedding": Divides("embedding_dim", "{n} embedding features")},
+        adapter={"linear": _colwise_adapter},
     ),
     "rowwise": StyleSchema(
         "Shard the weight's input features (RowwiseParallel); Embedding: shard the vocabulary.",
@@ -299,6 +356,7 @@ STYLES: Mapping[str, StyleSchema] = {
                  "embedding": Divides("num_embeddings", "a vocabulary of {n} tokens",
                                       hint="pad the vocabulary to a multiple of the tp size, or leave the "
                                            "embedding replicated")},
+        adapter={"linear": _rowwise_adapter},
     ),
     "conv1d_colwise": StyleSchema(
         "ColwiseParallel for GPT-2's transposed Conv1D (weight is [in, out]).",
@@ -344,5 +402,6 @@ STYLES: Mapping[str, StyleSchema] = {
         build=lambda call: Construct(f"{MESHPLAN_STYLES}.ReplicateParallel", (), _io(call)),
         args={"input": REPLICATED, "output": REPLICATED, "local_output": LOCAL_TRUE},
         contract=Contract(replicated_params=True),
+        adapter={"linear": _replicate_adapter},
     ),
 }

@@ -391,8 +391,88 @@ class Pipeline(Step):
         return next(s for s, layers in enumerate(self.stages) if index in layers)
 
 
+ADAPTER_METHODS = ("lora",)
+QUANT_FORMATS = ("nf4",)
+QUANT_BACKENDS = ("torchao", "bitsandbytes")
+QUANT_STORAGE = ("uint8", *DTYPES)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Quantize:
+    """A frozen 4-bit base (QLoRA): each adapted module's base weight held as NF4 blocks.
+
+    `backend` is the library holding the blocks (torchao's NF4Tensor, which FSDP2 shards;
+    or bitsandbytes' Linear4bit); `compute` the dtype the weight is dequantised to for
+    the matmul; `storage` the dtype the packed 4-bit data is stored in (bitsandbytes'
+    quant_storage; torchao always packs into uint8). `block_size` values share one
+    absmax scaler; `scaler_block_size` scalers share one int8 scale (double quantisation)."""
+
+    format: str = "nf4"
+    backend: str = "torchao"
+    compute: str = "bf16"
+    storage: str = "uint8"
+    block_size: int = 64
+    scaler_block_size: int = 256
+
+    def __post_init__(self) -> None:
+        if self.format not in QUANT_FORMATS:
+            raise ValueError(f"Quantize: format {self.format!r} is not one of {QUANT_FORMATS}")
+        if self.backend not in QUANT_BACKENDS:
+            raise ValueError(f"Quantize: backend {self.backend!r} is not one of {QUANT_BACKENDS}")
+        if self.compute not in DTYPES:
+            raise ValueError(f"Quantize: compute dtype {self.compute!r} is not one of {DTYPES}")
+        if self.storage not in QUANT_STORAGE:
+            raise ValueError(f"Quantize: storage {self.storage!r} is not one of {QUANT_STORAGE}")
+        for what, number in (("block_size", self.block_size), ("scaler_block_size", self.scaler_block_size)):
+            if isinstance(number, bool) or not isinstance(number, int) or number < 1:
+                raise ValueError(f"Quantize: {what} must be a positive integer, got {number!r}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Adapters(Step):
+    """Inject PEFT adapters (`peft.inject_adapter_in_model`, adapter name `default`) into
+    the base modules `fqns` and freeze everything else; with `quantize`, hold those
+    modules' base weights in 4 bits.
+
+    It is a Program's first step after the pipeline cut: the later steps keep naming
+    base modules (`q_proj`), and the runtime applies a tensor-parallel style on an
+    adapted module to its `base_layer` and the style's adapter layout to `lora_A` /
+    `lora_B` (the style registry's `adapter` field); FSDP2 units shard base and
+    adapters together. `dtype` is the adapters' parameter dtype (None: the base's)."""
+
+    kind: ClassVar[str] = "adapters"
+    fqns: tuple[str, ...]
+    method: str = "lora"
+    rank: int
+    alpha: float
+    dropout: float = 0.0
+    dtype: str | None = None
+    quantize: Quantize | None = None
+
+    def __post_init__(self) -> None:
+        if not self.fqns:
+            raise ValueError("Adapters: no target modules")
+        if self.method not in ADAPTER_METHODS:
+            raise ValueError(f"Adapters: method {self.method!r} is not one of {ADAPTER_METHODS}")
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
+            raise ValueError(f"Adapters: rank must be a positive integer, got {self.rank!r}")
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, int | float) or self.alpha <= 0:
+            raise ValueError(f"Adapters: alpha must be a positive number, got {self.alpha!r}")
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, int | float) \
+                or not 0 <= self.dropout < 1:
+            raise ValueError(f"Adapters: dropout must be in [0, 1), got {self.dropout!r}")
+        if self.dtype is not None and self.dtype not in DTYPES:
+            raise ValueError(f"Adapters: dtype {self.dtype!r} is not one of {DTYPES}")
+
+    @property
+    def scaling(self) -> float:
+        """What LoRA multiplies the adapter's output by (alpha / rank)."""
+        return float(self.alpha) / self.rank
+
+
 STEP_TYPES: Mapping[str, type[Step]] = {
-    t.kind: t for t in (Parallelize, Checkpoint, ContextParallel, ExpertParallel, FullyShard, Pipeline)
+    t.kind: t for t in (Adapters, Parallelize, Checkpoint, ContextParallel, ExpertParallel, FullyShard,
+                        Pipeline)
 }
 
 
@@ -524,7 +604,7 @@ def _encode(obj: Any) -> Any:
         for f in fields(obj):
             out[f.name] = _encode_span(obj.span) if f.name == "span" else _encode(getattr(obj, f.name))
         return out
-    if isinstance(obj, StyleCall | MixedPrecision | Offload):
+    if isinstance(obj, StyleCall | MixedPrecision | Offload | Quantize):
         return {f.name: _encode(getattr(obj, f.name)) for f in fields(obj)}
     if isinstance(obj, tuple):
         return [_encode(x) for x in obj]
@@ -557,6 +637,8 @@ def _decode_step(data: Mapping[str, Any]) -> Step:
             kwargs[f.name] = MixedPrecision(**value) if value else None
         elif f.name == "offload":
             kwargs[f.name] = Offload(**value) if value else None
+        elif f.name == "quantize":
+            kwargs[f.name] = Quantize(**value) if value else None
         else:
             kwargs[f.name] = _tuples(value)
     return cls(**kwargs)
