@@ -1,10 +1,20 @@
-"""Byte sizes as `plan explain` prints and reads them: `human_bytes`, `parse_bytes`."""
+"""Byte sizes as `plan explain` prints and reads them (`human_bytes`, `parse_bytes`), and
+what a 4-bit NF4 weight costs (`nf4_bytes`, `nf4_gathered_bytes`).
+
+An NF4 weight of `numel` values, as torchao's `NF4Tensor` holds it (QLoRA's double
+quantisation): `quantized_data`, two 4-bit codes per uint8 (numel / 2 bytes);
+`quantized_scalers`, one int8 absmax scaler per `block_size` values; `quantization_factor`,
+one scale per `scaler_block_size` scalers, in the dtype the weight was quantised from;
+and per tensor a 0-d `scaler_mean` and the 16-value code table `nf4`, in that dtype too.
+FSDP2 shards the first three along dim 0 and all-gathers only them
+(`NF4Tensor.fsdp_pre_all_gather`); every shard keeps its own `scaler_mean` and `nf4`.
+"""
 
 from __future__ import annotations
 
 import re
 
-__all__ = ["human_bytes", "parse_bytes"]
+__all__ = ["human_bytes", "nf4_bytes", "nf4_gathered_bytes", "parse_bytes"]
 
 
 def human_bytes(n: float) -> str:
@@ -29,3 +39,20 @@ def parse_bytes(text: str) -> int:
     if value <= 0:
         raise ValueError(f"not a positive size: {text!r}")
     return int(value)
+
+
+NF4_CODES = 16  # the code table every NF4 tensor carries
+
+
+def nf4_gathered_bytes(numel: int, block_size: int = 64, scaler_block_size: int = 256, *,
+                       itemsize: int = 4) -> int:
+    """The bytes of an NF4 weight that FSDP2 all-gathers: codes, scalers and their scales
+    (`itemsize`: the dtype the weight was quantised from)."""
+    blocks = numel // block_size
+    return numel // 2 + blocks + (blocks // scaler_block_size) * itemsize
+
+
+def nf4_bytes(numel: int, block_size: int = 64, scaler_block_size: int = 256, *, itemsize: int = 4) -> int:
+    """The bytes an NF4 weight (or one FSDP2 shard of it) of `numel` values allocates:
+    what is gathered plus its `scaler_mean` and code table (see the module docstring)."""
+    return nf4_gathered_bytes(numel, block_size, scaler_block_size, itemsize=itemsize) + (1 + NF4_CODES) * itemsize
