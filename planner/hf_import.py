@@ -22,10 +22,14 @@ How each transformers style is written (transformers' `distributed/tensor_parall
 | `replicate`                     | no rule (a comment says so): the tensor stays whole     |
 
 `replicated_with_grad_allreduce` keeps a norm's weight whole and sums its gradient over
-the ranks; it sits on per-head norms that see this rank's heads, dimension 2 of a
-batch-first `[b, s, heads, d]` or `[b, s, heads·d]` activation. The meshplan style makes
-the weight a replicated DTensor and declares its input sharded there, so DTensor both
-sums the gradient and computes the norm as one process would.
+the ranks; it sits on per-head norms that see this rank's heads. Where the heads lie
+depends on the family: dimension 2 of `[b, s, heads, d]` (Qwen3, the norm before the
+transpose) or of `[b, s, heads·d]`, but dimension 1 of `[b, heads, s, d]` (Gemma-3,
+Exaone-4 normalise after it). The importer runs the model once on a few tokens (on its
+own device, meta included) and reads the norm's input shape: the dimension holding a head
+count is the one declared sharded. The meshplan style makes the weight a replicated
+DTensor and declares its input sharded there, so DTensor both sums the gradient and
+computes the norm as one process would.
 
 Styles with no meshplan equivalent yet (`packed_rowwise`, `packed_colwise` on expert
 parameters, `mla_kv_a_proj`, `moe_tp_experts`, `moe_identity_expert`, `all_reduce`,
@@ -114,7 +118,46 @@ def _identifier(text: str) -> str:
     return f"m_{name}" if name[0].isdigit() else name
 
 
-def _rule_style(pattern: str, style: str, modules: list[nn.Module]) -> str:
+def _head_dims(model: nn.Module, fqns: list[str]) -> dict[str, int]:
+    """The dimension of each module's first input that holds attention heads (see the module
+    docstring), read from one forward over a few tokens; modules it cannot tell are absent."""
+    import torch
+
+    config = getattr(model, "config", None)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    counts = {getattr(text, k, None) for k in ("num_attention_heads", "num_key_value_heads")}
+    counts = {c for c in counts if isinstance(c, int) and c > 1}
+    tokens = 7  # a length no head count of the tiny configs equals
+    counts.discard(tokens)
+    shapes: dict[str, tuple[int, ...]] = {}
+
+    def record(fqn: str) -> Any:
+        def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
+            if args and isinstance(args[0], torch.Tensor):
+                shapes.setdefault(fqn, tuple(args[0].shape))
+        return hook
+
+    handles = [model.get_submodule(f).register_forward_pre_hook(record(f)) for f in fqns]
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    try:
+        with torch.no_grad():
+            # use_cache: without a cache, transformers checks position ids for packed
+            # sequences with `.item()`, which a meta tensor cannot answer.
+            model(input_ids=torch.zeros(1, tokens, dtype=torch.long, device=device), use_cache=True)
+    except Exception:  # noqa: BLE001 - a model that will not run here keeps the batch-first default
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+    found: dict[str, int] = {}
+    for fqn, shape in shapes.items():
+        dims = [d for d in (1, 2) if d < len(shape) - 1 and shape[d] in counts]
+        if len(dims) == 1:
+            found[fqn] = dims[0]
+    return found
+
+
+def _rule_style(pattern: str, style: str, modules: list[nn.Module], head_dim: int | None = None) -> str:
     if style in UNSUPPORTED:
         raise HfImportError(f"transformers' rule `{pattern}: {style}` has no meshplan equivalent yet "
                             f"({UNSUPPORTED[style]})")
@@ -124,6 +167,8 @@ def _rule_style(pattern: str, style: str, modules: list[nn.Module]) -> str:
         kinds = sorted({type(m).__name__ for m in modules})
         raise HfImportError(f"transformers' rule `{pattern}: packed_colwise` is on {', '.join(kinds)}, "
                             "not a Linear: packed expert weights have no meshplan equivalent yet")
+    if style == "replicated_with_grad_allreduce" and head_dim is not None:
+        return f"replicate(input = shard({head_dim}), output = shard({head_dim}))"
     return STYLES[style]
 
 
@@ -142,6 +187,9 @@ def import_hf(model: nn.Module, *, name: str | None = None, tp: int = 2) -> Impo
     params = {_generic(n) for n, _ in model.named_parameters(remove_duplicate=False)}
     rules: list[tuple[str, str, str]] = []
     notes: list[str] = []
+    per_head = [f for pattern, style in plan.items() if style == "replicated_with_grad_allreduce"
+                for f in select(pattern, fqns)]
+    head_dims = _head_dims(model, per_head) if per_head else {}
     for pattern, style in plan.items():
         matched = select(pattern, fqns)
         if not matched:
@@ -156,7 +204,9 @@ def import_hf(model: nn.Module, *, name: str | None = None, tp: int = 2) -> Impo
         if style == "replicate":
             notes.append(f"# transformers' `{pattern}: replicate` keeps the module whole: no rule")
             continue
-        rules.append((pattern, style, _rule_style(pattern, style, [modules[f] for f in matched])))
+        dims = {head_dims[f] for f in matched if f in head_dims}
+        rules.append((pattern, style, _rule_style(pattern, style, [modules[f] for f in matched],
+                                                  dims.pop() if len(dims) == 1 else None)))
     config = getattr(model, "config", None)
     layers = _layer_list(model, getattr(config, "num_hidden_layers", None))
     plan_name = name or _identifier(f"{getattr(config, 'model_type', arch)}_hf")

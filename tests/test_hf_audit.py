@@ -43,17 +43,16 @@ EXPECTED: dict[str, tuple[str, str, str]] = {
     # transformers' own plan trains wrong, and the compiler says so:
     "doge": ("truth", "reject E506", "wrong"),  # k_norm over a sharded dim
     "apertus1p5_text": ("truth", "reject E506", "wrong"),  # xIELU's alpha on sharded activations
-    # the heads of q_norm's input are on dim 1, not 2: rejected although exact
-    "exaone4": ("truth", "reject E506", "exact"),
+    # q/k norms after the transpose: their heads are on dim 1, which the importer reads
+    "exaone4": ("truth", "accept", "exact"),
+    "gemma3_text": ("truth", "accept", "exact"),
     # styles with no meshplan equivalent yet
     "mixtral": ("import", "-", "-"),  # packed experts
     "deepseek_v2": ("import", "-", "-"),  # mla_kv_a_proj
 }
 
-# Families whose compiler verdict disagrees with the truth today: Exaone-4 normalises
-# q/k after moving the heads to dim 1, so the imported `replicate(input = shard(2))`
-# declares the wrong dimension; the norm is per row, so the numerics do not notice.
-KNOWN_DISAGREEMENTS: frozenset[str] = frozenset({"exaone4"})
+# Families whose compiler verdict disagrees with the truth today (none in this subset).
+KNOWN_DISAGREEMENTS: frozenset[str] = frozenset()
 
 
 @pytest.mark.parametrize("family", list(EXPECTED))

@@ -179,7 +179,11 @@ class _Walk:
         for module in reversed(producer_stack[common:]):
             if module in self.styled and module not in self.leaves:
                 call = self.graph.calls(module)
-                signature = {a.node for a in call.outputs if a.name is not None}
+                # The traced signature names the real outputs; a module whose signature the
+                # trace did not record (Gemma-3's per-head norms) has only the values that
+                # leave it, which are then its outputs.
+                named = {a.node for a in call.outputs if a.name is not None}
+                signature = named or {a.node for a in call.outputs}
                 if value not in signature:
                     source = self._outside_source(value, module)
                     if source is not None:
