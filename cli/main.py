@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "explain": ("explain", "dry-run a plan at any world size: mesh, layouts, memory and traffic per rank"),
     "pack": ("pack", "pack a sequence-length distribution; report efficiency and rank balance"),
     "run": ("run", "train with a plan under torchrun: compile, apply, train (reference loop)"),
+    "export": ("export", "a checkpoint's adapters in PEFT's format, or the model with them merged (HF safetensors)"),
     "import": ("import_hf", "write a plan from a model's own tensor-parallel plan (`plan import hf MODEL`)"),
     "models": ("models", "list the model presets --model accepts, with family and size"),
     "explain-code": ("codes", "explain a diagnostic code (E506, W101, …) at length, with an example and the fix"),

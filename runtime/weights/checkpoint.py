@@ -44,6 +44,14 @@ Guarantees:
   rows are stored rank-major for the tensor-parallel size that saved them; the marker
   records that layout and `load` refuses a model whose fused layout differs (convert
   through `export_hf` + `load_sharded` instead).
+- `save(..., adapters_only=True)` keeps only the trainable parameters (a PEFT model's
+  adapters: `StateDictOptions(ignore_frozen_params=True)`) and their optimizer state,
+  every rank writing its own shards as above; the marker says `adapters_only` and
+  records the model's PEFT configuration (`adapters`, also in a full checkpoint of an
+  adapted model), so that the checkpoint can be exported without the plan
+  (`runtime.weights.adapters`). `load` of such a checkpoint restores the trainable
+  parameters and their optimizer state and leaves the frozen base as it is; it refuses
+  a model whose trainable parameters are not exactly the saved ones.
 - `export_hf(model, out_dir)` gathers full tensors (`full_tensor()`, one parameter at
   a time), un-permutes fused rows, keeps one name per tied tensor (as
   `save_pretrained` does), and writes `model.safetensors` (or
@@ -66,8 +74,9 @@ import os
 import shutil
 import time
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +93,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_state_dict,
 )
+from torch.distributed.fsdp import FSDPModule
 
 from meshplan.planner.program import Program
 
@@ -91,6 +101,7 @@ from ..parallel.apply import Applied
 from .loading import INDEX_FILE, SINGLE_FILE, FusedRows, full_state_dict, model_and_fused
 
 __all__ = [
+    "ADAPTER_NAME",
     "FORMAT",
     "MARKER",
     "CheckpointError",
@@ -101,7 +112,9 @@ __all__ = [
     "latest",
     "load",
     "load_latest",
+    "peft_record",
     "read_marker",
+    "read_tensors",
     "save",
     "verify",
 ]
@@ -114,6 +127,7 @@ _TENSORS_DIR = "tensors"
 _STATE_FILE = "state.json"
 _LOADER_DIR = "dataloader"
 _SEP = "/"  # joins state-dict paths into one key (parameter names use dots, never slashes)
+ADAPTER_NAME = "default"  # the one PEFT adapter a meshplan model carries
 
 
 class CheckpointError(RuntimeError):
@@ -464,11 +478,47 @@ def _unloadable(root: Path) -> list[str]:
 # --------------------------------------------------------------------------- save / load
 
 
-def _state(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
+def _state(model: nn.Module, optimizer: torch.optim.Optimizer | None,
+           adapters_only: bool = False) -> dict[str, Any]:
+    options = StateDictOptions(ignore_frozen_params=adapters_only)
     if optimizer is None:
-        return {"model": get_model_state_dict(model)}
-    msd, osd = get_state_dict(model, optimizer)
+        return {"model": get_model_state_dict(model, options=options)}
+    msd, osd = get_state_dict(model, optimizer, options=options)
     return {"model": msd, "optim": osd}
+
+
+def _jsonable(value: Any) -> Any:
+    """A PEFT config value as JSON: sets sorted (PEFT's own `list(set)` has no fixed
+    order), enums as their values, dataclasses already dicts (`to_dict` is `asdict`)."""
+    if isinstance(value, (set, frozenset)):
+        return sorted(_jsonable(v) for v in value)
+    if isinstance(value, Enum):
+        return _jsonable(value.value)
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    return value
+
+
+def peft_record(module: nn.Module) -> dict[str, Any] | None:
+    """What a checkpoint records of a PEFT-adapted model (None: no adapter): `config`,
+    the adapter's `LoraConfig.to_dict()` as JSON; `model_class` and `model_module`, the
+    base model's class (PEFT's `auto_mapping`); `name_or_path`, the base's."""
+    configs = getattr(module, "peft_config", None)
+    if not isinstance(configs, Mapping) or ADAPTER_NAME not in configs:
+        return None
+    if set(configs) != {ADAPTER_NAME}:
+        raise CheckpointError(f"the model carries the adapters {sorted(configs)}: a checkpoint holds "
+                              f"one, named {ADAPTER_NAME!r}")
+    config = _jsonable(configs[ADAPTER_NAME].to_dict())
+    if not _is_json(config):
+        raise CheckpointError("the model's PEFT configuration is not JSON")
+    name = getattr(module, "name_or_path", None)
+    # FSDP2 swaps the class for a subclass (`FSDPLlamaForCausalLM`): record the model's own.
+    cls = next(c for c in type(module).__mro__ if not issubclass(c, FSDPModule))
+    return {"config": config, "model_class": cls.__name__, "model_module": cls.__module__,
+            "name_or_path": name or None}
 
 
 def _loader_file(directory: Path, rank: int) -> Path:
@@ -492,8 +542,10 @@ def _write_rank(tmp: Path, state: dict[str, Any], dataloader_state: Any, rank: i
 
 def save(directory: str | Path, model: nn.Module | Applied, optimizer: torch.optim.Optimizer | None,
          step: int, dataloader_state: Any = None, *, program: Program | None = None,
-         overwrite: bool = False) -> Path:
-    """Save atomically (see the module docstring); returns the final directory."""
+         overwrite: bool = False, adapters_only: bool = False) -> Path:
+    """Save atomically (see the module docstring); returns the final directory.
+    `adapters_only`: the trainable parameters (a PEFT model's adapters) and their
+    optimizer state only."""
     if not isinstance(step, int) or step < 0:
         raise ValueError(f"step must be an integer ≥ 0, got {step!r}")
     final = Path(directory)
@@ -505,10 +557,13 @@ def save(directory: str | Path, model: nn.Module | Applied, optimizer: torch.opt
 
     _prepare_agreed(final, tmp, overwrite, rank)
 
-    error = None
+    error, record = None, None
     try:
         _check_materialized(module)
-        state = _state(module, optimizer)
+        record = peft_record(module)
+        if adapters_only and record is None:
+            raise CheckpointError("adapters_only: the model carries no PEFT adapter")
+        state = _state(module, optimizer, adapters_only)
     except Exception as exc:
         error = _describe(exc)
     _agree(error, f"collecting the state to save in {final}")
@@ -536,6 +591,7 @@ def save(directory: str | Path, model: nn.Module | Applied, optimizer: torch.opt
             _write_json(tmp / MARKER, {
                 "format": FORMAT, "step": step, "world_size": world, "time": time.time(),
                 "optimizer": optimizer is not None, "fused": _fused_json(fused), "files": files,
+                "adapters_only": adapters_only, "adapters": record,
             })
             _replace_dir(tmp, final, overwrite)
         except Exception as exc:
@@ -581,10 +637,13 @@ def load(directory: str | Path, model: nn.Module | Applied,
     error: str | None = None
     state: Any = None
     loader_state: Any = None
+    adapters_only = bool(marker.get("adapters_only", False))
     try:
-        template = _state(module, optimizer)
+        template = _state(module, optimizer, adapters_only)
         tensors = _unaliased(_split(template)[0])
         reader = HuggingFaceStorageReader(str(d / _TENSORS_DIR))
+        if adapters_only:
+            _check_same_trainable(d, reader, tensors)
         with _single_process_quietly():
             dcp.load(tensors, storage_reader=reader, no_dist=not _distributed())
         values = _read_json(d / _STATE_FILE)
@@ -602,13 +661,73 @@ def load(directory: str | Path, model: nn.Module | Applied,
         error = _describe(exc)
     # Every rank reaches this agreement, whichever of them failed and how.
     _agree(error, f"reading {d}")
-    options = StateDictOptions(strict=strict)
+    # An adapter checkpoint leaves the frozen base out: those keys are missing by design.
+    options = StateDictOptions(strict=strict and not adapters_only, ignore_frozen_params=adapters_only)
     if optimizer is None:
         set_model_state_dict(module, state["model"], options=options)
     else:
         set_state_dict(module, optimizer, model_state_dict=state["model"],
                        optim_state_dict=state["optim"], options=options)
     return int(marker["step"]), loader_state
+
+
+def _check_same_trainable(d: Path, reader: HuggingFaceStorageReader,
+                          tensors: Mapping[str, torch.Tensor]) -> None:
+    """An adapter checkpoint fits a model only if it holds exactly its trainable parameters."""
+    prefix = "model" + _SEP
+    with _single_process_quietly():
+        saved = {k for k in reader.read_metadata().state_dict_metadata if k.startswith(prefix)}
+    wanted = {k for k in tensors if k.startswith(prefix)}
+    if saved != wanted:
+        missing = sorted(k[len(prefix):] for k in wanted - saved)
+        extra = sorted(k[len(prefix):] for k in saved - wanted)
+        raise CheckpointError(
+            f"{d} holds the adapters of another model: "
+            + "; ".join(part for part in (f"missing {missing[:3]}" if missing else "",
+                                          f"not in this model {extra[:3]}" if extra else "") if part)
+            + " (build the model with the same adapters targets)")
+
+
+def read_tensors(directory: str | Path, select: Callable[[str], bool] | None = None
+                 ) -> dict[str, torch.Tensor]:
+    """The model tensors of a checkpoint, full (every rank's shards joined) and in Hugging
+    Face row order (fused rows un-permuted), by parameter name; `select(name)` picks
+    some. Needs no model and no process group (the global shapes come from the shards'
+    safetensors headers); each process reads every shard. Verifies the checksums first
+    (`verify`: a collective when `torch.distributed` is initialised)."""
+    d = Path(directory)
+    marker = _checked_marker(d)
+    problems = verify(d)
+    if problems:
+        raise CheckpointError(f"{d} is damaged: " + "; ".join(problems[:3]))
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    prefix = "model" + _SEP
+    reader = HuggingFaceStorageReader(str(d / _TENSORS_DIR))
+    templates: dict[str, torch.Tensor] = {}
+    try:
+        with _single_process_quietly():
+            entries = reader.read_metadata().state_dict_metadata
+            for key, meta in entries.items():
+                name = key[len(prefix):]
+                if key.startswith(prefix) and isinstance(meta, TensorStorageMetadata) and (
+                        select is None or select(name)):
+                    templates[key] = torch.empty(tuple(meta.size), dtype=meta.properties.dtype)
+            if templates:
+                dcp.load(templates, storage_reader=HuggingFaceStorageReader(str(d / _TENSORS_DIR)),
+                         no_dist=True)
+    except (Exception, dcp.CheckpointException) as exc:
+        raise CheckpointError(f"reading {d}: {_describe(exc)}") from None
+    out = {}
+    fused = marker.get("fused", {})
+    for key, tensor in templates.items():
+        name = key[len(prefix):]
+        if name in fused:
+            rows = FusedRows(*fused[name])
+            order = rows.order(tensor.shape[rows.dim])
+            tensor = tensor.index_select(rows.dim, torch.argsort(order))
+        out[name] = tensor
+    return out
 
 
 def load_latest(root: str | Path, model: nn.Module | Applied,
@@ -642,8 +761,13 @@ def load_latest(root: str | Path, model: nn.Module | Applied,
 
 def export_hf(model: nn.Module | Applied, out_dir: str | Path, *, program: Program | None = None,
               dtype: torch.dtype | None = None, max_shard_bytes: int = 5 * 2**30,
-              overwrite: bool = False) -> Path:
-    """Write a consolidated Hugging Face directory (see the module docstring)."""
+              overwrite: bool = False,
+              rewrite: Callable[[Iterator[tuple[str, torch.Tensor]]],
+                                Iterable[tuple[str, torch.Tensor]]] | None = None) -> Path:
+    """Write a consolidated Hugging Face directory (see the module docstring).
+    `rewrite` maps the stream of (name, full tensor) before it is written (merging
+    adapters into their base, `runtime.weights.adapters.export_merged`); it runs on
+    every rank and must consume the whole stream."""
     if max_shard_bytes < 1:
         raise ValueError(f"max_shard_bytes must be ≥ 1, got {max_shard_bytes}")
     final = Path(out_dir)
@@ -663,7 +787,8 @@ def export_hf(model: nn.Module | Applied, out_dir: str | Path, *, program: Progr
     writer = _ShardWriter(tmp, max_shard_bytes) if rank == 0 else None
     error = None
     # Every rank takes part in every gather, even after rank 0 failed to write.
-    for name, tensor in full_state_dict(module, program=program, fused=fused):
+    stream = full_state_dict(module, program=program, fused=fused)
+    for name, tensor in (rewrite(stream) if rewrite is not None else stream):
         if writer is None or error is not None:
             continue
         try:

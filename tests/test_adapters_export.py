@@ -1,0 +1,365 @@
+"""Adapter (PEFT LoRA) checkpoints and their export, on a sharded model.
+
+On 4 gloo ranks, tiny-llama with LoRA on exact module names, FSDP2 over the 4 ranks:
+train 2 steps, save an adapter-only checkpoint, train a third (loss L3); a fresh model
+(its adapters perturbed) resumes from the checkpoint and trains the third step: the same
+L3, the same adapters and optimizer state, on every rank. The checkpoint holds no base
+weight and every rank's shards. Exports: PEFT's files (the same bytes from the FSDP
+model, from a one-process model and from the checkpoint directory; loaded by
+`PeftModel.from_pretrained` with the distributed model's logits) and the merged model
+(loaded by `from_pretrained`, the PEFT model's logits). `plan export` through the CLI,
+with its errors.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+from safetensors import safe_open
+from safetensors.torch import load_file
+from torch import nn
+from torch.distributed.tensor import DTensor
+
+from meshplan.cli.main import main
+from meshplan.runtime.weights import adapters as adapters_module
+from meshplan.runtime.weights.adapters import (
+    ADAPTER_FILE,
+    CONFIG_FILE,
+    export_adapter,
+    export_merged,
+    load_adapters,
+    peft_name,
+    save_adapters,
+)
+from meshplan.runtime.weights.checkpoint import (
+    checkpoint_dir,
+    read_marker,
+    read_tensors,
+    save,
+)
+from meshplan.runtime.weights.loading import full_state_dict, init_random, materialize, meta_model
+from tests.distributed import RankPool
+
+pytestmark = pytest.mark.slow
+
+WORLD = 4
+SPEC = "tiny-llama"
+TARGETS = ("q_proj", "v_proj", "o_proj", "down_proj")
+RANK, ALPHA = 4, 8
+TOLERANCE = 1e-5
+
+
+# --------------------------------------------------------------------------- models
+
+
+def _adapted(shard: bool, seed: int = 0) -> tuple[nn.Module, torch.optim.Optimizer]:
+    """tiny-llama with LoRA on TARGETS (exact names), FSDP2 over every rank when `shard`."""
+    from peft import LoraConfig, inject_adapter_in_model
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    model = meta_model(SPEC)
+    targets = [name for name, _ in model.named_modules() if name.endswith(TARGETS)]
+    inject_adapter_in_model(LoraConfig(target_modules=targets, r=RANK, lora_alpha=ALPHA, lora_dropout=0.0,
+                                       bias="none"), model)
+    if shard:
+        mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+        for layer in model.model.layers:
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+    materialize(model, "cpu")
+    init_random(model, seed)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2,
+                                  weight_decay=0.01)
+    return model, optimizer
+
+
+def _ids(seed: int) -> torch.Tensor:
+    return torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(seed))
+
+
+def _step(model: nn.Module, optimizer: torch.optim.Optimizer, k: int) -> float:
+    """One data-parallel step on this rank's batch; the loss averaged over the ranks."""
+    ids = _ids(100 * k + dist.get_rank())
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    mean = loss.detach().clone()
+    dist.all_reduce(mean)
+    return float(mean / dist.get_world_size())
+
+
+def _adapters(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every adapter tensor, full (a collective)."""
+    return {n: t for n, t in full_state_dict(model, buffers=False) if peft_name(n) is not None}
+
+
+def _local(t: Any) -> torch.Tensor:
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def _same_state(a: torch.optim.Optimizer, b: torch.optim.Optimizer) -> bool:
+    sa, sb = a.state_dict()["state"], b.state_dict()["state"]
+    return bool(sa) and sorted(sa) == sorted(sb) and all(
+        sorted(sa[k]) == sorted(sb[k]) and all(torch.equal(_local(sa[k][n]), _local(sb[k][n])) for n in sa[k])
+        for k in sa)
+
+
+def _plain_base() -> nn.Module:
+    """The unadapted tiny-llama with the base weights the adapted models hold (one process)."""
+    adapted, _ = _adapted(shard=False)
+    base = {n.replace(".base_layer.", "."): t for n, t in full_state_dict(adapted) if peft_name(n) is None}
+    plain = materialize(meta_model(SPEC), "cpu")
+    plain.load_state_dict(base, strict=True)
+    return plain.eval()
+
+
+# --------------------------------------------------------------------------- the rank case
+
+
+def train_resume_export_case(root: str) -> dict[str, Any]:
+    out = Path(root)
+    rank = dist.get_rank()
+    a, opt_a = _adapted(shard=True)
+    for k in range(2):
+        _step(a, opt_a, k)
+    ck = save_adapters(checkpoint_dir(out / "ckpt", 2), a, opt_a, 2, {"rank": rank})
+    export_adapter(a, out / "fsdp-step2")
+    l3 = _step(a, opt_a, 2)
+
+    b, opt_b = _adapted(shard=True)
+    with torch.no_grad():  # other adapters than the saved ones: the resume must restore them
+        for p in b.parameters():
+            if p.requires_grad:
+                _local(p).add_(0.5)
+    differed = any(not torch.equal(x, y) for x, y in zip(_adapters(a).values(), _adapters(b).values(),
+                                                          strict=True))
+    step, loader = load_adapters(ck, b, opt_b)
+    l3_resumed = _step(b, opt_b, 2)
+    after_a, after_b = _adapters(a), _adapters(b)
+
+    a.eval()
+    with torch.no_grad():
+        logits = a(input_ids=_ids(7)).logits.detach().clone()
+    export_adapter(a, out / "fsdp-step3")
+    export_merged(a, out / "merged")
+    return {
+        "l3": l3, "l3_resumed": l3_resumed, "step": step, "loader": loader, "differed": differed,
+        "same_adapters": sorted(after_a) == sorted(after_b) and all(
+            torch.equal(after_a[n], after_b[n]) for n in after_a),
+        "same_state": _same_state(opt_a, opt_b), "logits": logits,
+        "sharded": all(isinstance(p, DTensor) for p in a.parameters()),
+    }
+
+
+# --------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict[str, Any]]]:
+    root = tmp_path_factory.mktemp("adapters")
+    with RankPool(WORLD, timeout=180.0) as pool:
+        results = pool.run(train_resume_export_case, str(root))
+    return root, results
+
+
+@pytest.fixture(scope="module")
+def base() -> nn.Module:
+    return _plain_base()
+
+
+def _peft(base: nn.Module, directory: Path) -> nn.Module:
+    import copy
+
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(copy.deepcopy(base), str(directory)).eval()
+
+
+def _logits(model: nn.Module) -> torch.Tensor:
+    with torch.no_grad():
+        out: torch.Tensor = model(input_ids=_ids(7)).logits
+    return out
+
+
+def _cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    try:
+        code = main(argv)
+    except SystemExit as e:  # argparse's usage errors
+        code = int(e.code or 0)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _files(directory: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir())}
+
+
+# --------------------------------------------------------------------------- resume
+
+
+def test_resume_from_an_adapter_checkpoint_continues_exactly(trained: tuple[Path, list[dict[str, Any]]]) -> None:
+    _, results = trained
+    for rank, r in enumerate(results):
+        assert r["sharded"] and r["differed"]
+        assert r["step"] == 2 and r["loader"] == {"rank": rank}
+        assert r["l3_resumed"] == r["l3"], (rank, r["l3"], r["l3_resumed"])
+        assert r["same_adapters"] and r["same_state"], rank
+    assert len({r["l3"] for r in results}) == 1
+
+
+def test_the_checkpoint_holds_every_shard_of_the_adapters_and_no_base_weight(
+        trained: tuple[Path, list[dict[str, Any]]]) -> None:
+    root, _ = trained
+    ck = checkpoint_dir(root / "ckpt", 2)
+    marker = read_marker(ck)
+    assert marker is not None and marker["adapters_only"] and marker["world_size"] == WORLD
+    assert marker["adapters"]["config"]["r"] == RANK and marker["adapters"]["config"]["peft_type"] == "LORA"
+    keys: list[str] = []
+    for f in sorted((ck / "tensors").glob("*.safetensors")):
+        with safe_open(str(f), "pt") as handle:
+            keys += list(handle.keys())
+    assert len(list((ck / "tensors").glob("*.safetensors"))) == WORLD  # each rank wrote its shards
+    assert keys and all(".lora_A." in k or ".lora_B." in k for k in keys), [k for k in keys if "lora_" not in k]
+    # Every shard of every rank: the tensors read back whole equal the FSDP model's full_tensor().
+    stored = read_tensors(ck)
+    exported = load_file(str(root / "fsdp-step2" / ADAPTER_FILE))
+    assert {peft_name(n) for n in stored} == set(exported)
+    for name, tensor in stored.items():
+        assert torch.equal(tensor, exported[str(peft_name(name))]), name
+    size = sum(f.stat().st_size for f in (ck / "tensors").glob("*.safetensors"))
+    model_bytes = sum(p.numel() * p.element_size() for p in meta_model(SPEC).parameters())
+    assert size < model_bytes / 4, (size, model_bytes)
+
+
+# --------------------------------------------------------------------------- export
+
+
+def test_export_from_fsdp_equals_one_process_and_the_checkpoint(trained: tuple[Path, list[dict[str, Any]]],
+                                                                 tmp_path: Path) -> None:
+    root, _ = trained
+    ck = checkpoint_dir(root / "ckpt", 2)
+    one, _ = _adapted(shard=False)
+    assert load_adapters(ck, one)[0] == 2  # 4 ranks' shards resharded onto one process
+    export_adapter(one, tmp_path / "one")
+    export_adapter(ck, tmp_path / "from-dir")
+    fsdp = _files(root / "fsdp-step2")
+    assert sorted(fsdp) == [CONFIG_FILE, ADAPTER_FILE]
+    assert _files(tmp_path / "one") == fsdp == _files(tmp_path / "from-dir")
+
+
+def test_peft_loads_the_export_with_the_distributed_logits(trained: tuple[Path, list[dict[str, Any]]],
+                                                           base: nn.Module) -> None:
+    root, results = trained
+    config = json.loads((root / "fsdp-step3" / CONFIG_FILE).read_text("utf-8"))
+    assert (config["peft_type"], config["r"], config["lora_alpha"], config["lora_dropout"]) == ("LORA", RANK,
+                                                                                                ALPHA, 0.0)
+    assert config["inference_mode"] is True and config["bias"] == "none"
+    assert config["target_modules"] == sorted(config["target_modules"]) and len(config["target_modules"]) == 8
+    assert config["auto_mapping"]["base_model_class"] == "LlamaForCausalLM"
+    with safe_open(str(root / "fsdp-step3" / ADAPTER_FILE), "pt") as handle:
+        names = sorted(handle.keys())
+    assert "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight" in names
+    assert all(n.startswith("base_model.model.") and ".default" not in n for n in names)
+    peft = _peft(base, root / "fsdp-step3")
+    reference = results[0]["logits"]
+    assert (_logits(peft) - reference).abs().max().item() < TOLERANCE
+    assert (_logits(base) - reference).abs().max().item() > 1e-3  # the adapters matter
+
+
+def test_merged_export_loads_with_from_pretrained(trained: tuple[Path, list[dict[str, Any]]],
+                                                  base: nn.Module) -> None:
+    from transformers import AutoModelForCausalLM
+
+    root, _ = trained
+    merged_dir = root / "merged"
+    assert sorted(p.name for p in merged_dir.iterdir()) == ["config.json", "model.safetensors"]
+    with safe_open(str(merged_dir / "model.safetensors"), "pt") as handle:
+        names = set(handle.keys())
+    assert not any("lora_" in n or "base_layer" in n for n in names)
+    assert names == {n for n, _ in full_state_dict(base)}
+    merged = AutoModelForCausalLM.from_pretrained(str(merged_dir)).eval()
+    peft = _peft(base, root / "fsdp-step3")
+    assert (_logits(merged) - _logits(peft)).abs().max().item() < TOLERANCE
+
+
+# --------------------------------------------------------------------------- plan export
+
+
+def test_cli_exports_adapter_files(trained: tuple[Path, list[dict[str, Any]]], tmp_path: Path,
+                                   capsys: pytest.CaptureFixture[str]) -> None:
+    root, _ = trained
+    out = tmp_path / "adapter"
+    code, _, err = _cli(["export", str(checkpoint_dir(root / "ckpt", 2)), "--adapter", "-o", str(out)], capsys)
+    assert code == 0, err
+    assert f"wrote {out}: adapter_config.json, adapter_model.safetensors (step 2, saved by 4 ranks)" in err
+    assert _files(out) == _files(root / "fsdp-step2")
+
+
+def test_cli_exports_the_merged_model(trained: tuple[Path, list[dict[str, Any]]], base: nn.Module,
+                                      tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from transformers import AutoModelForCausalLM
+
+    root, _ = trained
+    out = tmp_path / "merged"
+    # The --checkpoint-dir itself: its newest complete checkpoint is taken.
+    code, _, err = _cli(["export", str(root / "ckpt"), "--merged", "--model", SPEC, "-o", str(out)], capsys)
+    assert code == 0, err
+    assert "the newest complete checkpoint" in err and "base weights random (seed 0)" in err
+    merged = AutoModelForCausalLM.from_pretrained(str(out)).eval()
+    peft = _peft(base, root / "fsdp-step2")
+    assert (_logits(merged) - _logits(peft)).abs().max().item() < TOLERANCE
+
+
+def test_cli_errors(trained: tuple[Path, list[dict[str, Any]]], tmp_path: Path,
+                    capsys: pytest.CaptureFixture[str]) -> None:
+    root, _ = trained
+    ck = str(checkpoint_dir(root / "ckpt", 2))
+
+    missing = tmp_path / "missing"
+    code, out, err = _cli(["export", str(missing), "--adapter", "-o", str(tmp_path / "o1")], capsys)
+    assert (code, out) == (2, "") and f"plan export: error: no such checkpoint directory: {missing}" in err
+
+    plain = materialize(meta_model(SPEC), "cpu")
+    init_random(plain, 0)
+    save(tmp_path / "plain", plain, None, 0)  # a checkpoint of a model without adapters
+    code, _, err = _cli(["export", str(tmp_path / "plain"), "--adapter", "-o", str(tmp_path / "o2")], capsys)
+    assert code == 1 and "holds no adapters" in err and "nothing to export" in err
+
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    (existing / "keep").write_text("mine", "utf-8")
+    code, _, err = _cli(["export", ck, "--adapter", "-o", str(existing)], capsys)
+    assert code == 2 and f"-o {existing}: exists (--force replaces it)" in err
+    assert [p.name for p in existing.iterdir()] == ["keep"]
+    code, _, err = _cli(["export", ck, "--adapter", "-o", str(existing), "--force"], capsys)
+    assert code == 0, err
+    assert sorted(p.name for p in existing.iterdir()) == [CONFIG_FILE, ADAPTER_FILE]
+
+    code, _, err = _cli(["export", ck, "--merged", "-o", str(tmp_path / "o3")], capsys)
+    assert code == 2 and "--merged needs --model M" in err
+    code, _, err = _cli(["export", ck, "--merged", "--model", "no-such-model", "-o", str(tmp_path / "o4")],
+                        capsys)
+    assert code == 2 and "--model no-such-model" in err
+    code, _, err = _cli(["export", ck, "-o", str(tmp_path / "o5")], capsys)
+    assert code == 2 and "one of the arguments --adapter --merged is required" in err
+    # Nothing half-written by any refusal.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["existing", "plain"]
+
+
+def test_resume_refuses_a_model_with_other_adapters(trained: tuple[Path, list[dict[str, Any]]]) -> None:
+    from peft import LoraConfig, inject_adapter_in_model
+
+    root, _ = trained
+    model = meta_model(SPEC)
+    inject_adapter_in_model(LoraConfig(target_modules=["model.layers.0.self_attn.q_proj"], r=RANK,
+                                       lora_alpha=ALPHA, bias="none"), model)
+    materialize(model, "cpu")
+    with pytest.raises(adapters_module.CheckpointError, match="holds the adapters of another model"):
+        load_adapters(checkpoint_dir(root / "ckpt", 2), model)
