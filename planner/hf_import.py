@@ -258,7 +258,8 @@ TINY: Mapping[str, int] = {
 
 
 def tiny_config(config_class: Any) -> Any:
-    """A trainable tiny copy of `config_class`'s defaults (see `TINY`), 2 decoder layers."""
+    """A trainable tiny copy of `config_class`'s defaults (see `TINY`), 2 decoder layers,
+    dropout off."""
     from meshplan.planner.models import PER_LAYER_CONFIG_LISTS
 
     config = config_class()
@@ -279,6 +280,11 @@ def tiny_config(config_class: Any) -> Any:
             setattr(text, attr, 0)
         elif isinstance(vocab, int) and isinstance(value, list):
             setattr(text, attr, [v for v in value if isinstance(v, int) and v < vocab] or None)
+    # Dropout off: a tiny model is built to be measured against one process, and random
+    # masks drawn on many ranks never agree with one process's (Seed-OSS defaults to 0.1).
+    for key, value in vars(text).items():
+        if "dropout" in key and isinstance(value, float) and value > 0:
+            setattr(text, key, 0.0)
     if hasattr(text, "rope_parameters") and isinstance(text.rope_parameters, dict):
         text.rope_parameters = copy.deepcopy(text.rope_parameters)
     text.tie_word_embeddings = bool(getattr(text, "tie_word_embeddings", False))
