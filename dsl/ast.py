@@ -45,6 +45,13 @@ class Int(Node):
 
 
 @dataclass(frozen=True, kw_only=True)
+class Float(Node):
+    """A number written with a fractional part (`0.05`); `plan fmt` writes it canonically."""
+
+    value: float
+
+
+@dataclass(frozen=True, kw_only=True)
 class Bool(Node):
     value: bool
 
@@ -69,7 +76,7 @@ class Call(Node):
     args: tuple[Value, ...]
 
 
-Value = Int | Bool | Str | Name | Call
+Value = Int | Float | Bool | Str | Name | Call
 
 
 @dataclass(frozen=True, kw_only=True)

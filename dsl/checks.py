@@ -22,6 +22,7 @@ from .parser import parse_value
 from .schema import SECTIONS, PlacementType, SettingSchema, SizeType, TypeProblem
 from .spec import (
     MESH_DIMS,
+    AdaptersSpec,
     CheckpointSpec,
     ContextParallelSpec,
     Conversion,
@@ -35,6 +36,7 @@ from .spec import (
     PatternSpec,
     PipelineSpec,
     PlanSpec,
+    QuantizeSpec,
     StyleSpec,
     SubmeshSpec,
     TensorParallelSpec,
@@ -85,6 +87,8 @@ def _set_span(origin: str) -> Span:
 def _kind_of(value: ast.Value) -> str:
     if isinstance(value, ast.Int):
         return "an integer"
+    if isinstance(value, ast.Float):
+        return "a number"
     if isinstance(value, ast.Bool):
         return "a boolean"
     if isinstance(value, ast.Str):
@@ -134,7 +138,7 @@ class _Checker:
 
     @staticmethod
     def _python(value: ast.Value) -> object:
-        if isinstance(value, ast.Int | ast.Bool | ast.Str):
+        if isinstance(value, ast.Int | ast.Float | ast.Bool | ast.Str):
             return value.value
         return schema.shown(value)
 
@@ -197,7 +201,9 @@ class _Checker:
                     self.error(span, "E304", f"`--set {text}` and `--set mesh.{shadowed[0]}=…` both set "
                                f"mesh dimension `{shadowed[0]}`", "give only one of them")
                     continue
-                if _kind_of(value) != _kind_of(declared.value):
+                # An integer is a number: `--set dropout=0` for `param dropout = 0.05`.
+                widened = isinstance(value, ast.Int) and isinstance(declared.value, ast.Float)
+                if _kind_of(value) != _kind_of(declared.value) and not widened:
                     self.error(span, "E302",
                                f"`{name}` is {_kind_of(declared.value)} (declared at line "
                                f"{declared.span.line}), not {_kind_of(value)}")
@@ -371,6 +377,7 @@ class _Checker:
             field, value = build(section, on, body)
             result[field] = (*result[field], value) if field == "checkpoints" else value
         self._fsdp_tp_disjoint(result)
+        self._quantized_storage(result)
         return result
 
     def _on(self, section: ast.Section, sch: schema.SectionSchema) -> tuple[str, ...]:
@@ -430,6 +437,21 @@ class _Checker:
                            f"fully_shard on `{name}` overlaps tensor_parallel's `{tp.on}` "
                            f"(both use {one_of(sorted(shared, key=MESH_DIMS.index))})",
                            f"FSDP shards over data-parallel dimensions; tensor_parallel is at line {tp.span.line}")
+
+    def _quantized_storage(self, result: Mapping[str, Any]) -> None:
+        """Packed NF4 storage FSDP2 cannot shard: bitsandbytes' uint8 storage under
+        fully_shard trains to a loss of 0 or NaN (accelerate #3983); a float storage (the
+        model's dtype) shards like any other parameter."""
+        adapters: AdaptersSpec | None = result.get("adapters")
+        fsdp: FullyShardSpec | None = result.get("fully_shard")
+        quantize = adapters.quantize if adapters is not None else None
+        if quantize is None or fsdp is None or quantize.backend != "bitsandbytes" or quantize.storage != "uint8":
+            return
+        span = adapters.setting_spans.get("quantize.storage", quantize.span) if adapters else quantize.span
+        self.error(span, "E414", "bitsandbytes' uint8 storage cannot be sharded by fully_shard: "
+                   "the 4-bit base trains to a loss of 0 or NaN",
+                   "store the packed base in the model's dtype (`storage = bf16`), or use `backend = torchao`",
+                   )
 
     # -- one builder per section kind: (field of PlanSpec, value)
 
@@ -501,6 +523,47 @@ class _Checker:
         splits = tuple(p for item, _ in body.items for p in _patterns(item.patterns))
         return "pipeline", PipelineSpec(on[0] if on else "", v["schedule"], v["microbatches"],
                                         v["virtual_stages"], splits, s.span)
+
+    def _build_adapters(self, s: ast.Section, on: tuple[str, ...], body: _Body) -> tuple[str, Any]:
+        v = body.values()
+        spans: dict[str, Span] = {e.key: e.span for e in (s.body.entries if s.body else ())
+                                  if isinstance(e, ast.Setting)}
+        targets: list[PatternSpec] = []
+        seen: dict[str, ast.Pattern] = {}
+        quantize = None
+        for item, values in body.items:
+            if item.keyword == "targets":
+                for pattern in item.patterns:
+                    if pattern.text in seen:
+                        self.error(pattern.span, "E404", f"`{pattern.text}` is already a target",
+                                   f"see line {seen[pattern.text].span.line}")
+                        continue
+                    seen[pattern.text] = pattern
+                    targets.append(PatternSpec(pattern.text, pattern.span))
+            elif item.keyword == "quantize":
+                for entry in item.body.entries if item.body else ():
+                    if isinstance(entry, ast.Setting):
+                        spans[f"quantize.{entry.key}"] = entry.span
+                quantize = self._quantize(item, values, spans)
+        written = any(isinstance(e, ast.Item) and e.keyword == "targets" for e in (s.body.entries if s.body else ()))
+        if not written:
+            self.error(s.head(s.kind), "E412", "`adapters` names no target modules",
+                       "add `targets model.layers.*.self_attn.{q,k,v,o}_proj` (base modules, as named "
+                       "in the model without adapters)")
+        return "adapters", AdaptersSpec(method=v["method"], targets=tuple(targets), rank=v["rank"],
+                                        alpha=v["alpha"], dropout=v["dropout"], dtype=v["dtype"],
+                                        quantize=quantize, span=s.span, setting_spans=spans)
+
+    def _quantize(self, item: ast.Item, values: Mapping[str, Any], spans: Mapping[str, Span]) -> QuantizeSpec | None:
+        if any(values[k] is None for k in ("format", "backend", "compute", "storage")):
+            return None  # a value that did not convert, already reported
+        if values["backend"] == "torchao" and values["storage"] != "uint8":
+            self.error(spans.get("quantize.storage", item.span), "E414",
+                       f"torchao packs NF4 into uint8; `storage = {values['storage']}` is bitsandbytes' option",
+                       "leave `storage` out (uint8), or use `backend = bitsandbytes`")
+        return QuantizeSpec(format=values["format"], backend=values["backend"], compute=values["compute"],
+                            storage=values["storage"], block_size=values["block_size"],
+                            scaler_block_size=values["scaler_block_size"], span=item.span)
 
     def _build_packing(self, s: ast.Section, on: tuple[str, ...], body: _Body) -> tuple[str, Any]:
         v = body.values()

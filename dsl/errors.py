@@ -79,6 +79,7 @@ CATALOGUE: dict[str, str] = {
     "E411": "not allowed here",
     "E412": "missing required setting",
     "E413": "duplicate header",
+    "E414": "settings that cannot go together",
     # E5xx (planner): the plan against the mesh and the model
     "E501": "mesh does not match the world size",
     "E502": "pattern matches no module",
@@ -92,6 +93,8 @@ CATALOGUE: dict[str, str] = {
     "E510": "model cannot be used",
     "E511": "unsupported feature",
     "E512": "pipeline cannot run as planned",
+    "E513": "module cannot carry an adapter",
+    "E514": "quantized base does not fit the plan",
     # W: accepted, but probably not what was meant
     "W101": "unused parameter",
     "W102": "dimension of size 1",

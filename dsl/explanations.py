@@ -75,7 +75,8 @@ Example:
     }
 
 Fix: use one of the sections: tensor_parallel, activation_checkpoint, fully_shard,
-context_parallel, expert_parallel, pipeline, packing (plus mesh, submesh, param, plan).
+context_parallel, expert_parallel, pipeline, adapters, packing (plus mesh, submesh, param,
+plan).
 """,
     "E202": """\
 A tensor-parallel rule names a style that is not registered.
@@ -369,6 +370,28 @@ Example: two plans pasted into one file.
 
 Fix: one plan per file; keep one header.
 """,
+    "E414": """\
+Settings that each have a legal value but cannot go together. For a quantized base
+(`adapters { quantize { … } }`): torchao always packs NF4 into uint8, so a float
+`storage` is bitsandbytes' option only; and bitsandbytes' uint8 storage cannot be
+sharded by fully_shard (FSDP2 treats the packed bytes as numbers: the model trains to a
+loss of 0 or NaN, accelerate #3983).
+
+Example:
+
+    mesh { dp_shard = 2 }
+    adapters {
+      rank = 8
+      targets model.layers.*.mlp.down_proj
+      quantize { backend = torchao, storage = bf16 }
+    }
+    fully_shard on dp_shard {
+      root
+    }
+
+Fix: leave `storage` out for torchao (uint8); with bitsandbytes under fully_shard, store
+the packed base in the model's dtype (`storage = bf16`).
+""",
     "E501": """\
 The mesh does not multiply out to the world size (or the expert mesh does not fit in
 the ranks it is carved from).
@@ -444,12 +467,15 @@ projection).
 """,
     "E508": """\
 The FSDP units do not form a valid structure: units that do not nest, tied weights
-split across units, a float32 router inside a unit of another dtype, a root missing.
+split across units, a float32 router inside a unit of another dtype, adapters of another
+dtype than the parameters beside them (`adapters { dtype = fp32 }` on a bf16 model) in a
+unit without `mixed_precision { param = … }`, a root missing.
 
 Example: `lm_head` and `model.embed_tokens` in different units while the model ties
 their weights.
 
-Fix: put tied modules in one unit; give modules of another dtype a unit of their own.
+Fix: put tied modules in one unit; give modules of another dtype a unit of their own, or
+give fully_shard a `mixed_precision { param = … }` that casts the unit to one dtype.
 """,
     "E509": """\
 Two uses of the mesh overlap that must be disjoint, e.g. FSDP sharding over a
@@ -496,6 +522,42 @@ Example:
 
 Fix: use at least pp microbatches, the schedule's number of `virtual_stages`, and split
 points `model.layers.N` with N ≥ 1.
+""",
+    "E513": """\
+A `targets` module cannot carry a LoRA adapter as planned: PEFT adapts Linear,
+Embedding and Conv1D modules only (not an attention block, a norm or an activation); the
+module's weight is tied to another module's (an adapter under one name would change the
+other's layer, and wrapping the module breaks the tie); or, under tensor parallelism, the
+module's style has no adapter layout for its kind (the style registry's `adapter`:
+colwise, rowwise and replicate have one on a Linear; a colwise or rowwise Embedding, the
+Conv1D styles and sequence_parallel do not). A prepare_input or prepare_output rule on
+the module is fine: it converts the activations, which base and adapter share.
+
+Example:
+
+    adapters {
+      rank = 8
+      targets model.layers.*.self_attn        # the block, not its projections
+    }
+
+Fix: target the projections (`model.layers.*.self_attn.{q,k,v,o}_proj`); leave tied
+modules and modules in a style without adapter layout out of targets.
+""",
+    "E514": """\
+A quantized (NF4, QLoRA) base does not fit the rest of the plan: only Linear bases are
+held in NF4; a tensor-parallel style cannot shard an NF4 base (NF4 bases shard over FSDP
+only); bitsandbytes' float storage must be the model's dtype under fully_shard; and the
+weight must split into whole NF4 blocks. NF4 quantises blocks of `block_size` values with
+one scaler each, and `scaler_block_size` scalers share a scale: out·in must be a multiple
+of block_size · scaler_block_size, and under FSDP over n ranks (which splits the weight
+along its rows, each shard a slice of the whole weight's blocks) out % n == 0 and
+out·in % (block_size · scaler_block_size · n) == 0.
+
+Example: `quantize { … }` with `fully_shard on dp_shard` at dp_shard = 3 on a model
+whose projections have 64 rows.
+
+Fix: leave the quantized modules out of tensor_parallel; choose an FSDP size (or a
+block_size / scaler_block_size) that divides; or leave the module out of targets.
 """,
     "E601": """\
 `plan explain` applies the compiled Program to a meta-device copy of the model on a

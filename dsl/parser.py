@@ -31,6 +31,7 @@ _VALUE_WORD = re.compile(r"[A-Za-z0-9_]+")
 _TERMINAL_WORDS = {
     "WORD": "a name or pattern",
     "INT": "an integer",
+    "FLOAT": "a number",
     "STRING": "a string",
     "_NL": "end of line",
     "$END": "end of file",
@@ -158,7 +159,7 @@ def _describe(name: str) -> str:
 
 def _expected(names: set[str]) -> str:
     if {"WORD", "INT", "STRING"} <= names:
-        names = (set(names) - {"WORD", "INT", "STRING"}) | {"VALUE"}
+        names = (set(names) - {"WORD", "INT", "FLOAT", "STRING"}) | {"VALUE"}
     words = sorted({"a value" if n == "VALUE" else _describe(n) for n in names})
     if len(words) > 6:
         words = [*words[:6], "…"]
@@ -264,7 +265,7 @@ def _tspan(file: str, t: Token) -> Span:
 
 
 def _as_value(v: object) -> ast.Value:
-    if isinstance(v, ast.Int | ast.Bool | ast.Str | ast.Name | ast.Call):
+    if isinstance(v, ast.Int | ast.Float | ast.Bool | ast.Str | ast.Name | ast.Call):
         return v
     raise TypeError(f"not a value: {v!r}")  # grammar guarantees it; kept for the type checker
 
@@ -310,6 +311,17 @@ class _Builder(Transformer[Token, Any]):
                                          "integers must fit in 64 bits"))
             return ast.Int(value=0, span=_span(self.file, meta))
         return ast.Int(value=int(text), span=_span(self.file, meta))
+
+    def float_value(self, meta: Any, t: Token) -> ast.Float:
+        text = str(t)
+        value = float(text)
+        # Beyond float range the text reads as infinity: no setting means that.
+        if value in (float("inf"), float("-inf")):
+            self.errors.append(PlanError(_span(self.file, meta), "E303",
+                                         f"number `{text[:24]}{'…' if len(text) > 24 else ''}` is out of range",
+                                         "numbers must fit in a 64-bit float"))
+            return ast.Float(value=0.0, span=_span(self.file, meta))
+        return ast.Float(value=value, span=_span(self.file, meta))
 
     def string_value(self, meta: Any, t: Token) -> ast.Str:
         return ast.Str(value=str(t)[1:-1], span=_span(self.file, meta))

@@ -28,9 +28,22 @@ class TypeProblem(Exception):
         self.hint = hint
 
 
+def float_text(value: float) -> str:
+    """A float as plan text that reads back as the same float: Python's shortest repr,
+    with `.0` before an exponent that has no dot (`1e-20` → `1.0e-20`), since a float
+    of the language always has a fractional part."""
+    text = repr(float(value))
+    if "e" in text and "." not in text:
+        mantissa, exponent = text.split("e")
+        text = f"{mantissa}.0e{exponent}"
+    return text
+
+
 def _shown(value: ast.Value) -> str:
     if isinstance(value, ast.Int):
         return str(value.value)
+    if isinstance(value, ast.Float):
+        return float_text(value.value)
     if isinstance(value, ast.Bool):
         return "true" if value.value else "false"
     if isinstance(value, ast.Str):
@@ -74,6 +87,39 @@ class IntType(ValueType):
 
 
 @dataclass(frozen=True)
+class NumberType(ValueType):
+    """A real number: written `0.05` or, where it is whole, `16`; bounds are optional,
+    each inclusive or not (`low_open`: strictly above `low`)."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+
+    @property
+    def description(self) -> str:  # type: ignore[override]
+        low = None if self.low is None else float_text(self.low).removesuffix(".0")
+        high = None if self.high is None else float_text(self.high).removesuffix(".0")
+        if low is not None and high is not None:
+            return f"a number in {'(' if self.low_open else '['}{low}, {high}{')' if self.high_open else ']'}"
+        if low is not None:
+            return f"a number {'>' if self.low_open else '≥'} {low}"
+        if high is not None:
+            return f"a number {'<' if self.high_open else '≤'} {high}"
+        return "a number"
+
+    def convert(self, value: ast.Value) -> float:
+        if not isinstance(value, ast.Int | ast.Float):
+            raise self.wrong(value)
+        number = float(value.value)
+        below = self.low is not None and (number <= self.low if self.low_open else number < self.low)
+        above = self.high is not None and (number >= self.high if self.high_open else number > self.high)
+        if below or above:
+            raise TypeProblem("E303", f"expected {self.description}, found {_shown(value)}")
+        return number
+
+
+@dataclass(frozen=True)
 class BoolType(ValueType):
     description = "`true` or `false`"
 
@@ -104,6 +150,24 @@ class DtypeType(ValueType):
             raise TypeProblem("E204", f"unknown dtype `{value.name}`",
                               did_you_mean(value.name, DTYPES) or "dtypes are bf16, fp16, fp32, fp64")
         raise self.wrong(value)
+
+
+@dataclass(frozen=True)
+class StorageType(ValueType):
+    """What packed 4-bit data is stored in: `uint8`, or a float dtype (bitsandbytes'
+    quant_storage), dtype aliases accepted."""
+
+    description = "`uint8` or a dtype (`bf16`, `fp16`, `fp32`)"
+
+    def convert(self, value: ast.Value) -> str:
+        if isinstance(value, ast.Name) and value.name == "uint8":
+            return "uint8"
+        if isinstance(value, ast.Name) and value.name not in DTYPES:
+            from .errors import did_you_mean
+
+            raise TypeProblem("E204", f"unknown storage dtype `{value.name}`",
+                              did_you_mean(value.name, ["uint8", *DTYPES]) or f"expected {self.description}")
+        return DtypeType().convert(value)
 
 
 @dataclass(frozen=True)
@@ -237,6 +301,10 @@ class SectionSchema:
     dimension: str | None = None
 
 
+ADAPTER_METHODS = ("lora",)
+QUANT_FORMATS = ("nf4",)
+QUANT_BACKENDS = ("torchao", "bitsandbytes")
+
 RESHARD = SettingSchema(ReshardType(), "auto",
                         doc="free parameters after forward: true, false, auto (true except the "
                             "last unit), or N to keep them sharded over N ranks")
@@ -308,6 +376,39 @@ SECTIONS: Mapping[str, SectionSchema] = {
                 EnumType(("gpipe", "1f1b", "interleaved_1f1b", "interleaved_zero_bubble", "zbv")), "1f1b"),
             "microbatches": SettingSchema(IntType(1), required=True),
             "virtual_stages": SettingSchema(IntType(1), 1, doc="stages per rank"),
+        },
+    ),
+    "adapters": SectionSchema(
+        "PEFT adapters (LoRA) on the base modules `targets` names; the rest is frozen. "
+        "`quantize { … }` holds those modules' base weights in 4 bits (QLoRA).",
+        settings={
+            "method": SettingSchema(EnumType(ADAPTER_METHODS), "lora", doc="the adapter method"),
+            "rank": SettingSchema(IntType(1), required=True, doc="write e.g. `rank = 16`: the adapters' rank r"),
+            # PEFT's LoraConfig default (lora_alpha = 8), so that a plan without `alpha`
+            # scales the update as PEFT would.
+            "alpha": SettingSchema(NumberType(0, low_open=True), 8.0,
+                                   doc="LoRA scales the adapter's output by alpha / rank (default 8, as PEFT)"),
+            "dropout": SettingSchema(NumberType(0, 1, high_open=True), 0.0,
+                                     doc="dropout on the adapter's input, in [0, 1)"),
+            "dtype": SettingSchema(DTYPE, None, doc="the adapters' parameter dtype (default: the base's)"),
+        },
+        items={
+            "targets": ItemSchema("Base modules that get an adapter (as named in the unadapted model).",
+                                  patterns="required", repeat=True),
+            "quantize": ItemSchema(
+                "Hold the adapted modules' frozen base weights as NF4 (QLoRA).",
+                settings={
+                    "format": SettingSchema(EnumType(QUANT_FORMATS), "nf4", doc="the 4-bit format"),
+                    "backend": SettingSchema(EnumType(QUANT_BACKENDS), "torchao",
+                                             doc="torchao's NF4Tensor (FSDP2-aware) or bitsandbytes' Linear4bit"),
+                    "compute": SettingSchema(DTYPE, "bf16", doc="the dtype the base is dequantised to"),
+                    "storage": SettingSchema(StorageType(), "uint8",
+                                             doc="what the packed data is stored in (bitsandbytes' quant_storage)"),
+                    "block_size": SettingSchema(IntType(1), 64, doc="values per absmax scaler"),
+                    "scaler_block_size": SettingSchema(IntType(1), 256,
+                                                       doc="scalers per double-quantisation scale"),
+                },
+            ),
         },
     ),
     "packing": SectionSchema(

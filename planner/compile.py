@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 from meshplan.dsl import load
 from meshplan.dsl.errors import PlanError, PlanRejected
 
+from .passes.adapters import AdapterPlacement
 from .passes.checkpoints import Checkpoints
 from .passes.context import Context, Pass
 from .passes.coverage import Coverage
@@ -41,6 +42,7 @@ PASSES: tuple[type[Pass], ...] = (
     ResolvePatterns,
     StyleFit,
     Divisibility,
+    AdapterPlacement,  # after the styles: reads each adapted module's rule and the FSDP units
     ExpertPlacement,
     PipelineStages,
     Layouts,

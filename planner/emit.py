@@ -19,7 +19,8 @@ parameter's placements.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import asdict, replace
 from typing import cast
 
 from meshplan.dsl.styles import STYLES, TORCH_TP
@@ -27,6 +28,7 @@ from meshplan.dsl.styles import STYLES, TORCH_TP
 from .emitted_styles import SOURCE as STYLES_SOURCE
 from .emitted_styles import TIES as TIES_SOURCE
 from .program import (
+    Adapters,
     Checkpoint,
     ContextParallel,
     ExpertParallel,
@@ -47,11 +49,13 @@ def style_source(call: StyleCall) -> str:
     return str(STYLES[call.style].source(call))
 
 
-def _torch_imports(program: Program) -> list[str]:
+def _torch_imports(steps: Iterable[Step]) -> list[str]:
     """Import lines for the torch constructors the program's styles use (the registry
     names them), with torch's placements and `parallelize_module`."""
     names: dict[str, set[str]] = {TORCH_TP: {"parallelize_module"}}
-    for step in program.steps_of(Parallelize):
+    for step in steps:
+        if not isinstance(step, Parallelize):
+            continue
         for _, call in step.plan:
             built = STYLES[call.style].construct(call)
             if built.module.split(".")[0] == "torch":
@@ -79,7 +83,37 @@ def _where(step: Step) -> str:
     return f"# {_text(str(step.span))}" if step.span.line else "#"
 
 
+def _adapted_plan(step: Step, adapted: frozenset[str]) -> Step:
+    """A Parallelize step as it applies to a model with adapters (as the runtime): the
+    style on an adapted module goes to its `base_layer`, the style's adapter layout (the
+    style registry's `adapter`) to `lora_A.default` and `lora_B.default`. A style that
+    touches no parameter (prepare_input / prepare_output) stays on the module: it
+    converts the activations base and adapter share."""
+    if not isinstance(step, Parallelize) or not adapted:
+        return step
+    plan: list[tuple[str, StyleCall]] = []
+    for relative, call in step.plan:
+        full = ".".join(p for p in (step.fqn, relative) if p)
+        record = STYLES[call.style]
+        if full not in adapted or not (record.contract.weights or record.contract.replicated_params):
+            plan.append((relative, call))
+            continue
+        if len(record.adapter) != 1:
+            # The Program does not say the module's kind; every style with an adapter
+            # layout has it for one kind (a Linear), which the compiler checked.
+            raise ValueError(f"--emit python: `{call.style}` on the adapted module {full!r} has adapter layouts "
+                             f"for {len(record.adapter)} module kinds; use --emit json")
+        layout = next(iter(record.adapter.values()))(call)
+        prefix = f"{relative}." if relative else ""
+        plan += [(f"{prefix}base_layer", call),
+                 (f"{prefix}lora_A.default", StyleCall(**asdict(layout.a))),
+                 (f"{prefix}lora_B.default", StyleCall(**asdict(layout.b)))]
+    return replace(step, plan=tuple(plan))
+
+
 def to_python(program: Program) -> str:
+    adapted = frozenset(f for step in program.steps_of(Adapters) for f in step.fqns)
+    steps = [_adapted_plan(step, adapted) for step in program.steps]
     lines = [
         f'"""meshplan program: plan `{_text(program.plan)}` ({_text(program.source)}) for {_text(program.model)} '
         f"on {program.world_size} ranks.",
@@ -97,7 +131,7 @@ def to_python(program: Program) -> str:
         "from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper",
         "from torch.distributed.device_mesh import init_device_mesh",
         "from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard",
-        *_torch_imports(program),
+        *_torch_imports(steps),
         "",
         "# ---- ParallelStyles torch lacks (meshplan/runtime/parallel/styles.py, verbatim) ----",
         STYLES_SOURCE,
@@ -134,7 +168,7 @@ def to_python(program: Program) -> str:
     # As the runtime: a step that unties tied parameters (parallelize_module does) gets
     # them tied again after it.
     body: list[str] = ["    _ties = tied_groups(model)"]
-    for step in program.steps:
+    for step in steps:
         emit = EMITTERS.get(type(step))
         if emit is None:
             raise ValueError(f"--emit python: no emitter for {step.kind} steps")
@@ -213,6 +247,26 @@ def _fully_shard(step: FullyShard) -> list[str]:
             f"offload_policy={offload})"]
 
 
+def _adapters(step: Adapters) -> list[str]:
+    if step.quantize is not None:
+        # Holding the bases as NF4 blocks that FSDP2 shards (quantised whole, split by rows)
+        # is meshplan's runtime's; a torch + PEFT script cannot say it yet.
+        raise ValueError("--emit python cannot write a quantized (QLoRA) base yet (the NF4 bases are "
+                         "meshplan's runtime's); use --emit json, which `plan run` and meshplan.runtime apply")
+    config = (f"LoraConfig(target_modules={list(step.fqns)!r}, r={step.rank!r}, lora_alpha={step.alpha!r}, "
+              f"lora_dropout={step.dropout!r}, bias=\"none\")")
+    body = ["    import torch",
+            "    from peft import LoraConfig, inject_adapter_in_model  # needs peft",
+            f"    inject_adapter_in_model({config}, model)",
+            "    for _name, _param in model.named_parameters():",
+            "        _param.requires_grad_(\".lora_\" in _name)  # only the adapters train"]
+    if step.dtype is not None:
+        body += ["    for _name, _param in model.named_parameters():",
+                 "        if \".lora_\" in _name:",
+                 f"            _param.data = _param.data.to({_TORCH_DTYPES[step.dtype]})"]
+    return body
+
+
 def _pipeline(step: Pipeline) -> list[str]:
     # The stages are meshplan's own modules (runtime.parallel.pipeline) and every later
     # step applies per stage: a torch-only script cannot say that yet.
@@ -226,6 +280,7 @@ def _entry(kind: type[S], emit: Callable[[S], list[str]]) -> tuple[type[Step], C
 
 # How the script spells each step kind: the lines of `apply()` it becomes.
 EMITTERS: Mapping[type[Step], Callable[[Step], list[str]]] = dict([
+    _entry(Adapters, _adapters),
     _entry(Parallelize, _parallelize),
     _entry(Checkpoint, _checkpoint),
     _entry(ContextParallel, _context_parallel),

@@ -1,6 +1,10 @@
 """Checked plan + pass results → Program.
 
 Order of steps, and why:
+0. adapters (`Adapters`), right after the pipeline cut (which holds the modules in
+   stages): PEFT wraps each target in a LoRA layer before any other step, so that the
+   tensor-parallel styles go to its `base_layer` (and their adapter layouts to `lora_A` /
+   `lora_B`) and FSDP shards base and adapters in one unit.
 1. tensor parallel (`Parallelize`): replaces parameters by DTensors on the tp mesh;
    must come before FSDP, which shards those DTensors further (2-D FSDP+TP).
 2. context parallel: swaps attention implementations; before AC so the recomputed
@@ -63,6 +67,7 @@ def lower(ctx: Context) -> Program:
         # Only an unchecked lowering gets here (the pass reported why): a Program without
         # its stages would be another plan, so there is none.
         raise ValueError("the pipeline section cannot be cut into stages (see the pass's errors)")
+    steps += _adapters(ctx)
     steps += _tensor_parallel(ctx, order)
     steps += _context_parallel(ctx, order)
     steps += _expert_parallel(ctx, order)
@@ -70,6 +75,13 @@ def lower(ctx: Context) -> Program:
     steps += _fully_shard(ctx, order)
     return Program(plan=ctx.spec.name, model=ctx.graph.name, source=ctx.spec.file,
                    world_size=ctx.world_size, mesh=ctx.mesh, steps=tuple(steps))
+
+
+def _adapters(ctx: Context) -> list[Step]:
+    from .passes.adapters import adapters_step
+
+    step = adapters_step(ctx)
+    return [step] if step is not None else []
 
 
 def _tensor_parallel(ctx: Context, order: dict[str, int]) -> list[Step]:

@@ -36,6 +36,7 @@ class Context:
     cp_modules: dict[str, PatternSpec] = field(default_factory=dict)
     ep_modules: dict[str, PatternSpec] = field(default_factory=dict)
     units: list[ResolvedUnit] = field(default_factory=list)
+    adapters: dict[str, PatternSpec] = field(default_factory=dict)  # adapters: fqn → its targets pattern
     pipeline: Pipeline | None = None                               # pipeline: the stage cut
 
     def error(self, span: Span, code: str, message: str, hint: str | None = None,
