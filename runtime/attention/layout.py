@@ -96,7 +96,9 @@ class Segments:
 
 
 # One entry: the tensor the segments were derived from (weakly held, so a freed tensor
-# whose id is reused can never hit), its version counter, and the result.
+# whose id is reused can never hit), its version counter, and the result. A tensor
+# written outside autograd (`dist.recv` into a persistent buffer) keeps its version:
+# callers that refill one must hand in a fresh tensor (the pipeline stages do).
 _cache: dict[str, tuple[weakref.ref[torch.Tensor], int, tuple[Any, ...], Segments]] = {}
 
 
@@ -261,6 +263,7 @@ def find_segments(
             return hit
         found = _from_position_ids(position_ids.to(device), batch, length)
         if found is None:
+            _cache.clear()  # this pass is the latest: an earlier one's segments are not its
             return None
         return _remember("position_ids", position_ids, extra, found)
     return None

@@ -106,6 +106,12 @@ class StageModule(nn.Module):
         self.final_softcap = getattr(self.config, "final_logit_softcapping", None)
 
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> Any:
+        # A fresh tensor per forward pass: after the first stage, `position_ids` is the
+        # schedule's receive buffer of this microbatch, the same tensor every step, which
+        # `dist.recv` overwrites without bumping its version counter, so the attention
+        # backend's per-pass segment cache (keyed on the tensor and its version) would
+        # take a step's new boundaries for an earlier step's.
+        position_ids = position_ids.clone()
         if self.first:
             hidden = self.model.embed_tokens(x)
             if self.embed_scale is not None:
