@@ -13,6 +13,14 @@ and scales), atomically. `--rank R` adds what rank R holds: its coordinates and 
 the class of ranks it belongs to, that class's memory and module placements. The phases
 (compile, dry run, report) are announced on stderr as they start: the dry run of a big
 model takes a minute, and a silent terminal looks like a hang.
+
+A plan with an `adapters` section is explained as it trains: frozen parameters (no
+gradient, no optimizer state), the adapters, NF4 bases at their 4-bit size; the module
+tree marks what is frozen, and a line under the memory table counts the values that
+train. `--compare-adapters` adds a table of full fine-tuning, LoRA and QLoRA side by
+side — the plan without its adapters section, with it but no `quantize`, and with its
+`quantize` (else NF4's defaults) — each a dry run of its own (`--json`: under
+`adapters.compare`; `--html`: the same table).
 """
 
 from __future__ import annotations
@@ -71,6 +79,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rank", type=int, default=None, metavar="R",
                    help="show rank R's coordinates, the ranks it talks to along each dimension, its class of "
                         "ranks, memory and module placements")
+    p.add_argument("--compare-adapters", action="store_true",
+                   help="for a plan with an adapters section: also print per-rank memory (rank 0's class) of full "
+                        "fine-tuning (the section dropped: everything trains), LoRA (the section without "
+                        "quantize) and QLoRA (its quantize, else nf4 with block sizes 64/256) side by side; "
+                        "each is a dry run of its own, and a variant the dry run cannot apply (e.g. NF4 bases "
+                        "under tensor parallelism) shows why")
     p.add_argument("--json", action="store_true", help="print the figures as JSON, and nothing else")
     p.add_argument("--svg", metavar="OUT.svg", help="write the mesh and memory picture as SVG")
     p.add_argument("--html", metavar="OUT.html", help="write the mesh, memory and communication as HTML")
@@ -80,7 +94,8 @@ def run(args: argparse.Namespace, term: Terminal) -> int:
     from meshplan.dsl.errors import PlanRejected
     from meshplan.planner import Compiled
     from meshplan.planner.mesh_facts import program_sequence_multiple
-    from meshplan.runtime.explain.report import explain, plan_seq_len
+    from meshplan.planner.program import Adapters
+    from meshplan.runtime.explain.report import compare_adapters, explain, plan_seq_len
 
     from .progress import Phases
 
@@ -96,6 +111,11 @@ def run(args: argparse.Namespace, term: Terminal) -> int:
     if not isinstance(compiled, Compiled):
         return code
     program = compiled.program
+    compare = getattr(args, "compare_adapters", False)
+    if compare and not program.steps_of(Adapters):
+        return term.usage_error("explain", "--compare-adapters: the plan has no adapters section to compare "
+                                           "full fine-tuning, LoRA and QLoRA on (add `adapters { rank = 16  "
+                                           "targets … }`)")
     if args.rank is not None and not 0 <= args.rank < program.world_size:
         return term.usage_error("explain", f"--rank {args.rank}: the mesh has ranks 0..{program.world_size - 1}")
     seq_len = args.seq_len or plan_seq_len(Path(args.file), args.overrides)
@@ -120,12 +140,16 @@ def run(args: argparse.Namespace, term: Terminal) -> int:
             term.note(f"plan rejected ({len(e.errors)} error{'s' if len(e.errors) != 1 else ''})")
         return 1
     diagnostics = [*compiled.warnings, *ex.diagnostics]
+    if compare:
+        ex.variants = compare_adapters(compiled, ex, progress=phases)
     write_outputs({Path(path): make(ex, rank=args.rank)
                    for path, make in ((args.svg, svg), (args.html, html_page)) if path})
     over = args.fail_over_budget and any(m.peak > args.gpu_memory for m in ex.memory)
     if args.json:
         data = ex.to_json()
         data["diagnostics"] = _diagnostics_json(diagnostics)
+        if ex.variants:
+            data["adapters"]["compare"] = [v.to_json() for v in ex.variants]
         if args.rank is not None:
             data["rank"] = _rank_json(ex, args.rank)
         term.out.file.write(json.dumps(data, indent=2) + "\n")
@@ -175,6 +199,13 @@ def _render(ex: Explanation, term: Terminal, rank: int | None) -> None:
     computed = _computed(ex)
     if computed:
         term.print(f"  {computed}")
+    if ex.adapted:
+        term.print(f"  {_trainable(ex)}")
+    if ex.variants:
+        _section(term, _VARIANTS_TITLE)
+        _print(term, _rich_table(_variant_head(ex), _variant_rows(ex), right_from=1))
+        for line in _variant_notes(ex):
+            term.print(f"  {line}")
     if ex.blocks:
         _section(term, _blocks_title(ex))
         _print(term, _rich_table(_BLOCK_HEAD, _block_rows(ex)))
@@ -233,13 +264,14 @@ _RIGHT = ("ranks/group", "groups", "count", "group", "fwd/bwd", "bytes", "sent (
           "kept / layer", "kept, all")
 
 
-def _rich_table(head: list[str], rows: list[Row]) -> RenderableType:
+def _rich_table(head: list[str], rows: list[Row], right_from: int | None = None) -> RenderableType:
+    """`right_from`: columns from this index on are right-aligned (figures)."""
     from rich import box
     from rich.table import Table
 
     table = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False)
     for i, col in enumerate(head):
-        right = col in _RIGHT or (i > 0 and col.startswith("rank "))
+        right = col in _RIGHT or (i > 0 and col.startswith("rank ")) or (right_from is not None and i >= right_from)
         table.add_column(col, justify="right" if right else "left")
     for cells, style in rows:
         table.add_row(*cells, style=style)
@@ -420,14 +452,19 @@ def _tree(ex: Explanation, modules: list[ModuleRow]) -> RenderableType:
         node = parent.add(Text(label))
         for prm in row.params:
             node.add(Text(f"{prm.name}  {_shape(prm.global_shape)} → {_shape(prm.local_shape)}  "
-                          f"[{_placement(prm)}]  {prm.dtype}"))
+                          f"[{_placement(prm)}]  {_dtype(prm)}"))
     return root
+
+
+def _dtype(prm: Any) -> str:
+    """The storage dtype, and `frozen` for a parameter that gets no gradient."""
+    return f"{prm.dtype} frozen" if prm.frozen else str(prm.dtype)
 
 
 def _param_rows(modules: list[ModuleRow]) -> list[Row]:
     """The module tree flattened, one row per parameter (the page's form of the tree)."""
     return [([row.name + (f"  ×{row.layers}" if row.layers > 1 else ""), prm.name, _shape(prm.global_shape),
-              _shape(prm.local_shape), f"[{_placement(prm)}]", prm.dtype], None)
+              _shape(prm.local_shape), f"[{_placement(prm)}]", _dtype(prm)], None)
             for row in modules for prm in row.params]
 
 
@@ -470,6 +507,56 @@ def _computed(ex: Explanation) -> str:
     if not computed:
         return ""
     return f"computed from the placements, not applied: {', '.join(f'rank {c.rank}' for c in computed)}"
+
+
+def _trainable(ex: Explanation) -> str:
+    """What trains under the plan's adapters: values of the whole model."""
+    from meshplan.runtime.explain.sizes import human_count
+
+    c = ex.parameter_counts()
+    total = c.trainable + c.frozen
+    share = f" ({100 * c.trainable / total:.2f} %)" if total else ""
+    nf4 = f", {human_count(c.nf4)} of them held in NF4" if c.nf4 else ""
+    return (f"adapters: {human_count(c.trainable)} of {human_count(total)} parameters train{share}; "
+            f"{human_count(c.frozen)} frozen (no gradient, no optimizer state){nf4}")
+
+
+_VARIANTS_TITLE = "Full fine-tuning, LoRA and QLoRA per rank (rank 0's class; each its own dry run)"
+
+
+def _variant_head(ex: Explanation) -> list[str]:
+    return ["per rank", *[v.name + (" (this plan)" if v.current else "") for v in ex.variants]]
+
+
+def _variant_rows(ex: Explanation) -> list[Row]:
+    from meshplan.runtime.explain.sizes import human_bytes, human_count
+
+    def cells(value: Any) -> list[str]:
+        return [value(v) if v.memory is not None and v.counts is not None else "—" for v in ex.variants]
+
+    rows: list[Row] = [(["trainable parameters", *cells(lambda v: human_count(v.counts.trainable))], None),
+                       (["frozen parameters", *cells(lambda v: human_count(v.counts.frozen))], None)]
+    rows += [([label, *cells(lambda v, key=key: human_bytes(v.memory.to_json()[key]))], None)
+             for label, key in _MEMORY_ROWS]
+    rows.append((["peak (upper bound)", *cells(lambda v: human_bytes(v.memory.peak))], "bold"))
+    if ex.gpu_memory is not None:
+        rows.append((["--gpu-memory", *[human_bytes(ex.gpu_memory) for _ in ex.variants]], "dim"))
+    return rows
+
+
+def _variant_notes(ex: Explanation) -> list[str]:
+    lines = [f"{v.name}: not measured, the dry run refused it: {v.error}" for v in ex.variants if v.error]
+    return [*lines, f"full: the adapters section dropped; LoRA: without quantize; QLoRA: {_quantize_label(ex)}; "
+                    "every other step as the plan says"]
+
+
+def _quantize_label(ex: Explanation) -> str:
+    from meshplan.planner.program import Adapters, Quantize
+
+    step = next(iter(ex.program.steps_of(Adapters)), None)
+    q = step.quantize if step is not None and step.quantize is not None else Quantize()
+    own = "the plan's quantize" if step is not None and step.quantize is not None else "nf4 by default"
+    return f"{own} ({q.format}, {q.backend}, compute {q.compute}, blocks {q.block_size}/{q.scaler_block_size})"
 
 
 _BLOCK_HEAD = ["layers", "count", "checkpoint", "saved / layer", "kept / layer", "kept, all"]
@@ -695,7 +782,10 @@ def html_page(ex: Explanation, *, rank: int | None = None) -> str:
              "<h2>Modules (rank 0: placements along the mesh dims, local shape)</h2>\n", para(_PLACEMENT_KEY),
              table(_PARAM_HEAD, _param_rows(ex.modules)),
              "<h2>Memory per rank</h2>\n", table(_memory_head(ex.memory), _memory_rows(ex, ex.memory)),
-             para(_computed(ex))]
+             para(_computed(ex), _trainable(ex) if ex.adapted else "")]
+    if ex.variants:
+        parts += [f"<h2>{_x(_VARIANTS_TITLE)}</h2>\n", table(_variant_head(ex), _variant_rows(ex)),
+                  para(*_variant_notes(ex))]
     if ex.blocks:
         parts += [f"<h2>{_x(_blocks_title(ex))}</h2>\n", table(_BLOCK_HEAD, _block_rows(ex))]
     parts += ["<h2>Communication per rank and training step</h2>\n", table(_COMM_HEAD, _comm_rows(ex)),

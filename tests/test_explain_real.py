@@ -11,6 +11,10 @@ backward, AdamW). Measured there:
   group size);
 - activations: the high-water mark of the `Activation` category of torch's
   `FSDPMemTracker` over the step — the estimate must be within 25 %.
+
+With adapters (LoRA, and QLoRA's NF4 bases: torchao tensors whose inner tensors are the
+storages) on tiny-llama under FSDP 4, the parameter, gradient and optimizer bytes must be
+exact too: frozen bases have no gradient and no optimizer state, the adapters do.
 """
 
 from __future__ import annotations
@@ -48,14 +52,22 @@ _OPS = {"_allgather_base_": "all_gather", "allgather_": "all_gather", "all_gathe
 
 def _storage_bytes(tensors: Any) -> int:
     from torch.distributed.tensor import DTensor
+    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
     seen: dict[int, int] = {}
-    for t in tensors:
-        if t is None:
-            continue
+
+    def add(t: torch.Tensor) -> None:
         local = t._local_tensor if isinstance(t, DTensor) else t
+        if is_traceable_wrapper_subclass(local):  # an NF4 weight: its inner tensors hold the bytes
+            for name in local.__tensor_flatten__()[0]:
+                add(getattr(local, name))
+            return
         storage = local.untyped_storage()
         seen[storage.data_ptr() or id(storage)] = storage.nbytes()
+
+    for t in tensors:
+        if t is not None:
+            add(t)
     return sum(seen.values())
 
 
@@ -188,3 +200,37 @@ def test_estimates_match_a_real_run(pool: Any, plan: str, model: str, overrides:
         counted_bytes[(row.op, row.group_size)] += row.bytes
     assert counted == measured
     assert counted_bytes == measured_bytes
+
+
+# tiny-llama's projections are small: NF4 blocks of 16 values and 8 scalers per scale,
+# so that every FSDP shard of 4 holds whole blocks.
+_QUANTIZE = "  quantize { format = nf4, backend = torchao, compute = bf16, block_size = 16, scaler_block_size = 8 }\n"
+ADAPTER_CASES = {"lora": "", "qlora": _QUANTIZE}
+
+
+def adapters_plan(quantize: str = "") -> str:
+    """plans/fsdp.plan (FSDP over every rank, bf16 compute, full checkpointing) with rank-4
+    LoRA adapters on every projection."""
+    text = (ROOT / "plans" / "fsdp.plan").read_text(encoding="utf-8")
+    section = ("adapters {\n  rank = 4\n  alpha = 8\n"
+               "  targets model.layers.*.self_attn.{q,k,v,o}_proj\n"
+               "  targets model.layers.*.mlp.{gate,up,down}_proj\n" + quantize + "}\n\n")
+    return text.replace("activation_checkpoint", section + "activation_checkpoint", 1)
+
+
+@pytest.mark.parametrize("case", list(ADAPTER_CASES))
+def test_adapter_estimates_match_a_real_run(pool: Any, case: str) -> None:
+    compiled = compile_plan(adapters_plan(ADAPTER_CASES[case]), "tiny-llama", WORLD, ["seq_len=64"])
+    ex = explain(compiled, seq_len=SEQ, micro_batch=MICRO)
+    assert [c.count for c in ex.classes] == [WORLD]
+    counts = ex.parameter_counts()
+    assert counts.trainable == 2 * 4 * (3 * 64 + 64 + 2 * (64 + 32) + 3 * (64 + 128))  # layers · rank · (in + out)
+    assert (counts.nf4 > 0) == (case == "qlora")
+    results = pool.run(_real_step, compiled.program.to_json(), "tiny-llama")
+    estimate = ex.memory[0]
+    for rank, real in enumerate(results):
+        assert (real["parameters"], real["gradients"], real["optimizer"]) == \
+            (estimate.parameters, estimate.gradients, estimate.optimizer), f"rank {rank}"
+    # The frozen bases cost no gradient: the adapters' (fp32, sharded over 4) are all there is.
+    assert estimate.gradients == counts.trainable * 4 // WORLD
+    assert estimate.optimizer == 2 * estimate.gradients

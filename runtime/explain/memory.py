@@ -2,16 +2,21 @@
 
 Exact (from the dry run's shards, as FSDP2 and DTensor allocate them):
 
-- **parameters**: every parameter's storage on this rank, in the storage dtype (the
-  dtype the model is built in: fp32 unless `--param-dtype` says otherwise; FSDP2 keeps
-  sharded parameters in it and casts to `mixed_precision.param` only for compute). An
+- **parameters**: every parameter's storage on this rank, in its dtype as the dry run
+  leaves it (the dtype the model is built in: fp32 unless `--param-dtype` says
+  otherwise, or an Adapters step's `dtype` for its adapters; FSDP2 keeps sharded
+  parameters in it and casts to `mixed_precision.param` only for compute). An
   FSDP-managed parameter costs its *padded* shard (FSDP2 pads every shard to the
-  first one's size); other parameters their local (TP) shard.
-- **gradients**: the same sizes as the parameters (FSDP2 writes each sharded gradient
-  into the padded reduce-scatter output, cast back to the storage dtype).
-- **optimizer**: AdamW's `exp_avg` and `exp_avg_sq`, two tensors like each parameter's
-  local shard (unpadded), in the storage dtype. Its `step` counters are host scalars and
-  not counted.
+  first one's size); other parameters their local (TP) shard. A base weight an
+  Adapters step quantises costs its NF4 bytes (`runtime.explain.sizes.nf4_bytes`:
+  4 bits a value plus its scalers) — of its shard under FSDP2, which splits it evenly.
+- **gradients**: the same sizes as the parameters that require a gradient (FSDP2 writes
+  each sharded gradient into the padded reduce-scatter output, cast back to the storage
+  dtype); a frozen parameter (every non-adapter one under an Adapters step) has none.
+- **optimizer**: AdamW's `exp_avg` and `exp_avg_sq`, two tensors like each trainable
+  parameter's local shard (unpadded), in its dtype; AdamW creates no state for a
+  parameter that never has a gradient. Its `step` counters are host scalars and not
+  counted.
 - **buffers**: module buffers (e.g. rotary inverse frequencies), not sharded.
 
 Estimated:
@@ -34,11 +39,13 @@ Estimated:
 
   i.e. the high-water mark of activation memory (the `Activation` category of torch's
   `FSDPMemTracker`, which the tests compare against: within 25 % on the tiny models).
-- **FSDP buffers**: unsharded parameters (compute dtype) of the units that do not
-  reshard after forward — held from their forward to their backward — plus, for the
-  units that do reshard, the largest one unsharded twice (the unit computing and the
-  one prefetched), plus the largest unit's reduce-scatter input (unsharded gradients in
-  the reduce dtype).
+- **FSDP buffers**: unsharded parameters (compute dtype; an NF4 weight gathered as its
+  codes, scalers and scales, `nf4_gathered_bytes`) of the units that do not reshard
+  after forward — held from their forward to their backward — plus, for the units that
+  do reshard, the largest one unsharded twice (the unit computing and the one
+  prefetched), plus the largest unit's reduce-scatter input (unsharded gradients of
+  its trainable parameters, in the reduce dtype: FSDP2 reduces only parameters with a
+  gradient).
 - **backward temporaries**: gradients of activations in flight, taken as the largest of
   one block's saved activations and the tensors saved outside the blocks (the logits'
   gradient is as large as their saved fp32 copy).
@@ -50,13 +57,13 @@ activations do not all coexist).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from meshplan.planner.program import Checkpoint, Program
 
-from .comm import Unit, compute_dtype, itemsize, reduce_dtype, unit_numels
+from .comm import Unit, compute_dtype, itemsize, reduce_dtype
 from .reduction import Reduction
 from .shards import ParamShard, RankClass
 from .trace import BlockTrace, StepTrace
@@ -167,24 +174,22 @@ def buffer_bytes(graph: Any, itemsizes: dict[str, int], reduction: Reduction) ->
     return total
 
 
-def _canonical(parameters: Iterable[str], tied: Iterable[tuple[str, ...]]) -> list[str]:
-    aliases = {name for group in tied for name in group[1:]}
-    return [p for p in parameters if p not in aliases]
-
-
-def memory_of(cls: RankClass, *, program: Program, graph: Any, reduction: Reduction, units: list[Unit],
-              trace: StepTrace | None, blocks: list[BlockActivations], storage: str,
+def memory_of(cls: RankClass, *, program: Program, parameters: Sequence[str], reduction: Reduction,
+              units: list[Unit], trace: StepTrace | None, blocks: list[BlockActivations], storage: str,
               buffer_bytes: int) -> Memory:
     """The memory of one rank class (activations are rank 0's: they do not depend on the
-    rank when shards are even, which the compiler requires for sharded activations)."""
+    rank when shards are even, which the compiler requires for sharded activations).
+    `parameters`: full-model names of the model's parameters as the Program leaves them
+    (`runtime.explain.shards.model_parameters`)."""
     params = grads = optimizer = 0
-    for fqn in _canonical(graph.parameters, graph.tied):
+    for fqn in parameters:
         shard: ParamShard | None = cls.shards.get(reduction.representative(fqn))
         if shard is None:
             continue
         params += shard.storage_bytes
-        grads += shard.storage_bytes
-        optimizer += 2 * shard.local_bytes
+        if shard.requires_grad:
+            grads += shard.storage_bytes
+            optimizer += 2 * shard.local_bytes
     activations = no_ac = temporaries = 0
     if trace is not None:
         activations, no_ac, temporaries = _activations(blocks, trace)
@@ -194,6 +199,21 @@ def memory_of(cls: RankClass, *, program: Program, graph: Any, reduction: Reduct
                   temporaries=temporaries)
 
 
+def _unit_bytes(unit: Unit, shards: dict[str, ParamShard], reduction: Reduction,
+                storage: str) -> tuple[int, int]:
+    """(bytes FSDP2 all-gathers, bytes it reduce-scatters) for one unit on one rank."""
+    gathered = reduced = 0
+    compute, reduce = itemsize(compute_dtype(unit.step, storage)), itemsize(reduce_dtype(unit.step, storage))
+    for fqn in unit.params:
+        shard = shards.get(reduction.representative(fqn))
+        if shard is None or not shard.unsharded_numel:
+            continue
+        gathered += shard.gathered_bytes(compute)
+        if shard.requires_grad:
+            reduced += shard.unsharded_numel * reduce
+    return gathered, reduced
+
+
 def fsdp_buffers(units: list[Unit], shards: dict[str, ParamShard], reduction: Reduction, storage: str) -> int:
     """See the module docstring: unsharded units held, in flight, and being reduced."""
     held = 0
@@ -201,14 +221,13 @@ def fsdp_buffers(units: list[Unit], shards: dict[str, ParamShard], reduction: Re
     resharding = 0
     reducing = 0
     for unit in units:
-        unsharded, _, _ = unit_numels(unit, shards, reduction)
-        if not unsharded:
+        gathered, reduced = _unit_bytes(unit, shards, reduction, storage)
+        if not gathered:
             continue
-        n = unsharded * itemsize(compute_dtype(unit.step, storage))
         if unit.step.reshard_after_forward is False:
-            held += n
+            held += gathered
         else:
             resharding += 1
-            largest = max(largest, n)
-        reducing = max(reducing, unsharded * itemsize(reduce_dtype(unit.step, storage)))
+            largest = max(largest, gathered)
+        reducing = max(reducing, reduced)
     return held + largest * min(resharding, 2) + reducing

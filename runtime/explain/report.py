@@ -12,19 +12,32 @@
 4. Scaled to the full model by each kept block's layer count: memory per rank class
    (`runtime.explain.memory`) and communication per rank (`runtime.explain.comm`), plus warnings.
 
+Under an Adapters step the model measured is the adapted one (frozen bases, adapter
+parameters, NF4 base weights); `compare_adapters` explains the same plan as full
+fine-tuning, LoRA and QLoRA (`adapter_variants`), for `plan explain --compare-adapters`.
+
 Nothing here allocates weights or talks to another process. `Explanation.to_json()` is
 what `plan explain --json` prints.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from meshplan.dsl.errors import PlanError, PlanRejected
-from meshplan.planner.program import ContextParallel, FullyShard, MeshLayout, Program
+from meshplan.planner.program import (
+    Adapters,
+    ContextParallel,
+    FullyShard,
+    MeshLayout,
+    Parallelize,
+    Program,
+    Quantize,
+)
 
 from ..parallel.mesh import product_dims
 from .comm import (
@@ -41,7 +54,7 @@ from .diagnostics import dry_run_error, findings
 from .failure import TraceFailure
 from .memory import BlockActivations, Memory, block_activations, buffer_bytes, memory_of
 from .reduction import Reduction, reduce_program
-from .shards import RankClass, measure_rank_zero, measure_shards
+from .shards import ParamShard, RankClass, measure_rank_zero, measure_shards, model_parameters
 from .shards import _recompute as recompute_shard
 from .trace import StepTrace, trace_step
 from .world import coordinates, fake_world, rank_at
@@ -50,7 +63,8 @@ if TYPE_CHECKING:
     from meshplan.planner.compile import Compiled
     from meshplan.planner.graph import ModelGraph
 
-__all__ = ["DimGroups", "Explanation", "ModuleRow", "attention_backend", "explain", "mesh_groups", "modules_json"]
+__all__ = ["ADAPTER_VARIANTS", "AdapterVariant", "DimGroups", "Explanation", "ModuleRow", "ParameterCounts",
+           "adapter_variants", "attention_backend", "compare_adapters", "explain", "mesh_groups", "modules_json"]
 
 
 # --------------------------------------------------------------------------- the mesh
@@ -145,8 +159,9 @@ class ParamRow:
     local_shape: tuple[int, ...]
     placements: tuple[str, ...]
     mesh_dims: tuple[str, ...]
-    dtype: str
+    dtype: str  # `nf4` for a 4-bit base weight
     storage_numel: int
+    frozen: bool = False  # requires no gradient (an Adapters step froze it)
 
 
 @dataclass(frozen=True)
@@ -176,7 +191,30 @@ def _ranges(layers: list[int]) -> str:
     return ",".join(parts)
 
 
+def _param_row(name: str, shard: ParamShard) -> ParamRow:
+    return ParamRow(name, shard.global_shape, shard.local_shape, shard.placements, shard.mesh_dims,
+                    shard.dtype_label, shard.storage_numel, frozen=not shard.requires_grad)
+
+
+def _added_params(graph: ModelGraph, shards: dict[str, ParamShard]) -> dict[str, list[str]]:
+    """Graph module → the parameters the Program added under it (an adapted module's
+    `base_layer.weight`, `lora_A.default.weight`, …): those whose own module the traced,
+    unadapted graph does not know as a module with parameters."""
+    out: dict[str, list[str]] = {}
+    for key in shards:
+        module = key.rsplit(".", 1)[0] if "." in key else ""
+        if module in graph.modules and graph.modules[module].params:
+            continue
+        owner = module
+        while owner and not (owner in graph.modules and graph.modules[owner].params):
+            owner = owner.rsplit(".", 1)[0] if "." in owner else ""
+        if owner in graph.modules:
+            out.setdefault(owner, []).append(key)
+    return out
+
+
 def module_rows(graph: ModelGraph, reduction: Reduction, cls: RankClass) -> list[ModuleRow]:
+    added = _added_params(graph, cls.shards)
     groups: dict[int, list[int]] = {}
     if reduction.reduced:
         for i, rep in enumerate(reduction.represents):
@@ -207,8 +245,9 @@ def module_rows(graph: ModelGraph, reduction: Reduction, cls: RankClass) -> list
             if shard is None:
                 continue
             tied = f" (tied: {next(g[0] for g in graph.tied if full in g)})" if full in aliases else ""
-            params.append(ParamRow(pname + tied, shard.global_shape, shard.local_shape, shard.placements,
-                                   shard.mesh_dims, shard.dtype.replace("torch.", ""), shard.storage_numel))
+            params.append(_param_row(pname + tied, shard))
+        prefix = f"{fqn}." if fqn else ""
+        params += [_param_row(key[len(prefix):], cls.shards[key]) for key in added.get(fqn, ())]
         if params:
             rows.append(ModuleRow(name, count, tuple(params), block, rel))
     return rows
@@ -238,10 +277,33 @@ class Explanation:
     events: list[CommEvent] = field(default_factory=list)
     diagnostics: list[PlanError] = field(default_factory=list)  # warnings W2xx on plan lines
     attention: dict[str, Any] | None = None
+    parameters: list[str] = field(default_factory=list)  # full-model names, as the Program leaves them
+    variants: list[AdapterVariant] = field(default_factory=list)  # `compare_adapters`, when asked for
 
     @property
     def rank0(self) -> Memory:
         return self.memory[0]
+
+    @property
+    def adapted(self) -> bool:
+        return bool(self.program.steps_of(Adapters))
+
+    def parameter_counts(self) -> ParameterCounts:
+        """Values of the whole model (global shapes): trainable, frozen, held in 4 bits."""
+        trainable = frozen = nf4 = 0
+        shards = self.classes[0].shards
+        for fqn in self.parameters:
+            shard = shards.get(self.reduction.representative(fqn))
+            if shard is None:
+                continue
+            n = math.prod(shard.global_shape)
+            if shard.requires_grad:
+                trainable += n
+            else:
+                frozen += n
+            if shard.quantize is not None:
+                nf4 += n
+        return ParameterCounts(trainable=trainable, frozen=frozen, nf4=nf4)
 
     def class_of(self, rank: int) -> int | None:
         """The index (into `classes` and `memory`) of the class `rank` belongs to: the
@@ -306,7 +368,20 @@ class Explanation:
                       for u in self.units],
             "modules": modules_json(self.modules),
             "diagnostics": [d.to_json() for d in self.diagnostics],
+            **({"adapters": {"parameters": self.parameter_counts().to_json()}} if self.adapted else {}),
         }
+
+
+@dataclass(frozen=True)
+class ParameterCounts:
+    """How many values of the whole model train, stay frozen, and are held in NF4."""
+
+    trainable: int
+    frozen: int
+    nf4: int
+
+    def to_json(self) -> dict[str, int]:
+        return {"trainable": self.trainable, "frozen": self.frozen, "nf4": self.nf4}
 
 
 def modules_json(rows: list[ModuleRow]) -> list[dict[str, Any]]:
@@ -314,7 +389,8 @@ def modules_json(rows: list[ModuleRow]) -> list[dict[str, Any]]:
     return [{"name": m.name, "layers": m.layers,
              "params": [{"name": p.name, "global_shape": list(p.global_shape),
                          "local_shape": list(p.local_shape), "placements": list(p.placements),
-                         "mesh_dims": list(p.mesh_dims), "dtype": p.dtype} for p in m.params]}
+                         "mesh_dims": list(p.mesh_dims), "dtype": p.dtype,
+                         **({"frozen": True} if p.frozen else {})} for p in m.params]}
             for m in rows]
 
 
@@ -375,14 +451,16 @@ def explain(compiled: Compiled, *, seq_len: int, micro_batch: int = 1, param_dty
         raise PlanRejected([dry_run_error(program, failure)]) from failure
     say("report: memory and communication per rank")
     shards = classes[0].shards
-    units = fsdp_units(program, _unique_params(graph), reduction)
+    # The model as the Program leaves it: an Adapters step renames and adds parameters.
+    parameters = model_parameters(shards, reduction, graph.tied)
+    units = fsdp_units(program, parameters, reduction)
     events = list(step.events) if step else []
     events += fsdp_events(program, units, shards, reduction, param_dtype)
     if program.steps_of(ContextParallel):
         events += cp_events(program, graph, reduction, seq_len=seq_len, micro_batch=micro_batch, dtype=compute)
     blocks = block_activations(program, reduction, step) if step else []
     buffers = buffer_bytes(graph, classes[0].buffers, reduction)
-    memory = [memory_of(c, program=program, graph=graph, reduction=reduction, units=units, trace=step,
+    memory = [memory_of(c, program=program, parameters=parameters, reduction=reduction, units=units, trace=step,
                         blocks=blocks, storage=param_dtype, buffer_bytes=buffers) for c in classes]
     comm = summarize(events, reduction)
     return Explanation(
@@ -391,8 +469,102 @@ def explain(compiled: Compiled, *, seq_len: int, micro_batch: int = 1, param_dty
         groups=mesh_groups(program.mesh), seq_len=seq_len, micro_batch=micro_batch,
         param_dtype=param_dtype, compute_dtype=compute, gpu_memory=gpu_memory, trace=step, events=events,
         diagnostics=findings(program, classes, reduction, units, comm, memory, gpu_memory),
-        attention=attention_backend(),
+        attention=attention_backend(), parameters=parameters,
     )
+
+
+# --------------------------------------------------------------------------- adapters compared
+
+
+ADAPTER_VARIANTS = ("full", "LoRA", "QLoRA")
+
+
+def adapter_variants(program: Program) -> dict[str, Program]:
+    """The Program as full fine-tuning (its Adapters step dropped: every parameter trains),
+    as LoRA (the step without `quantize`) and as QLoRA (the step's `quantize`, else NF4
+    with torchao's defaults). ValueError when it has no Adapters step (no targets to
+    compare on)."""
+    step = next(iter(program.steps_of(Adapters)), None)
+    if step is None:
+        raise ValueError("the plan has no adapters section: nothing to compare full fine-tuning with "
+                         "(add `adapters { method = lora  rank = 16  alpha = 32  targets … }`)")
+
+    def using(replacement: Adapters | None) -> Program:
+        steps = tuple(replacement if s is step else s for s in program.steps)
+        return dataclasses.replace(program, steps=tuple(s for s in steps if s is not None))
+
+    return {"full": using(None), "LoRA": using(dataclasses.replace(step, quantize=None)),
+            "QLoRA": using(dataclasses.replace(step, quantize=step.quantize or Quantize()))}
+
+
+def _tensor_parallel_bases(program: Program) -> str | None:
+    """Why the Program's NF4 bases cannot be applied as it places them: torchao's NF4
+    tensor shards along dim 0 over FSDP only, so a base under a tensor-parallel style that
+    places parameters (not one that only converts layouts) cannot be quantised. None if
+    no such base."""
+    from meshplan.dsl.styles import STYLES
+
+    quantized = {f for step in program.steps_of(Adapters) if step.quantize is not None for f in step.fqns}
+    placed: list[str] = []
+    dims: set[str] = set()
+    for step in program.steps_of(Parallelize):
+        if program.mesh.size(step.mesh_dim) <= 1:
+            continue
+        for rel, call in step.plan:
+            fqn = ".".join(p for p in (step.fqn, rel) if p)
+            if fqn in quantized and not STYLES[call.style].conversions:
+                placed.append(fqn)
+                dims.add(f"{step.mesh_dim} = {program.mesh.size(step.mesh_dim)}")
+    if not placed:
+        return None
+    return (f"NF4 bases shard over FSDP only, and the plan's tensor parallelism ({', '.join(sorted(dims))}) "
+            f"places {len(placed)} adapted module{'s' if len(placed) != 1 else ''} ({placed[0]}, …)")
+
+
+@dataclass(frozen=True)
+class AdapterVariant:
+    """One way of training the plan's model, as a dry run measures it (rank 0's class)."""
+
+    name: str  # one of ADAPTER_VARIANTS
+    current: bool  # the plan as written
+    memory: Memory | None  # None: the dry run refused it (`error`)
+    counts: ParameterCounts | None
+    error: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return {"variant": self.name, "this_plan": self.current,
+                "memory": self.memory.to_json() if self.memory else None,
+                "parameters": self.counts.to_json() if self.counts else None,
+                **({"error": self.error} if self.error else {})}
+
+
+def compare_adapters(compiled: Compiled, ex: Explanation, *, reduce: bool = True,
+                     progress: Callable[[str], None] | None = None) -> list[AdapterVariant]:
+    """Full fine-tuning, LoRA and QLoRA of `compiled` (`adapter_variants`), each a dry run
+    of its own with `ex`'s settings; the plan's own variant is `ex` itself."""
+    say = progress or (lambda _: None)
+    step = next(iter(compiled.program.steps_of(Adapters)), None)
+    mine = "QLoRA" if step is not None and step.quantize is not None else "LoRA"
+    out: list[AdapterVariant] = []
+    for name, program in adapter_variants(compiled.program).items():
+        if name == mine:
+            out.append(AdapterVariant(name, True, ex.rank0, ex.parameter_counts()))
+            continue
+        problem = _tensor_parallel_bases(program) if name == "QLoRA" else None
+        if problem:
+            out.append(AdapterVariant(name, False, None, None, error=problem))
+            continue
+        say(f"compare: {name}")
+        try:
+            other = explain(dataclasses.replace(compiled, program=program), seq_len=ex.seq_len,
+                            micro_batch=ex.micro_batch, param_dtype=ex.param_dtype, gpu_memory=ex.gpu_memory,
+                            trace=ex.trace is not None, reduce=reduce)
+        except PlanRejected as e:
+            reason = e.errors[0].message if e.errors else str(e)
+            out.append(AdapterVariant(name, False, None, None, error=reason))
+            continue
+        out.append(AdapterVariant(name, False, other.rank0, other.parameter_counts()))
+    return out
 
 
 def _layers(reduction: Reduction) -> str:
@@ -400,7 +572,3 @@ def _layers(reduction: Reduction) -> str:
         return "the whole model"
     return f"{len(reduction.kept)} of {reduction.length} layers"
 
-
-def _unique_params(graph: ModelGraph) -> list[str]:
-    aliases = {name for group in graph.tied for name in group[1:]}
-    return [p for p in graph.parameters if p not in aliases]

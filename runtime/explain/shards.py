@@ -8,6 +8,12 @@ storage this rank allocates: FSDP2 pads every shard of a parameter to the size o
 first one (`padded_sharded_param_size`), so a rank with an empty shard still pays the
 padding. Context-parallel steps are left out (they change no parameter). The shapes of
 classes not applied are computed from the placements the way FSDP2 and DTensor split.
+
+Under an Adapters step the dry-run model is the adapted one (PEFT's names: an adapted
+module's `base_layer.weight`, `lora_A.default.weight`, `lora_B.default.weight`): each
+shard records whether the parameter requires a gradient and its dtype as applied, and,
+for a base weight the step quantises, the NF4 layout its bytes follow
+(`runtime.explain.sizes.nf4_bytes`).
 """
 
 from __future__ import annotations
@@ -23,11 +29,12 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from meshplan.planner.program import MeshLayout, Program
+from meshplan.planner.program import Adapters, MeshLayout, Program, Quantize
 
 from ..parallel.apply import DTYPES
 from .failure import apply_each
 from .reduction import Reduction, build_reduced_model
+from .sizes import nf4_bytes, nf4_gathered_bytes
 from .world import clean_name, coordinates, fake_world, rank_at
 
 if TYPE_CHECKING:
@@ -78,18 +85,40 @@ class ParamShard:
     unsharded_numel: int = 0
     placement_objects: tuple[Any, ...] = field(default=(), compare=False, repr=False)
     fsdp_dim: str | None = None  # the mesh dimension FSDP shards it over
+    requires_grad: bool = True  # False: frozen (no gradient, no optimizer state)
+    quantize: Quantize | None = None  # an NF4 base weight: its bytes follow `nf4_bytes`
 
     @property
     def local_numel(self) -> int:
         return math.prod(self.local_shape)
 
+    def _bytes(self, numel: int) -> int:
+        if self.quantize is None:
+            return numel * self.itemsize
+        # `itemsize` is the dtype it was quantised from: its scales and code table's.
+        return nf4_bytes(numel, self.quantize.block_size, self.quantize.scaler_block_size, itemsize=self.itemsize)
+
     @property
     def storage_bytes(self) -> int:
-        return self.storage_numel * self.itemsize
+        return self._bytes(self.storage_numel)
 
     @property
     def local_bytes(self) -> int:
-        return self.local_numel * self.itemsize
+        return self._bytes(self.local_numel)
+
+    def gathered_bytes(self, compute_itemsize: int) -> int:
+        """What FSDP2 all-gathers of it (0 when FSDP does not manage it): the unsharded
+        parameter in the compute dtype, or an NF4 weight's codes, scalers and scales
+        (torchao gathers them as they are: mixed precision does not cast them)."""
+        if self.quantize is None:
+            return self.unsharded_numel * compute_itemsize
+        return nf4_gathered_bytes(self.unsharded_numel, self.quantize.block_size,
+                                  self.quantize.scaler_block_size, itemsize=self.itemsize)
+
+    @property
+    def dtype_label(self) -> str:
+        """The storage dtype as the tables print it: `nf4` for a 4-bit weight."""
+        return "nf4" if self.quantize is not None else self.dtype.replace("torch.", "")
 
     @property
     def layout(self) -> ParamLayout:
@@ -112,11 +141,20 @@ def _fsdp_params(model: nn.Module) -> dict[int, Any]:
     return out
 
 
+def quantized_weights(program: Program) -> dict[str, Quantize]:
+    """Parameter name → NF4 layout, for the base weights the Program's Adapters steps
+    quantise (PEFT keeps an adapted module's own weight as `<fqn>.base_layer.weight`)."""
+    return {f"{fqn}.base_layer.weight": step.quantize
+            for step in program.steps_of(Adapters) if step.quantize is not None for fqn in step.fqns}
+
+
 def _shards(model: nn.Module, reduction: Reduction) -> dict[str, ParamShard]:
     managed = _fsdp_params(model)
+    quantized = quantized_weights(reduction.program)
     out: dict[str, ParamShard] = {}
     for name, p in model.named_parameters():
-        fqn = reduction.to_full(clean_name(name))
+        clean = clean_name(name)
+        fqn = reduction.to_full(clean)
         local = p.to_local() if isinstance(p, DTensor) else p
         storage = local.numel()
         unsharded = 0
@@ -135,8 +173,28 @@ def _shards(model: nn.Module, reduction: Reduction) -> dict[str, ParamShard]:
             fqn=fqn, global_shape=tuple(p.shape), local_shape=tuple(local.shape),
             placements=tuple(str(x) for x in placements), mesh_dims=dims, dtype=str(p.dtype),
             itemsize=p.element_size(), storage_numel=storage, unsharded_numel=unsharded,
-            placement_objects=placements, fsdp_dim=fsdp_dim,
+            placement_objects=placements, fsdp_dim=fsdp_dim, requires_grad=p.requires_grad,
+            quantize=quantized.get(clean),
         )
+    return out
+
+
+def model_parameters(shards: dict[str, ParamShard], reduction: Reduction,
+                     tied: Sequence[tuple[str, ...]] = ()) -> list[str]:
+    """Full-model names of every parameter of the model as the Program leaves it (adapters
+    included): a kept block's parameters once for every layer it stands for; a tied
+    alias left out when its parameter is there."""
+    canonical = {alias: group[0] for group in tied for alias in group[1:]}
+    out: list[str] = []
+    for key in shards:
+        if key in canonical and reduction.representative(canonical[key]) in shards:
+            continue
+        found = reduction.split(key) if reduction.reduced else None
+        if found is None:
+            out.append(key)
+            continue
+        layer, rest = found
+        out += [f"{reduction.stack}.{i}.{rest}" for i, r in enumerate(reduction.represents) if r == layer]
     return out
 
 

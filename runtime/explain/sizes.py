@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["human_bytes", "nf4_bytes", "nf4_gathered_bytes", "parse_bytes"]
+__all__ = ["human_bytes", "human_count", "nf4_bytes", "nf4_gathered_bytes", "parse_bytes"]
 
 
 def human_bytes(n: float) -> str:
@@ -26,6 +26,18 @@ def human_bytes(n: float) -> str:
         if n < 1024 or unit == "PiB":
             return f"{n:.1f} {unit}" if n < 100 else f"{n:.0f} {unit}"
     return f"{n:.0f} PiB"  # pragma: no cover
+
+
+def human_count(n: int) -> str:
+    """207_093_760 → `207.1 M`; exact below a thousand (parameter counts: K, M, B, T)."""
+    if n < 1000:
+        return str(n)
+    value = float(n)
+    for unit in ("K", "M", "B", "T"):
+        value /= 1000
+        if value < 999.5 or unit == "T":  # what rounds to 1000 is the next unit
+            return f"{value:.1f} {unit}" if value < 100 else f"{value:.0f} {unit}"
+    return f"{value:.0f} T"  # pragma: no cover
 
 
 def parse_bytes(text: str) -> int:
