@@ -123,10 +123,10 @@ def _head_dims(model: nn.Module, fqns: list[str]) -> dict[str, int]:
     docstring), read from one forward over a few tokens; modules it cannot tell are absent."""
     import torch
 
-    config = getattr(model, "config", None)
+    config: Any = getattr(model, "config", None)
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    counts = {getattr(text, k, None) for k in ("num_attention_heads", "num_key_value_heads")}
-    counts = {c for c in counts if isinstance(c, int) and c > 1}
+    found_counts = {getattr(text, k, None) for k in ("num_attention_heads", "num_key_value_heads")}
+    counts = {c for c in found_counts if isinstance(c, int) and c > 1}
     tokens = 7  # a length no head count of the tiny configs equals
     counts.discard(tokens)
     shapes: dict[str, tuple[int, ...]] = {}
@@ -144,7 +144,7 @@ def _head_dims(model: nn.Module, fqns: list[str]) -> dict[str, int]:
             # use_cache: without a cache, transformers checks position ids for packed
             # sequences with `.item()`, which a meta tensor cannot answer.
             model(input_ids=torch.zeros(1, tokens, dtype=torch.long, device=device), use_cache=True)
-    except Exception:  # noqa: BLE001 - a model that will not run here keeps the batch-first default
+    except Exception:  # a model that will not run here keeps the batch-first default
         pass
     finally:
         for h in handles:
