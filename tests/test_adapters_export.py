@@ -1,10 +1,11 @@
 """Adapter (PEFT LoRA) checkpoints and their export, on a sharded model.
 
-On 4 gloo ranks, tiny-llama with LoRA on exact module names, FSDP2 over the 4 ranks:
+On 4 gloo ranks, tiny-llama with LoRA on exact module names, in two layouts: FSDP2 over
+the 4 ranks, and dp 2 × tp 2 (PEFT's tensor-parallel layout by hand, FSDP2 over dp):
 train 2 steps, save an adapter-only checkpoint, train a third (loss L3); a fresh model
 (its adapters perturbed) resumes from the checkpoint and trains the third step: the same
 L3, the same adapters and optimizer state, on every rank. The checkpoint holds no base
-weight and every rank's shards. Exports: PEFT's files (the same bytes from the FSDP
+weight and every rank's shards. Exports: PEFT's files (the same bytes from the sharded
 model, from a one-process model and from the checkpoint directory; loaded by
 `PeftModel.from_pretrained` with the distributed model's logits) and the merged model
 (loaded by `from_pretrained`, the PEFT model's logits). `plan export` through the CLI,
@@ -57,8 +58,35 @@ TOLERANCE = 1e-5
 # --------------------------------------------------------------------------- models
 
 
-def _adapted(shard: bool, seed: int = 0) -> tuple[nn.Module, torch.optim.Optimizer]:
-    """tiny-llama with LoRA on TARGETS (exact names), FSDP2 over every rank when `shard`."""
+LAYOUTS = ("fsdp", "tp")  # FSDP2 over 4 ranks; dp 2 × tp 2 (FSDP2 over dp, PEFT's TP layout)
+_COLWISE = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj")
+_ROWWISE = ("self_attn.o_proj", "mlp.down_proj")
+
+
+def _tensor_parallel(model: nn.Module, tp: Any) -> None:
+    """Megatron's layout on every projection; an adapted one as PEFT lays it out: the
+    style on `base_layer`, a colwise base's lora_B colwise (lora_A replicated), a rowwise
+    base's lora_A rowwise (lora_B replicated)."""
+    from torch.distributed.tensor.parallel import (
+        ColwiseParallel,
+        RowwiseParallel,
+        parallelize_module,
+    )
+
+    for layer in model.model.layers:
+        for name in _COLWISE + _ROWWISE:
+            module = layer.get_submodule(name)
+            style = ColwiseParallel if name in _COLWISE else RowwiseParallel
+            if hasattr(module, "base_layer"):
+                parallelize_module(module.base_layer, tp, style())
+                adapter = module.lora_B if name in _COLWISE else module.lora_A
+                parallelize_module(adapter["default"], tp, style())
+            else:
+                parallelize_module(module, tp, style())
+
+
+def _adapted(layout: str | None, seed: int = 0) -> tuple[nn.Module, torch.optim.Optimizer]:
+    """tiny-llama with LoRA on TARGETS (exact names), laid out as `layout` (None: one process)."""
     from peft import LoraConfig, inject_adapter_in_model
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
@@ -67,11 +95,14 @@ def _adapted(shard: bool, seed: int = 0) -> tuple[nn.Module, torch.optim.Optimiz
     targets = [name for name, _ in model.named_modules() if name.endswith(TARGETS)]
     inject_adapter_in_model(LoraConfig(target_modules=targets, r=RANK, lora_alpha=ALPHA, lora_dropout=0.0,
                                        bias="none"), model)
-    if shard:
-        mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    if layout is not None:
+        tp = 2 if layout == "tp" else 1
+        mesh = init_device_mesh("cpu", (dist.get_world_size() // tp, tp), mesh_dim_names=("dp", "tp"))
+        if tp > 1:
+            _tensor_parallel(model, mesh["tp"])
         for layer in model.model.layers:
-            fully_shard(layer, mesh=mesh)
-        fully_shard(model, mesh=mesh)
+            fully_shard(layer, mesh=mesh["dp"])
+        fully_shard(model, mesh=mesh["dp"])
     materialize(model, "cpu")
     init_random(model, seed)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2,
@@ -83,9 +114,9 @@ def _ids(seed: int) -> torch.Tensor:
     return torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(seed))
 
 
-def _step(model: nn.Module, optimizer: torch.optim.Optimizer, k: int) -> float:
-    """One data-parallel step on this rank's batch; the loss averaged over the ranks."""
-    ids = _ids(100 * k + dist.get_rank())
+def _step(model: nn.Module, optimizer: torch.optim.Optimizer, k: int, tp: int) -> float:
+    """One data-parallel step on this data-parallel rank's batch; the loss averaged over the ranks."""
+    ids = _ids(100 * k + dist.get_rank() // tp)
     loss = model(input_ids=ids, labels=ids).loss
     loss.backward()
     optimizer.step()
@@ -113,7 +144,7 @@ def _same_state(a: torch.optim.Optimizer, b: torch.optim.Optimizer) -> bool:
 
 def _plain_base() -> nn.Module:
     """The unadapted tiny-llama with the base weights the adapted models hold (one process)."""
-    adapted, _ = _adapted(shard=False)
+    adapted, _ = _adapted(None)
     base = {n.replace(".base_layer.", "."): t for n, t in full_state_dict(adapted) if peft_name(n) is None}
     plain = materialize(meta_model(SPEC), "cpu")
     plain.load_state_dict(base, strict=True)
@@ -123,17 +154,17 @@ def _plain_base() -> nn.Module:
 # --------------------------------------------------------------------------- the rank case
 
 
-def train_resume_export_case(root: str) -> dict[str, Any]:
-    out = Path(root)
-    rank = dist.get_rank()
-    a, opt_a = _adapted(shard=True)
+def train_resume_export_case(root: str, layout: str) -> dict[str, Any]:
+    out = Path(root) / layout
+    rank, tp = dist.get_rank(), 2 if layout == "tp" else 1
+    a, opt_a = _adapted(layout)
     for k in range(2):
-        _step(a, opt_a, k)
+        _step(a, opt_a, k, tp)
     ck = save_adapters(checkpoint_dir(out / "ckpt", 2), a, opt_a, 2, {"rank": rank})
-    export_adapter(a, out / "fsdp-step2")
-    l3 = _step(a, opt_a, 2)
+    export_adapter(a, out / "sharded-step2")
+    l3 = _step(a, opt_a, 2, tp)
 
-    b, opt_b = _adapted(shard=True)
+    b, opt_b = _adapted(layout)
     with torch.no_grad():  # other adapters than the saved ones: the resume must restore them
         for p in b.parameters():
             if p.requires_grad:
@@ -141,32 +172,42 @@ def train_resume_export_case(root: str) -> dict[str, Any]:
     differed = any(not torch.equal(x, y) for x, y in zip(_adapters(a).values(), _adapters(b).values(),
                                                           strict=True))
     step, loader = load_adapters(ck, b, opt_b)
-    l3_resumed = _step(b, opt_b, 2)
+    l3_resumed = _step(b, opt_b, 2, tp)
     after_a, after_b = _adapters(a), _adapters(b)
 
     a.eval()
     with torch.no_grad():
         logits = a(input_ids=_ids(7)).logits.detach().clone()
-    export_adapter(a, out / "fsdp-step3")
+    export_adapter(a, out / "sharded-step3")
     export_merged(a, out / "merged")
+    placements = {str(p.placements) for n, p in a.named_parameters() if "lora_" in n and isinstance(p, DTensor)}
     return {
         "l3": l3, "l3_resumed": l3_resumed, "step": step, "loader": loader, "differed": differed,
         "same_adapters": sorted(after_a) == sorted(after_b) and all(
             torch.equal(after_a[n], after_b[n]) for n in after_a),
         "same_state": _same_state(opt_a, opt_b), "logits": logits,
-        "sharded": all(isinstance(p, DTensor) for p in a.parameters()),
+        "sharded": all(isinstance(p, DTensor) for p in a.parameters()), "placements": placements,
+        "layout": layout,
     }
 
 
 # --------------------------------------------------------------------------- fixtures
 
 
+Trained = dict[str, tuple[Path, list[dict[str, Any]]]]  # layout → (its directory, each rank's result)
+
+
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict[str, Any]]]:
+def runs(tmp_path_factory: pytest.TempPathFactory) -> Trained:
     root = tmp_path_factory.mktemp("adapters")
     with RankPool(WORLD, timeout=180.0) as pool:
-        results = pool.run(train_resume_export_case, str(root))
-    return root, results
+        return {layout: (root / layout, pool.run(train_resume_export_case, str(root), layout))
+                for layout in LAYOUTS}
+
+
+@pytest.fixture(params=LAYOUTS)
+def trained(request: pytest.FixtureRequest, runs: Trained) -> tuple[Path, list[dict[str, Any]]]:
+    return runs[request.param]
 
 
 @pytest.fixture(scope="module")
@@ -208,6 +249,10 @@ def test_resume_from_an_adapter_checkpoint_continues_exactly(trained: tuple[Path
     _, results = trained
     for rank, r in enumerate(results):
         assert r["sharded"] and r["differed"]
+        if r["layout"] == "tp":  # a colwise base's lora_B and a rowwise base's lora_A: over tp too
+            assert {"(_StridedShard(dim=0, sf=2), Shard(dim=0))", "(Shard(dim=0), Shard(dim=1))"} <= r["placements"]
+        else:
+            assert r["placements"] == {"(Shard(dim=0),)"}
         assert r["step"] == 2 and r["loader"] == {"rank": rank}
         assert r["l3_resumed"] == r["l3"], (rank, r["l3"], r["l3_resumed"])
         assert r["same_adapters"] and r["same_state"], rank
@@ -229,7 +274,7 @@ def test_the_checkpoint_holds_every_shard_of_the_adapters_and_no_base_weight(
     assert keys and all(".lora_A." in k or ".lora_B." in k for k in keys), [k for k in keys if "lora_" not in k]
     # Every shard of every rank: the tensors read back whole equal the FSDP model's full_tensor().
     stored = read_tensors(ck)
-    exported = load_file(str(root / "fsdp-step2" / ADAPTER_FILE))
+    exported = load_file(str(root / "sharded-step2" / ADAPTER_FILE))
     assert {peft_name(n) for n in stored} == set(exported)
     for name, tensor in stored.items():
         assert torch.equal(tensor, exported[str(peft_name(name))]), name
@@ -241,33 +286,33 @@ def test_the_checkpoint_holds_every_shard_of_the_adapters_and_no_base_weight(
 # --------------------------------------------------------------------------- export
 
 
-def test_export_from_fsdp_equals_one_process_and_the_checkpoint(trained: tuple[Path, list[dict[str, Any]]],
+def test_export_from_shards_equals_one_process_and_the_checkpoint(trained: tuple[Path, list[dict[str, Any]]],
                                                                  tmp_path: Path) -> None:
     root, _ = trained
     ck = checkpoint_dir(root / "ckpt", 2)
-    one, _ = _adapted(shard=False)
+    one, _ = _adapted(None)
     assert load_adapters(ck, one)[0] == 2  # 4 ranks' shards resharded onto one process
     export_adapter(one, tmp_path / "one")
     export_adapter(ck, tmp_path / "from-dir")
-    fsdp = _files(root / "fsdp-step2")
-    assert sorted(fsdp) == [CONFIG_FILE, ADAPTER_FILE]
-    assert _files(tmp_path / "one") == fsdp == _files(tmp_path / "from-dir")
+    sharded = _files(root / "sharded-step2")
+    assert sorted(sharded) == [CONFIG_FILE, ADAPTER_FILE]
+    assert _files(tmp_path / "one") == sharded == _files(tmp_path / "from-dir")
 
 
 def test_peft_loads_the_export_with_the_distributed_logits(trained: tuple[Path, list[dict[str, Any]]],
                                                            base: nn.Module) -> None:
     root, results = trained
-    config = json.loads((root / "fsdp-step3" / CONFIG_FILE).read_text("utf-8"))
+    config = json.loads((root / "sharded-step3" / CONFIG_FILE).read_text("utf-8"))
     assert (config["peft_type"], config["r"], config["lora_alpha"], config["lora_dropout"]) == ("LORA", RANK,
                                                                                                 ALPHA, 0.0)
     assert config["inference_mode"] is True and config["bias"] == "none"
     assert config["target_modules"] == sorted(config["target_modules"]) and len(config["target_modules"]) == 8
     assert config["auto_mapping"]["base_model_class"] == "LlamaForCausalLM"
-    with safe_open(str(root / "fsdp-step3" / ADAPTER_FILE), "pt") as handle:
+    with safe_open(str(root / "sharded-step3" / ADAPTER_FILE), "pt") as handle:
         names = sorted(handle.keys())
     assert "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight" in names
     assert all(n.startswith("base_model.model.") and ".default" not in n for n in names)
-    peft = _peft(base, root / "fsdp-step3")
+    peft = _peft(base, root / "sharded-step3")
     reference = results[0]["logits"]
     assert (_logits(peft) - reference).abs().max().item() < TOLERANCE
     assert (_logits(base) - reference).abs().max().item() > 1e-3  # the adapters matter
@@ -285,7 +330,7 @@ def test_merged_export_loads_with_from_pretrained(trained: tuple[Path, list[dict
     assert not any("lora_" in n or "base_layer" in n for n in names)
     assert names == {n for n, _ in full_state_dict(base)}
     merged = AutoModelForCausalLM.from_pretrained(str(merged_dir)).eval()
-    peft = _peft(base, root / "fsdp-step3")
+    peft = _peft(base, root / "sharded-step3")
     assert (_logits(merged) - _logits(peft)).abs().max().item() < TOLERANCE
 
 
@@ -299,7 +344,7 @@ def test_cli_exports_adapter_files(trained: tuple[Path, list[dict[str, Any]]], t
     code, _, err = _cli(["export", str(checkpoint_dir(root / "ckpt", 2)), "--adapter", "-o", str(out)], capsys)
     assert code == 0, err
     assert f"wrote {out}: adapter_config.json, adapter_model.safetensors (step 2, saved by 4 ranks)" in err
-    assert _files(out) == _files(root / "fsdp-step2")
+    assert _files(out) == _files(root / "sharded-step2")
 
 
 def test_cli_exports_the_merged_model(trained: tuple[Path, list[dict[str, Any]]], base: nn.Module,
@@ -313,13 +358,12 @@ def test_cli_exports_the_merged_model(trained: tuple[Path, list[dict[str, Any]]]
     assert code == 0, err
     assert "the newest complete checkpoint" in err and "base weights random (seed 0)" in err
     merged = AutoModelForCausalLM.from_pretrained(str(out)).eval()
-    peft = _peft(base, root / "fsdp-step2")
+    peft = _peft(base, root / "sharded-step2")
     assert (_logits(merged) - _logits(peft)).abs().max().item() < TOLERANCE
 
 
-def test_cli_errors(trained: tuple[Path, list[dict[str, Any]]], tmp_path: Path,
-                    capsys: pytest.CaptureFixture[str]) -> None:
-    root, _ = trained
+def test_cli_errors(runs: Trained, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    root, _ = runs["fsdp"]
     ck = str(checkpoint_dir(root / "ckpt", 2))
 
     missing = tmp_path / "missing"
@@ -353,10 +397,10 @@ def test_cli_errors(trained: tuple[Path, list[dict[str, Any]]], tmp_path: Path,
     assert sorted(p.name for p in tmp_path.iterdir()) == ["existing", "plain"]
 
 
-def test_resume_refuses_a_model_with_other_adapters(trained: tuple[Path, list[dict[str, Any]]]) -> None:
+def test_resume_refuses_a_model_with_other_adapters(runs: Trained) -> None:
     from peft import LoraConfig, inject_adapter_in_model
 
-    root, _ = trained
+    root, _ = runs["fsdp"]
     model = meta_model(SPEC)
     inject_adapter_in_model(LoraConfig(target_modules=["model.layers.0.self_attn.q_proj"], r=RANK,
                                        lora_alpha=ALPHA, bias="none"), model)

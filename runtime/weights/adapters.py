@@ -67,7 +67,7 @@ from .checkpoint import (
     read_tensors,
     save,
 )
-from .loading import canonical_name, model_and_fused, reshard, weight_entries
+from .loading import _quiet_redistribute, canonical_name, model_and_fused, reshard, weight_entries
 
 __all__ = [
     "ADAPTER_FILE",
@@ -222,7 +222,7 @@ def _gathered_adapters(module: nn.Module, program: Program | None, keep: bool) -
         peft = peft_name(e.name)
         if peft is None:
             continue
-        with torch.no_grad():
+        with torch.no_grad(), _quiet_redistribute():
             t = e.tensor
             full = t.full_tensor() if isinstance(t, DTensor) else t.detach().clone()
             if e.fused is not None:
