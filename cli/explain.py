@@ -545,9 +545,11 @@ def _variant_rows(ex: Explanation) -> list[Row]:
 
 
 def _variant_notes(ex: Explanation) -> list[str]:
-    lines = [f"{v.name}: not measured, the dry run refused it: {v.error}" for v in ex.variants if v.error]
+    lines = [f"{v.name}: not measured: {v.error}" for v in ex.variants if v.error]
     return [*lines, f"full: the adapters section dropped; LoRA: without quantize; QLoRA: {_quantize_label(ex)}; "
-                    "every other step as the plan says"]
+                    "every other step as the plan says",
+            "activations and backward temporaries are traced without the adapters (the same in every column; "
+            "LoRA adds its rank-r products and, with dropout, a copy of each adapted module's input)"]
 
 
 def _quantize_label(ex: Explanation) -> str:
