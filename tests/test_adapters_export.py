@@ -407,3 +407,30 @@ def test_resume_refuses_a_model_with_other_adapters(runs: Trained) -> None:
     materialize(model, "cpu")
     with pytest.raises(adapters_module.CheckpointError, match="holds the adapters of another model"):
         load_adapters(checkpoint_dir(root / "ckpt", 2), model)
+
+
+def test_cli_exports_from_a_full_checkpoint_of_an_adapted_model(tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """A full checkpoint (base and adapters, as `plan run` saves) records the adapters too:
+    both exports read it, the merged one taking the base from the checkpoint."""
+    from transformers import AutoModelForCausalLM
+
+    model, _ = _adapted(None, seed=3)
+    with torch.no_grad():  # lora_B starts at zero: make the adapters matter
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.05, generator=torch.Generator().manual_seed(len(name)))
+    save(tmp_path / "full", model, None, 5)
+    marker = read_marker(tmp_path / "full")
+    assert marker is not None and not marker["adapters_only"] and marker["adapters"]["config"]["r"] == RANK
+    code, _, err = _cli(["export", str(tmp_path / "full"), "--adapter", "-o", str(tmp_path / "adapter")], capsys)
+    assert code == 0, err
+    export_adapter(model, tmp_path / "direct")
+    assert _files(tmp_path / "adapter") == _files(tmp_path / "direct")
+    code, _, err = _cli(["export", str(tmp_path / "full"), "--merged", "--model", SPEC, "-o",
+                         str(tmp_path / "merged")], capsys)
+    assert code == 0, err
+    merged = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged")).eval()
+    assert (_logits(merged) - _logits(model.eval())).abs().max().item() < TOLERANCE
+    # The base came from the checkpoint (seed 3), not from --model's seeded weights (seed 0).
+    assert (_logits(merged) - _logits(_plain_base())).abs().max().item() > 1e-3
