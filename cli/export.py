@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +53,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--base-model-name", metavar="NAME",
                    help="base_model_name_or_path in adapter_config.json (default: the recorded one, "
                         "else --model)")
+    p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"),
+                   help="with --merged: cast floating-point tensors to this dtype (default: as stored)")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
 
 
@@ -110,6 +113,8 @@ def _run(args: argparse.Namespace, term: Terminal) -> int:
     problem = _output_problem(out, args.force)
     if problem:
         raise _Stop(2, problem)
+    if args.dtype and not args.merged:
+        raise _Stop(2, "--dtype applies to --merged only (the adapter files keep the trained dtype)")
     if args.merged and not args.model:
         raise _Stop(2, "--merged needs --model M: the base's architecture and config (and its weights, "
                        "for an adapter-only checkpoint); a checkpoint records neither")
@@ -132,6 +137,8 @@ def _run(args: argparse.Namespace, term: Terminal) -> int:
             written = _merged(args, directory, record, bool(marker.get("adapters_only")), term)
     except CheckpointError as e:  # AdapterError included: damaged, or not fitting --model
         raise _Stop(1, str(e)) from None
+    finally:  # a failed export leaves nothing behind (a complete one was renamed already)
+        shutil.rmtree(out.with_name(f"{out.name}.tmp-export"), ignore_errors=True)
     term.note(f"plan {COMMAND}: wrote {written}: {', '.join(sorted(p.name for p in written.iterdir()))} "
               f"(step {marker.get('step')}, saved by {marker.get('world_size')} "
               f"rank{'s' if marker.get('world_size') != 1 else ''})")
@@ -152,6 +159,7 @@ def _merged(args: argparse.Namespace, directory: Path, record: dict[str, Any], a
     import torch
 
     from meshplan.planner.models import ModelSpecError, resolve_model
+    from meshplan.runtime.parallel.apply import DTYPES
     from meshplan.runtime.train.build import build_model
     from meshplan.runtime.train.environment import TrainError
     from meshplan.runtime.weights.adapters import export_merged, inject_recorded, load_tensors
@@ -183,4 +191,5 @@ def _merged(args: argparse.Namespace, directory: Path, record: dict[str, Any], a
         raise _Stop(2, f"--model {args.model}: {e}") from None
     with torch.no_grad():
         load_tensors(model, read_tensors(directory), adapters_only=adapters_only)
-    return export_merged(model, args.output, overwrite=args.force)
+    dtype = DTYPES[args.dtype] if args.dtype else None
+    return export_merged(model, args.output, dtype=dtype, overwrite=args.force)

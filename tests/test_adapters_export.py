@@ -15,6 +15,7 @@ with its errors.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -393,8 +394,29 @@ def test_cli_errors(runs: Trained, tmp_path: Path, capsys: pytest.CaptureFixture
     assert code == 2 and "--model no-such-model" in err
     code, _, err = _cli(["export", ck, "-o", str(tmp_path / "o5")], capsys)
     assert code == 2 and "one of the arguments --adapter --merged is required" in err
+    code, _, err = _cli(["export", ck, "--adapter", "--dtype", "bf16", "-o", str(tmp_path / "o6")], capsys)
+    assert code == 2 and "--dtype applies to --merged only" in err
+
+    damaged = tmp_path / "damaged"
+    shutil.copytree(ck, damaged)
+    shard = sorted((damaged / "tensors").glob("*.safetensors"))[1]
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 0xFF  # one bit of one rank's adapter shards
+    shard.write_bytes(bytes(data))
+    code, _, err = _cli(["export", str(damaged), "--adapter", "-o", str(tmp_path / "o7")], capsys)
+    assert code == 1 and "is damaged" in err and f"{shard}: contents changed" in err
     # Nothing half-written by any refusal.
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["existing", "plain"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["damaged", "existing", "plain"]
+
+
+def test_cli_merged_dtype(runs: Trained, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    root, _ = runs["fsdp"]
+    out = tmp_path / "bf16"
+    code, _, err = _cli(["export", str(checkpoint_dir(root / "ckpt", 2)), "--merged", "--model", SPEC,
+                         "--dtype", "bf16", "-o", str(out)], capsys)
+    assert code == 0, err
+    assert {t.dtype for t in load_file(str(out / "model.safetensors")).values()} == {torch.bfloat16}
+    assert json.loads((out / "config.json").read_text("utf-8"))["dtype"] == "bfloat16"
 
 
 def test_resume_refuses_a_model_with_other_adapters(runs: Trained) -> None:

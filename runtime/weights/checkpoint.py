@@ -86,6 +86,7 @@ import torch.distributed.checkpoint as dcp
 from safetensors.torch import save_file
 from torch import nn
 from torch.distributed.checkpoint import HuggingFaceStorageReader, HuggingFaceStorageWriter
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -700,8 +701,6 @@ def read_tensors(directory: str | Path, select: Callable[[str], bool] | None = N
     problems = verify(d)
     if problems:
         raise CheckpointError(f"{d} is damaged: " + "; ".join(problems[:3]))
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-
     prefix = "model" + _SEP
     reader = HuggingFaceStorageReader(str(d / _TENSORS_DIR))
     templates: dict[str, torch.Tensor] = {}
