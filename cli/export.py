@@ -49,7 +49,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", metavar="M",
                    help="the base model (a preset or a Hugging Face directory); needed by --merged")
     p.add_argument("--seed", type=int, default=0,
-                   help="with --merged and a model without weights: the seed plan run drew them with")
+                   help="with --merged and a model without weights: the seed plan run drew them with (default 0)")
     p.add_argument("--base-model-name", metavar="NAME",
                    help="base_model_name_or_path in adapter_config.json (default: the recorded one, "
                         "else --model)")
