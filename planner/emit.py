@@ -174,6 +174,10 @@ def to_python(program: Program) -> str:
             raise ValueError(f"--emit python: no emitter for {step.kind} steps")
         body.append(f"    {_where(step)}")
         body += emit(step)
+        if adapted and isinstance(step, Parallelize):
+            # torch's SequenceParallel re-creates a norm's parameters trainable
+            # (`nn.Parameter(DTensor.from_local(...))`): freeze the base again.
+            body += _FREEZE
         body.append("    retie(_ties)")
     lines += body
     lines += ["    return model", ""]
@@ -247,6 +251,10 @@ def _fully_shard(step: FullyShard) -> list[str]:
             f"offload_policy={offload})"]
 
 
+_FREEZE = ["    for _name, _param in model.named_parameters():",
+           "        _param.requires_grad_(\".lora_\" in _name)  # only the adapters train"]
+
+
 def _adapters(step: Adapters) -> list[str]:
     if step.quantize is not None:
         # Holding the bases as NF4 blocks that FSDP2 shards (quantised whole, split by rows)
@@ -257,9 +265,7 @@ def _adapters(step: Adapters) -> list[str]:
               f"lora_dropout={step.dropout!r}, bias=\"none\")")
     body = ["    import torch",
             "    from peft import LoraConfig, inject_adapter_in_model  # needs peft",
-            f"    inject_adapter_in_model({config}, model)",
-            "    for _name, _param in model.named_parameters():",
-            "        _param.requires_grad_(\".lora_\" in _name)  # only the adapters train"]
+            f"    inject_adapter_in_model({config}, model)", *_FREEZE]
     if step.dtype is not None:
         body += ["    for _name, _param in model.named_parameters():",
                  "        if \".lora_\" in _name:",

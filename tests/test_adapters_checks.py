@@ -393,6 +393,11 @@ def test_emit_python_puts_styles_on_base_layer_and_adapters(tiny: ModelGraph) ->
         in source
     assert "'self_attn': PrepareModuleInput(" in source  # on the block, untouched
     assert source.index("inject_adapter_in_model") < source.index("parallelize_module(_module(")
+    # SequenceParallel makes the norms' parameters trainable again: each Parallelize is
+    # followed by the freeze, the last one before FSDP.
+    freeze = '_param.requires_grad_(".lora_" in _name)'
+    assert source.count(freeze) == 1 + len(compile_plan(text, tiny, 4).program.steps_of(Parallelize))
+    assert source.rindex(freeze) < source.index("fully_shard(")
 
 
 def test_emit_python_refuses_a_quantized_base_cleanly(tmp_path: Path, capsys: pytest.CaptureFixture[str],
