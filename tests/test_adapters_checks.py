@@ -422,3 +422,24 @@ def test_plan_check_and_fmt_accept_the_shipped_adapter_plans(capsys: pytest.Capt
     capsys.readouterr()
     text = textwrap.dedent((PLANS / "llama_lora.plan").read_text(encoding="utf-8"))
     assert format_plan(parse(text)) == text
+
+
+@pytest.mark.parametrize(("out", "inp", "block", "scaler", "shards"), [
+    (64, 256, 64, 256, 1), (64, 256, 64, 256, 4), (128, 512, 64, 256, 4), (64, 128, 64, 256, 1),
+    (64, 128, 16, 16, 3), (64, 128, 64, 64, 4), (64, 128, 64, 64, 2), (32, 64, 16, 16, 4),
+    (96, 64, 32, 32, 3), (96, 64, 32, 32, 6), (12, 1024, 16, 16, 8),
+])
+def test_the_nf4_rule_is_torchaos(out: int, inp: int, block: int, scaler: int, shards: int) -> None:
+    """The compiler refuses exactly the weights torchao cannot quantise, or split along
+    their rows into `shards` chunks as FSDP2 does (`torch.chunk` on the NF4 tensor)."""
+    from meshplan.planner.passes.adapters import nf4_problem
+
+    nf4 = pytest.importorskip("torchao.quantization.quantize_.workflows.nf4.nf4_tensor")
+    weight = torch.randn(out, inp, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    try:
+        quantized = nf4.to_nf4(weight, block, scaler)
+        chunks = torch.chunk(quantized, shards, dim=0)
+        works = len(chunks) == shards and all(c.shape[0] == out // shards for c in chunks)
+    except AssertionError:
+        works = False
+    assert (nf4_problem(out, inp, block, scaler, shards) is None) == works

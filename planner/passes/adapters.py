@@ -265,7 +265,6 @@ class AdapterPlacement:
             ctx.error(storage, "E514", f"bitsandbytes stores the 4-bit base in {quantize.storage}, but the "
                       f"model's parameters are {model_dtype(ctx)}: FSDP2 shards the packed base beside them "
                       "in one dtype", f"write `storage = {model_dtype(ctx)}`")
-        block = quantize.block_size * quantize.scaler_block_size
         reported: set[Span] = set()
         for fqn, pattern in ctx.adapters.items():
             if pattern.span in reported:
@@ -288,25 +287,41 @@ class AdapterPlacement:
             out, inp = info.attrs.get("out_features"), info.attrs.get("in_features")
             if not isinstance(out, int) or not isinstance(inp, int):
                 continue
-            numel = out * inp
-            sizes = (f"{out} × {inp} = {numel} values; block_size × scaler_block_size = "
-                     f"{quantize.block_size} × {quantize.scaler_block_size} = {block}")
-            if n > 1 and (out % n or numel % (block * n)):
-                reported.add(pattern.span)
-                why = (f"its {out} rows cannot be split {n} ways" if out % n else
-                       f"each of {n} shards would not hold whole NF4 scaler blocks ({sizes})")
+            whole = nf4_problem(out, inp, quantize.block_size, quantize.scaler_block_size)
+            problem = whole or nf4_problem(out, inp, quantize.block_size, quantize.scaler_block_size, n)
+            if problem is None:
+                continue
+            reported.add(pattern.span)
+            if whole is None:
                 ctx.error(quantize.span, "E514", f"the NF4 base of `{generic(fqn)}` cannot be sharded over "
-                          f"`{fsdp.on[-1] if fsdp else ''}` ({n} ranks): {why}",
+                          f"`{fsdp.on[-1] if fsdp else ''}` ({n} ranks): {problem}",
                           "FSDP2 splits the quantized weight along its rows, whole scaler blocks per shard: "
                           "use a block_size/scaler_block_size (or FSDP size) that divides, or leave the "
                           "module out of targets",
                           related=((pattern.span, "the target"),))
-            elif numel % block:
-                reported.add(pattern.span)
+            else:
                 ctx.error(quantize.span, "E514", f"the weight of `{generic(fqn)}` cannot be cut into NF4 "
-                          f"blocks: {sizes}, which does not divide it",
+                          f"blocks: {problem}",
                           "use a smaller block_size or scaler_block_size, or leave the module out of targets",
                           related=((pattern.span, "the target"),))
+
+
+def nf4_problem(out: int, inp: int, block_size: int, scaler_block_size: int, shards: int = 1) -> str | None:
+    """Why an (out, in) weight cannot be held in NF4 and split into `shards` dim-0 chunks
+    (what FSDP2 does to it), or None. torchao's `to_nf4` needs the scalers (one per
+    block_size values) to fill whole scaler blocks; its split hands each chunk a share of
+    every inner tensor, the coarsest being one quantization factor per scaler block."""
+    numel = out * inp
+    block = block_size * scaler_block_size
+    sizes = (f"{out} × {inp} = {numel} values; block_size × scaler_block_size = "
+             f"{block_size} × {scaler_block_size} = {block}")
+    if numel % block:
+        return f"{sizes}, which does not divide it"
+    if shards > 1 and out % shards:
+        return f"its {out} rows cannot be split {shards} ways"
+    if shards > 1 and numel % (block * shards):
+        return f"each of {shards} shards would not hold whole NF4 scaler blocks ({sizes})"
+    return None
 
 
 def adapters_step(ctx: Context) -> Adapters | None:
