@@ -13,8 +13,9 @@ backward, AdamW). Measured there:
   `FSDPMemTracker` over the step — the estimate must be within 25 %.
 
 With adapters (LoRA, and QLoRA's NF4 bases: torchao tensors whose inner tensors are the
-storages) on tiny-llama under FSDP 4, the parameter, gradient and optimizer bytes must be
-exact too: frozen bases have no gradient and no optimizer state, the adapters do.
+storages) on tiny-llama under FSDP 4, the parameter, gradient and optimizer bytes and the
+collectives must be exact too: frozen bases have no gradient, no optimizer state and no
+reduce-scatter, the adapters do.
 """
 
 from __future__ import annotations
@@ -187,10 +188,14 @@ def test_estimates_match_a_real_run(pool: Any, plan: str, model: str, overrides:
             (estimate.parameters, estimate.gradients, estimate.optimizer), f"rank {rank}"
         assert abs(estimate.activations - real["activations"]) <= 0.25 * real["activations"], \
             (rank, estimate.activations, real["activations"])
-    # Collectives of rank 0, by (collective, group size): count and bytes.
+    _assert_collectives(ex, results[0]["comm"])
+
+
+def _assert_collectives(ex: Any, calls: list[tuple[str, int, int]]) -> None:
+    """Collectives of rank 0, by (collective, group size): count and bytes."""
     measured: Counter[tuple[str, int]] = Counter()
     measured_bytes: Counter[tuple[str, int]] = Counter()
-    for op, nbytes, size in results[0]["comm"]:
+    for op, nbytes, size in calls:
         measured[(op, size)] += 1
         measured_bytes[(op, size)] += nbytes
     counted: Counter[tuple[str, int]] = Counter()
@@ -234,3 +239,6 @@ def test_adapter_estimates_match_a_real_run(pool: Any, case: str) -> None:
     # The frozen bases cost no gradient: the adapters' (fp32, sharded over 4) are all there is.
     assert estimate.gradients == counts.trainable * 4 // WORLD
     assert estimate.optimizer == 2 * estimate.gradients
+    # FSDP2 gathers every parameter (an NF4 base as its codes, scalers and scales) and
+    # reduce-scatters only the adapters' gradients.
+    _assert_collectives(ex, results[0]["comm"])

@@ -11,11 +11,13 @@ Sources, in order of trust:
   for.
 - FSDP2 is *derived* from the measured unit sizes, as FSDP2 issues it: per unit with
   parameters, one all-gather in forward (padded unsharded size, in the mixed-precision
-  `param` dtype) and one more in backward when the unit reshards after forward; one
-  reduce-scatter of the gradients in backward (in the `reduce` dtype, else the compute
-  dtype); with HSDP (two mesh names) one all-reduce of the sharded gradients over the
-  replicate dimension — even when that dimension has a single rank. A shard group of
-  one rank all-gathers and reduce-scatters nothing.
+  `param` dtype; an NF4 base as its codes, scalers and scales) and one more in backward
+  when the unit reshards after forward; one reduce-scatter of the gradients in backward
+  (in the `reduce` dtype, else the compute dtype); with HSDP (two mesh names) one
+  all-reduce of the sharded gradients over the replicate dimension — even when that
+  dimension has a single rank. Only parameters that require a gradient are reduced (a
+  unit of frozen parameters reduces nothing). A shard group of one rank all-gathers and
+  reduce-scatters nothing.
 - Context parallelism is *derived* from the attention shapes, as `runtime.parallel.context` issues it:
   per attention layer, `rotate = allgather` all-gathers the stacked local K and V once
   in forward (again in backward when the layer is checkpointed) and reduce-scatters their
@@ -328,28 +330,33 @@ def fsdp_events(program: Program, units: list[Unit], shards: dict[str, ParamShar
     """FSDP2's collectives per step, one rank (see the module docstring)."""
     events: list[CommEvent] = []
     for unit in units:
-        unsharded, sharded, _ = unit_numels(unit, shards, reduction)
+        _, sharded, _ = unit_numels(unit, shards, reduction)
         if not unit.params or not sharded:
             continue
         step = unit.step
         shard_dim = step.mesh_dims[-1]
         n = program.mesh.size(shard_dim)
-        gather = unsharded * itemsize(compute_dtype(step, storage))
-        reduce = reduce_dtype(step, storage)
+        held = [s for s in (shards.get(reduction.representative(f)) for f in unit.params) if s is not None]
+        gather = sum(s.gathered_bytes(itemsize(compute_dtype(step, storage))) for s in held)
+        # FSDP2 reduces the gradients it has: none of a frozen parameter's.
+        trainable = [s for s in held if s.requires_grad]
+        reduce = itemsize(reduce_dtype(step, storage))
         if n > 1:
             events.append(CommEvent(kind="fsdp", op="all_gather", dim=shard_dim, group_size=n,
                                     bytes=gather, phase="forward", layer=unit.layer))
             if step.reshard_after_forward is not False:
                 events.append(CommEvent(kind="fsdp", op="all_gather", dim=shard_dim, group_size=n,
                                         bytes=gather, phase="backward", layer=unit.layer))
-            events.append(CommEvent(kind="fsdp", op="reduce_scatter", dim=shard_dim, group_size=n,
-                                    bytes=unsharded * itemsize(reduce), phase="backward",
-                                    layer=unit.layer))
-        if len(step.mesh_dims) == 2:
+            if trainable:
+                events.append(CommEvent(kind="fsdp", op="reduce_scatter", dim=shard_dim, group_size=n,
+                                        bytes=sum(s.unsharded_numel for s in trainable) * reduce,
+                                        phase="backward", layer=unit.layer))
+        if len(step.mesh_dims) == 2 and trainable:
             replicate = step.mesh_dims[0]
             events.append(CommEvent(kind="hsdp", op="all_reduce", dim=replicate,
                                     group_size=program.mesh.size(replicate),
-                                    bytes=sharded * itemsize(reduce), phase="backward", layer=unit.layer))
+                                    bytes=sum(s.storage_numel for s in trainable) * reduce, phase="backward",
+                                    layer=unit.layer))
     return events
 
 
