@@ -5,7 +5,10 @@
   backends are refused, naming the weight.
 - The scaler-mean fact, on 4 gloo ranks: shards quantised each alone make FSDP2's
   all-gather dequantise the other ranks' rows with the local mean (the ranks disagree),
-  while chunks of the whole weight's quantisation gather to it exactly.
+  while chunks of the whole weight's quantisation gather to it exactly (also when a
+  weight is stored again after FSDP2 built its unsharded tensor).
+- Loading, on 4 gloo ranks under HSDP 2 × 2: `load_sharded` and `load_broadcast` of a
+  Hugging Face checkpoint leave every rank the chunk of the whole weight's quantisation.
 - Training, on 4 gloo ranks: a tiny Llama (2 layers; widths such that every adapted
   weight splits into whole NF4 blocks over 4 ranks) with LoRA on q,k,v,o,gate,up,down
   over NF4 bases, fp32 compute, 3 AdamW steps through `runtime.train`'s loop, under
@@ -252,6 +255,38 @@ def _nf4_shards(model: nn.Module) -> dict[str, tuple[int, dict[str, torch.Tensor
     return out
 
 
+def _quantised_model(program_json: str) -> tuple[nn.Module, Any]:
+    """Inject, quantise on meta, apply the Program (FSDP2), allocate: the runtime's order."""
+    from meshplan.planner.program import Program
+    from meshplan.runtime.parallel.apply import apply
+    from meshplan.runtime.parallel.quantize import quantize_bases
+    from meshplan.runtime.weights.loading import materialize
+
+    model = _meta_model()
+    fqns = _fqns(model)
+    _inject(model, fqns)
+    quantize_bases(model, _step(fqns))
+    applied = apply(Program.from_json(program_json), model)
+    materialize(applied, "cpu")
+    return model, applied
+
+
+def load_case(program_json: str, directory: str) -> dict[str, Any]:
+    """The NF4 shards `load_sharded` and `load_broadcast` (rank 0 reads) leave."""
+    import torch.distributed as dist
+    from safetensors.torch import load_file
+
+    from meshplan.runtime.weights.loading import load_broadcast, load_sharded
+
+    model, applied = _quantised_model(program_json)
+    load_sharded(applied, directory)
+    sharded = _nf4_shards(model)
+    model, applied = _quantised_model(program_json)
+    source = load_file(str(Path(directory) / "model.safetensors")) if dist.get_rank() == 0 else None
+    load_broadcast(applied, source)
+    return {"sharded": sharded, "broadcast": _nf4_shards(model)}
+
+
 def _train(model: nn.Module, target: Any, topology: Any, micro_batch: int) -> list[float]:
     from meshplan.runtime.train.loop import TrainConfig, make_optimizer, train
 
@@ -263,19 +298,11 @@ def _train(model: nn.Module, target: Any, topology: Any, micro_batch: int) -> li
 
 
 def qlora_case(program_json: str, micro_batch: int) -> dict[str, Any]:
-    """Inject, quantise on meta, apply the Program (FSDP2), allocate, seeded weights, train."""
-    from meshplan.planner.program import Program
-    from meshplan.runtime.parallel.apply import apply
-    from meshplan.runtime.parallel.quantize import quantize_bases
+    """The quantised model (`_quantised_model`) with seeded weights, trained."""
     from meshplan.runtime.train.topology import Topology
-    from meshplan.runtime.weights.loading import init_random, materialize
+    from meshplan.runtime.weights.loading import init_random
 
-    model = _meta_model()
-    fqns = _fqns(model)
-    _inject(model, fqns)
-    quantize_bases(model, _step(fqns))
-    applied = apply(Program.from_json(program_json), model)
-    materialize(applied, "cpu")
+    model, applied = _quantised_model(program_json)
     init_random(applied, 0)
     before = _nf4_shards(model)
     initial = _adapters(model)
@@ -344,10 +371,37 @@ def test_qlora_trains_like_one_process(pool: RankPool, layout: str) -> None:
         assert got["before"].keys() == ref["bases"].keys()
         for name, whole in ref["bases"].items():
             first, inner = got["before"][name]
-            rows = whole.shape[0] // shards
-            chunk = whole.split(rows, 0)[first // rows]
+            chunk = _chunk_of(whole, first, shards)
             for attr in INNER:
                 assert torch.equal(inner[attr], getattr(chunk, attr)), (rank, name, attr)
                 assert torch.equal(got["after"][name][1][attr], inner[attr]), (rank, name, attr)
     print(f"{layout}: max |loss - one process| {worst['loss']:.2e}, "
           f"max |adapter - one process| {worst['adapters']:.2e}")
+
+
+def _chunk_of(whole: Any, first: int, shards: int) -> Any:
+    rows = whole.shape[0] // shards
+    return whole.split(rows, 0)[first // rows]
+
+
+def test_loaders_keep_chunks_of_the_whole_quantisation(pool: RankPool, tmp_path: Path) -> None:
+    """Checkpoint bases (Hugging Face names, no adapters) read whole, quantised, chunked."""
+    from safetensors.torch import save_file
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    plain = LlamaForCausalLM(_config())
+    weights = {n: p.detach().clone().contiguous() for n, p in plain.state_dict().items()}
+    save_file(weights, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text(_config().to_json_string(), encoding="utf-8")
+    program = _program("hsdp2x2")
+    results = pool.run(load_case, program.to_json(), str(tmp_path))
+    shards = program.mesh.size("dp_shard")
+    for got in results:
+        for how in ("sharded", "broadcast"):
+            assert len(got[how]) == 2 * 7
+            for name, (first, inner) in got[how].items():
+                whole = _nf4().to_nf4(weights[name.replace("base_layer.", "")], BLOCK, SCALER_BLOCK)
+                chunk = _chunk_of(whole, first, shards)
+                for attr in INNER:
+                    assert torch.equal(inner[attr], getattr(chunk, attr)), (how, name, attr)
