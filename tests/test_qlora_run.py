@@ -107,20 +107,17 @@ def test_peft_lora_on_an_nf4_base(compute: str) -> None:
 
 def test_quantize_bases_refuses_what_nf4_cannot_hold() -> None:
     from meshplan.planner.program import Adapters, Quantize
-    from meshplan.runtime.parallel.quantize import QuantizeError, quantize_bases, split_problem
+    from meshplan.runtime.parallel.quantize import QuantizeError, quantize_bases
 
     with torch.device("meta"):
         model = nn.Sequential(nn.Linear(96, 100), nn.Embedding(16, 1024))
-    with pytest.raises(QuantizeError, match=r"0\.weight cannot be held in NF4: its 100×96 = 9600 elements"):
+    with pytest.raises(QuantizeError, match=r"0\.weight cannot be held in NF4: 100 × 96 = 9600 values"):
         quantize_bases(model, _step(("0",)))
     with pytest.raises(QuantizeError, match=r"must be an nn\.Linear, not Embedding"):
         quantize_bases(model, _step(("1",)))
     step = Adapters(fqns=("0",), rank=8, alpha=16, quantize=Quantize(backend="bitsandbytes"))
     with pytest.raises(QuantizeError, match="torchao only"):
         quantize_bases(model, step)
-    assert split_problem((128, 512), BLOCK, SCALER_BLOCK, 4) is None
-    assert "do not split into 3 equal FSDP shards" in str(split_problem((128, 512), BLOCK, SCALER_BLOCK, 3))
-    assert "not a multiple of" in str(split_problem((128, 256), BLOCK, SCALER_BLOCK, 4))
 
 
 # --------------------------------------------------------------------------- the scaler-mean fact

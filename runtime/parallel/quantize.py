@@ -37,9 +37,10 @@ block_size, scaler_block_size, itemsize=<the compute dtype's>)` is what one weig
 one FSDP2 shard of it) allocates.
 
 Limits: the weight is 2-D with `in * out` divisible by `block_size * scaler_block_size
-* shards` and `out` by `shards` (`split_problem`); the only placements are FSDP2's
-(`Shard(0)` on one mesh dimension, `Replicate` on the others: FSDP or HSDP), so a
-quantised base cannot be tensor-parallel. Only torchao's backend is implemented here.
+* shards` and `out` by `shards` (the compiler's rule, `planner.passes.adapters.nf4_problem`);
+the only placements are FSDP2's (`Shard(0)` on one mesh dimension, `Replicate` on the
+others: FSDP or HSDP), so a quantised base cannot be tensor-parallel. Only torchao's
+backend is implemented here.
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor.placement_types import _StridedShard
 
+from meshplan.planner.passes.adapters import nf4_problem
 from meshplan.planner.program import Adapters, Quantize
 
 __all__ = [
@@ -61,7 +63,6 @@ __all__ = [
     "is_quantized",
     "quantize_bases",
     "quantized_weight",
-    "split_problem",
     "store_quantized",
 ]
 
@@ -99,21 +100,12 @@ def is_quantized(tensor: torch.Tensor) -> bool:
     return isinstance(local, module.NF4Tensor)
 
 
-def split_problem(shape: tuple[int, ...], block_size: int, scaler_block_size: int,
-                  shards: int = 1) -> str | None:
-    """Why a weight of `shape` cannot be quantised and cut into `shards` dim-0 chunks
-    (each chunk whole NF4 blocks and whole scaler blocks); None when it can."""
+def _problem(shape: tuple[int, ...], block_size: int, scaler_block_size: int, shards: int = 1) -> str | None:
+    """Why a weight of `shape` cannot be held in NF4 and cut into `shards` dim-0 chunks
+    (the compiler's rule, `nf4_problem`), or None."""
     if len(shape) != 2:
         return f"it has {len(shape)} dimensions (NF4 holds 2-D weights)"
-    out, inner = shape
-    group = block_size * scaler_block_size
-    if out % shards:
-        return f"its {out} rows do not split into {shards} equal FSDP shards"
-    if (out * inner) % (group * shards):
-        return (f"its {out}×{inner} = {out * inner} elements are not a multiple of block_size × "
-                f"scaler_block_size × shards = {block_size} × {scaler_block_size} × {shards} = "
-                f"{group * shards}")
-    return None
+    return nf4_problem(shape[0], shape[1], block_size, scaler_block_size, shards)
 
 
 def quantized_weight(full: torch.Tensor, quantize: Quantize) -> Any:
@@ -201,7 +193,7 @@ def quantize_bases(model: nn.Module, step: Adapters) -> tuple[str, ...]:
         if isinstance(weight, DTensor):
             raise QuantizeError(f"{prefix}.weight is already distributed ({weight.placements}): "
                                 "quantise the bases before tensor parallelism and fully_shard")
-        problem = split_problem(tuple(weight.shape), quantize.block_size, quantize.scaler_block_size)
+        problem = _problem(tuple(weight.shape), quantize.block_size, quantize.scaler_block_size)
         if problem is not None:
             raise QuantizeError(f"{prefix}.weight cannot be held in NF4: {problem}")
         tensor = _placeholder(weight.shape, quantize) if weight.is_meta else quantized_weight(weight, quantize)
@@ -252,7 +244,7 @@ def store_quantized(module: nn.Module, attr: str, full: torch.Tensor, *, name: s
         raise QuantizeError(f"{label}: the weight given has shape {list(full.shape)}, the model's "
                             f"is {list(param.shape)}")
     index, chunks = _shard_of(param, label) if isinstance(param, DTensor) else (0, 1)
-    problem = split_problem(tuple(param.shape), local.block_size, local.scaler_block_size, chunks)
+    problem = _problem(tuple(param.shape), local.block_size, local.scaler_block_size, chunks)
     if problem is not None:
         raise QuantizeError(f"{label} cannot be sharded in NF4 over {chunks} ranks: {problem}")
     # Cast to the plain weight's dtype first: the values are those of the unquantised
