@@ -526,8 +526,8 @@ points `model.layers.N` with N ≥ 1.
     "E513": """\
 A `targets` module cannot carry a LoRA adapter as planned: PEFT adapts Linear,
 Embedding and Conv1D modules only (not an attention block, a norm or an activation); the
-module's weight is tied to another module's (an adapter under one name would change the
-other's layer, and wrapping the module breaks the tie); or, under tensor parallelism, the
+module's weight is tied to another module's (the adapter trains for one name, but merging
+it into the one tensor changes the other module too); or, under tensor parallelism, the
 module's style has no adapter layout for its kind (the style registry's `adapter`:
 colwise, rowwise and replicate have one on a Linear; a colwise or rowwise Embedding, the
 Conv1D styles and sequence_parallel do not). A prepare_input or prepare_output rule on

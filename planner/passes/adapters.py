@@ -3,8 +3,8 @@
 Guarantees, for a plan with an `adapters { … }` section:
 - every `targets` pattern matches a module (E502) that PEFT's LoRA can adapt: a Linear,
   an Embedding or GPT-2's Conv1D (E513), whose weight is not tied to another module's
-  (an adapter on one name of a tied tensor, e.g. `lm_head` tied to `model.embed_tokens`)
-  (E513); two targets lines on one module are E503. Records `ctx.adapters`;
+  (an adapter on one name of a tied tensor, e.g. `lm_head` tied to `model.embed_tokens`:
+  training is exact, but the merged model would add the adapter to both) (E513); two targets lines on one module are E503. Records `ctx.adapters`;
 - under tensor parallelism (tp > 1), the style on an adapted module has an adapter layout
   for its kind (the style registry's `adapter`: colwise, rowwise, replicate on a Linear);
   a style that touches no parameter (prepare_input / prepare_output) only converts the
@@ -135,9 +135,9 @@ class AdapterPlacement:
         weight = f"{fqn}.weight"
         if weight in tied:
             other = next(n for n in tied[weight] if n != weight)
-            ctx.error(pattern.span, "E513", f"`{weight}` is one tensor with `{other}` (tied weights): an "
-                      "adapter under one name would change the other's layer too, and the tie breaks "
-                      "when the adapter wraps the module",
+            ctx.error(pattern.span, "E513", f"`{weight}` is one tensor with `{other}` (tied weights): the "
+                      f"adapter trains for `{generic(fqn)}` alone, but merging it (`plan export --merged`, "
+                      f"PEFT's merge_and_unload) adds it to the one tensor, changing `{other}` too",
                       f"leave `{generic(fqn)}` out of targets, or untie the weights "
                       "(`tie_word_embeddings = false`)")
             return False
