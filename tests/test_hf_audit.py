@@ -46,6 +46,8 @@ EXPECTED: dict[str, tuple[str, str, str]] = {
     # q/k norms after the transpose: their heads are on dim 1, which the importer reads
     "exaone4": ("truth", "accept", "exact"),
     "gemma3_text": ("truth", "accept", "exact"),
+    # qkv_proj viewed into (groups, 3·d) first: per group, not part-major; plain colwise is exact
+    "codegen": ("truth", "accept", "exact"),
     # biased k_proj under rotary; its default dropout (0.1) is off in tiny configs
     "seed_oss": ("truth", "accept", "exact"),
     # styles with no meshplan equivalent yet

@@ -19,7 +19,8 @@ from .context import Context
 
 # Leaf names of fused projections and how many parts they pack.
 FUSED = {"qkv_proj": 3, "c_attn": 3, "W_pack": 3, "gate_up_proj": 2}
-# Not here: projections laid out per head (GPT-NeoX's query_key_value, [heads, 3·head_dim]).
+# Not here: projections laid out per head (GPT-NeoX's query_key_value, [heads, 3·head_dim]);
+# a FUSED name laid out per group (CodeGen's qkv_proj, `_grouped`) is treated like them.
 # The layout walk sees them reshaped into heads before they are cut (`planner.ops`): plain
 # colwise gives each rank whole heads (measured exact); `parts` splits a head (rejected).
 _KIND_WORDS = {"linear": "a Linear", "embedding": "an Embedding", "conv1d": "a GPT-2 Conv1D",
@@ -35,6 +36,8 @@ def fused_parts(graph: ModelGraph, fqn: str) -> tuple[int, ...] | None:
     out = info.attrs.get("out_features")
     if not isinstance(out, int):
         return None
+    if _grouped(graph, fqn, out, FUSED[leaf]):
+        return None
     parent = graph.modules.get(fqn.rsplit(".", 1)[0]) if "." in fqn else None
     if FUSED[leaf] == 3 and parent is not None and parent.kind == "attention":
         heads, kv, hd = (parent.attrs.get(k) for k in ("num_heads", "num_kv_heads", "head_dim"))
@@ -42,6 +45,30 @@ def fused_parts(graph: ModelGraph, fqn: str) -> tuple[int, ...] | None:
             return (heads * hd, kv * hd, kv * hd)
     n = FUSED[leaf]
     return tuple([out // n] * n) if out % n == 0 else None
+
+
+def _grouped(graph: ModelGraph, fqn: str, out: int, parts: int) -> bool:
+    """Is the projection laid out per group rather than part-major? CodeGen's `qkv_proj`
+    is viewed into (groups, 3·d) before it is split: each group packs its own q, v and k,
+    so a plain colwise cut on whole groups is exact (measured), and the layout walk
+    checks the cut lands on the groups. A part-major projection is sliced (Phi-3) or
+    viewed into (parts, rest) (Baichuan's W_pack) and keeps its name's part count."""
+    if not graph.traced or not graph.is_traced(fqn):
+        return False
+    call = graph.calls(fqn)
+    if not call.outputs:
+        return False
+    g = graph.dataflow
+    for succ in g.successors(call.outputs[0].node):
+        attrs = g.nodes[succ]
+        shape = tuple(attrs.get("shape") or ())
+        if str(attrs.get("op")) not in ("aten.view.default", "aten.reshape.default",
+                                        "aten._unsafe_view.default") or len(shape) < 2:
+            continue
+        groups, inner = shape[-2], shape[-1]
+        if groups * inner == out and groups not in (1, parts) and inner % parts == 0:
+            return True
+    return False
 
 
 def weight_placement(graph: ModelGraph, module: str, rule: TPRuleSpec | None) -> str:
