@@ -173,11 +173,18 @@ def to_python(program: Program) -> str:
         if emit is None:
             raise ValueError(f"--emit python: no emitter for {step.kind} steps")
         body.append(f"    {_where(step)}")
+        keep = bool(adapted) and isinstance(step, Parallelize)
+        if keep:
+            # As the runtime: torch's SequenceParallel re-creates a norm's parameters
+            # trainable (`nn.Parameter(DTensor.from_local(...))`), so a frozen base would
+            # train; each parameter gets its own flag back.
+            body.append(f"    _trainable = {{n: p.requires_grad for n, p in _module(model, "
+                        f"{cast(Parallelize, step).fqn!r}).named_parameters()}}")
         body += emit(step)
-        if adapted and isinstance(step, Parallelize):
-            # torch's SequenceParallel re-creates a norm's parameters trainable
-            # (`nn.Parameter(DTensor.from_local(...))`): freeze the base again.
-            body += _FREEZE
+        if keep:
+            body += [f"    for _name, _param in _module(model, {cast(Parallelize, step).fqn!r}).named_parameters():",
+                     "        if _name in _trainable:",
+                     "            _param.requires_grad_(_trainable[_name])"]
         body.append("    retie(_ties)")
     lines += body
     lines += ["    return model", ""]

@@ -393,11 +393,47 @@ def test_emit_python_puts_styles_on_base_layer_and_adapters(tiny: ModelGraph) ->
         in source
     assert "'self_attn': PrepareModuleInput(" in source  # on the block, untouched
     assert source.index("inject_adapter_in_model") < source.index("parallelize_module(_module(")
-    # SequenceParallel makes the norms' parameters trainable again: each Parallelize is
-    # followed by the freeze, the last one before FSDP.
-    freeze = '_param.requires_grad_(".lora_" in _name)'
-    assert source.count(freeze) == 1 + len(compile_plan(text, tiny, 4).program.steps_of(Parallelize))
-    assert source.rindex(freeze) < source.index("fully_shard(")
+    # SequenceParallel makes the norms' parameters trainable again: each Parallelize gives
+    # every parameter its own flag back, as the runtime does.
+    restore = "_param.requires_grad_(_trainable[_name])"
+    assert source.count(restore) == len(compile_plan(text, tiny, 4).program.steps_of(Parallelize))
+    assert source.rindex(restore) < source.index("fully_shard(")
+
+
+def test_the_emitted_script_keeps_the_base_frozen_under_sequence_parallelism() -> None:
+    """The script's own lines on a real (1-rank gloo) mesh: a frozen norm under
+    SequenceParallel stays frozen, the adapters stay trainable."""
+    import os
+    import subprocess
+    import sys
+
+    text = plan("  rank = 4\n" + TARGETS, mesh="  tp = 1", extra=TP_RULES)
+    program = compile_plan(text, "tiny-llama", 1, []).program
+    assert not program.steps_of(Parallelize)  # tp = 1 lowers to nothing: build the step by hand
+    from meshplan.planner.program import MeshLayout, StyleCall
+
+    sp = Parallelize(fqn="", mesh_dim="tp", plan=(("model.norm", StyleCall(style="sequence_parallel")),
+                                                  ("model.layers.0.self_attn.q_proj", StyleCall(style="colwise"))))
+    program = dataclasses.replace(program, mesh=MeshLayout(names=("tp",), shape=(1,)),
+                                  steps=(*program.steps_of(Adapters), sp))
+    script = to_python(program) + textwrap.dedent("""
+        import torch, torch.distributed as dist
+        from meshplan.planner.models import resolve_model
+        dist.init_process_group("gloo", rank=0, world_size=1)
+        src = resolve_model("tiny-llama")
+        model = src.model_class(src.config)
+        apply(model, build_mesh("cpu"))
+        flags = {n: p.requires_grad for n, p in model.named_parameters()}
+        assert not flags["model.norm.weight"], flags
+        assert flags["model.layers.0.self_attn.q_proj.lora_A.default.weight"]
+        assert not flags["model.layers.0.self_attn.q_proj.base_layer.weight"]
+        print("frozen", sum(not f for f in flags.values()), "trainable", sum(flags.values()))
+        dist.destroy_process_group()
+    """)
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29561"}
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "trainable 28" in out.stdout
 
 
 def test_emit_python_refuses_a_quantized_base_cleanly(tmp_path: Path, capsys: pytest.CaptureFixture[str],
