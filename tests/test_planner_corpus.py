@@ -328,6 +328,43 @@ CASES: tuple[Case, ...] = (
          "are one tied tensor, but the pipeline puts the embedding on the first stage"),
     Case("pp_without_pipeline_section", "tiny-llama", 4, "E509", 5, 3, "pp = 2 but the plan has no `pipeline` section"),
     Case("pp_not_a_decoder", "tiny-gpt2", 4, "E512", 9, 1, "cannot be cut into pipeline stages"),
+    # -- adapters (LoRA, QLoRA): targets, layouts under TP, dtypes per FSDP unit, NF4 bases
+    Case("adapters_targets_typo", "tiny-llama", 4, "E502", 12, 11,
+         "`model.layers.*.self_attn.{q,v}_prj` matches no module of tiny-llama",
+         hint="`model.layers.*.self_attn.q_proj`"),
+    Case("adapters_on_norm", "tiny-llama", 4, "E513", 13, 11,
+         "`model.layers.*.input_layernorm` is LlamaRMSNorm (norm): LoRA adapts Linear, Embedding and "
+         "Conv1D modules only"),
+    Case("adapters_on_block", "tiny-llama", 4, "E513", 12, 11,
+         "`model.layers.*.self_attn` is LlamaAttention (attention)",
+         hint="`model.layers.*.self_attn.{q_proj,k_proj,v_proj,o_proj}`"),
+    Case("adapters_embedding_rowwise", "tiny-llama", 4, "E513", 18, 11,
+         "`model.embed_tokens` is an Embedding in `rowwise`, which has no adapter layout for it"),
+    # PEFT's names for the wrapped modules (`base_layer`, `lora_B`) in a tensor_parallel
+    # rule: the rule points at its line and the hint names the base modules.
+    Case("adapters_tp_names_base_layer", "tiny-llama", 4, "E502", 15, 3,
+         "`model.layers.*.self_attn.{q,k,v}_proj.base_layer` matches no module of tiny-llama",
+         hint="`model.layers.*.self_attn.q_proj`"),
+    Case("adapters_tp_names_lora", "tiny-llama", 4, "E502", 15, 3,
+         "`model.layers.*.self_attn.{q,k,v}_proj.lora_B` matches no module of tiny-llama",
+         hint="`model.layers.*.self_attn.q_proj`"),
+    Case("adapters_tied_lm_head", "llama-3.2-1b", 4, "E513", 13, 11,
+         "`lm_head.weight` is one tensor with `model.embed_tokens.weight` (tied weights)"),
+    Case("adapters_dtype_without_mixed_precision", "tiny-llama", 4, "E508", 18, 3,
+         "this FSDP unit holds the adapters of `model.layers.*.self_attn.q_proj` in bf16 and the model's "
+         "parameter `model.layers.*.self_attn.q_proj.weight` in fp32", hint="mixed_precision { param = bf16 }"),
+    Case("adapters_qlora_under_tp", "tiny-llama", 4, "E514", 11, 43,
+         "`model.layers.*.self_attn.q_proj` has a quantized (NF4) base, which `colwise` cannot shard over tp"),
+    Case("adapters_nf4_blocks_not_splitting", "tiny-llama", 4, "E514", 14, 3,
+         "the NF4 base of `model.layers.*.self_attn.k_proj` cannot be sharded over `dp_shard` (4 ranks): "
+         "each of 4 shards would not hold whole NF4 scaler blocks"),
+    Case("adapters_bnb_uint8_under_fsdp", "tiny-llama", 4, "E414", 14, 68,
+         "bitsandbytes' uint8 storage cannot be sharded by fully_shard", hint="storage = bf16"),
+    Case("adapters_torchao_float_storage", "tiny-llama", 4, "E414", 12, 63,
+         "torchao packs NF4 into uint8; `storage = fp32` is bitsandbytes' option"),
+    Case("adapters_fp16_compute_fp32_adapters", "tiny-llama", 4, "E508", 18, 3,
+         "this FSDP unit holds the adapters of `model.layers.*.self_attn.q_proj` in fp32 and the quantized "
+         "base `model.layers.*.self_attn.q_proj.weight` in fp16"),
 )
 
 

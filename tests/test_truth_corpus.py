@@ -40,6 +40,8 @@ REPRESENTATIVE = (
     "broken/pattern_typo",
     "broken/dp_without_fsdp",
     "broken/mesh_product_wrong",
+    "shipped/llama_lora@tiny-llama",  # LoRA under dp 2 × tp 2 with SP: PEFT's layout
+    "broken/adapters_tp_names_base_layer",  # a rule on PEFT's `base_layer` name: crash
 )
 
 
@@ -105,5 +107,5 @@ def test_recorded_truth_is_measured(case_id: str, pools: Any) -> None:
     case = BY_ID[case_id]
     truth = measure(case, pools)
     assert truth.truth == case.truth, f"{case_id}: recorded {case.truth}, measured {truth}"
-    if truth.truth == "exact":
+    if truth.truth == "exact" and not case.precision:  # else within the plan's dtypes' rounding
         assert truth.error <= 1e-4

@@ -4,7 +4,9 @@
 
 What is measured (DESIGN.md § Ground truth): the plan is compiled WITHOUT the compiler's
 checks (`compile_plan(..., check=False)`, so a rejected plan is judged too), every
-FSDP mixed-precision policy is dropped (fp32 throughout), and the Program is applied on
+FSDP mixed-precision policy is dropped (fp32 throughout: adapters in their base's dtype,
+a 4-bit base dequantised to fp32; `precision=True` keeps the plan's dtypes, for the
+mistakes that are about them), and the Program is applied on
 `world` ranks through the runtime's own building path (`build_applied`: meta model,
 meshplan's packed attention, `apply`, local shards, layout-independent random weights)
 and its own step (`train_step`, with an optimizer that does not step): one forward and
@@ -20,8 +22,20 @@ gradient (pending partial sums reduced first; fused rows mapped back to the pack
 order). A tied parameter that the plan unties is compared under each of its names with
 the tied gradient, so an untied copy with half the gradient is wrong.
 
+Adapters (a Program with an `Adapters` step): the step the truth applies is the plan as
+written, every module its `targets` patterns match (the compiler leaves out the ones it
+refuses, which would measure another plan), with dropout off (the ranks would draw other
+masks than one process). The one process applies the same step (`install_adapters` on
+its meta model, as the runtime's build does) before its weights exist. PEFT starts
+lora_B at zero, which gives lora_A no gradient at the first step and would hide a wrong
+lora_A layout: both sides give every adapter matrix seeded, layout-independent nonzero
+values (`seed_adapters`: the runtime's `init_random`, lora_B drawn normal instead of
+zeros). Frozen base parameters have no gradient on either side; a gradient on one side
+only is wrong.
+
 Verdicts:
-- `exact`: every compared value within `RTOL` (1e-4) relative — `‖Δ‖ / max(‖ref‖, floor)`,
+- `exact`: every compared value within `RTOL` (1e-4) relative (for a Program measured
+  in its own dtypes, one unit in the last place of its lowest dtype: `precision_rtol`) — `‖Δ‖ / max(‖ref‖, floor)`,
   where the floor (`FLOOR` × the gradient's RMS tensor norm) keeps gradients that are
   zero in exact arithmetic (a key bias under softmax) from turning fp32 noise into
   an error;
@@ -58,11 +72,17 @@ __all__ = [
     "compile_for_truth",
     "judge",
     "judge_program",
+    "measured",
+    "precision_rtol",
     "rank_case",
     "reference",
+    "seed_adapters",
 ]
 
 RTOL = 1e-4
+# One unit in the last place (relative) of the dtypes a Program may compute in: the
+# tolerance of a Program measured in its own dtypes (`precision_rtol`).
+ULP = {"bf16": 2.0 ** -7, "fp16": 2.0 ** -10}
 FLOOR = 1e-3
 SEQ_LEN = 32  # tokens per packed bin (the plan's `seq_len` is overridden to match)
 BINS = 4  # bins in the global batch: one per data-parallel rank at dp 4
@@ -98,15 +118,16 @@ class Compiled:
 
 
 def compile_for_truth(plan: str | Path, model: Any, world: int, overrides: Iterable[str] = (),
-                      *, graph: Any = None) -> Compiled:
-    """Compile twice: once as `plan compile` would (the verdict), once without the checks."""
+                      *, graph: Any = None, precision: bool = False) -> Compiled:
+    """Compile twice: once as `plan compile` would (the verdict), once without the checks.
+    The Program is `measured`'s (fp32 unless `precision`)."""
     from meshplan.dsl.errors import PlanRejected
     from meshplan.planner.compile import compile_plan
 
     target = graph if graph is not None else model
     try:
         compiled = compile_plan(plan, target, world, list(overrides))
-        return Compiled(True, (), fp32(compiled.program))
+        return Compiled(True, (), measured(compiled.program, plan, overrides, compiled.graph, precision))
     except PlanRejected as rejected:
         codes = tuple(d.code for d in rejected.errors)
     except Exception as e:  # the compiler itself failed: no verdict, nothing to apply
@@ -118,17 +139,105 @@ def compile_for_truth(plan: str | Path, model: Any, world: int, overrides: Itera
         return Compiled(False, codes, None, f"{first.code}: {first.message}" if first else "rejected")
     except Exception as e:  # lowering a plan the passes could not make sense of
         return Compiled(False, codes, None, f"cannot lower: {type(e).__name__}: {e}")
-    return Compiled(False, codes, fp32(unchecked.program))
+    return Compiled(False, codes, measured(unchecked.program, plan, overrides, unchecked.graph, precision))
+
+
+def measured(program: Program, plan: str | Path, overrides: Iterable[str], graph: Any,
+             precision: bool = False) -> Program:
+    """The Program the truth applies: the adapters as the plan writes them (`as_written`),
+    dropout off, and fp32 throughout unless `precision`."""
+    program = as_written(program, plan, overrides, graph)
+    return program if precision else fp32(program)
 
 
 def fp32(program: Program) -> Program:
     """The Program without mixed precision: the truth is measured in fp32 (the experts'
-    own FSDP units, in the ExpertParallel step, included)."""
-    from meshplan.planner.program import ExpertParallel, FullyShard
+    own FSDP units, in the ExpertParallel step, included; adapters in their base's dtype,
+    a 4-bit base dequantised to fp32)."""
+    from meshplan.planner.program import Adapters, ExpertParallel, FullyShard
 
-    steps = tuple(dataclasses.replace(s, mixed_precision=None) if isinstance(s, FullyShard | ExpertParallel)
-                  else s for s in program.steps)
-    return dataclasses.replace(program, steps=steps)
+    def plain(step: Any) -> Any:
+        if isinstance(step, FullyShard | ExpertParallel):
+            return dataclasses.replace(step, mixed_precision=None)
+        if isinstance(step, Adapters):
+            quantize = step.quantize and dataclasses.replace(step.quantize, compute="fp32")
+            return dataclasses.replace(step, dtype=None, quantize=quantize)
+        return step
+
+    return dataclasses.replace(program, steps=tuple(plain(s) for s in program.steps))
+
+
+def as_written(program: Program, plan: str | Path, overrides: Iterable[str], graph: Any) -> Program:
+    """The Program with the Adapters step the plan's `adapters` section writes: every module
+    a `targets` pattern matches, in model order (the compiler lowers only the targets it
+    accepts), and dropout 0 (masks drawn on each rank are not one process's)."""
+    from meshplan.dsl import load
+    from meshplan.dsl.patterns import select
+    from meshplan.planner.program import Adapters, Quantize
+
+    spec, _ = load(plan, list(overrides))
+    section = spec.adapters
+    if section is None:
+        return program
+    fqns = graph.fqns()
+    matched = {f for pattern in section.targets for f in select(pattern.text, fqns)}
+    targets = tuple(f for f in fqns if f in matched)
+    steps = list(program.steps)
+    at = next((i for i, s in enumerate(steps) if isinstance(s, Adapters)), None)
+    if not targets:
+        return dataclasses.replace(program, steps=tuple(s for s in steps if not isinstance(s, Adapters)))
+    if at is not None:
+        steps[at] = dataclasses.replace(steps[at], fqns=targets, dropout=0.0)
+    else:  # every target refused: the step goes first (after a pipeline cut), as lowering puts it
+        q = section.quantize
+        quantize = Quantize(format=q.format, backend=q.backend, compute=q.compute, storage=q.storage,
+                            block_size=q.block_size, scaler_block_size=q.scaler_block_size) if q else None
+        step = Adapters(fqns=targets, method=section.method, rank=section.rank, alpha=section.alpha,
+                        dropout=0.0, dtype=section.dtype, quantize=quantize, span=section.span)
+        first = 1 if steps and steps[0].kind == "pipeline" else 0
+        steps.insert(first, step)
+    return dataclasses.replace(program, steps=tuple(steps))
+
+
+def precision_rtol(program: Program) -> float:
+    """The tolerance for `program` measured in its own dtypes (`precision=True`): one unit
+    in the last place of the lowest float dtype it computes in (FSDP's `param` dtype, the
+    adapters' dtype, a 4-bit base's compute dtype); `RTOL` when all are fp32. Rounding in
+    that dtype (other summation orders on the ranks) stays below it; a wrong layout or a
+    gradient lost is of order 1."""
+    from meshplan.planner.program import Adapters, ExpertParallel, FullyShard
+
+    dtypes: set[str] = set()
+    for step in program.steps:
+        if isinstance(step, FullyShard | ExpertParallel) and step.mixed_precision is not None:
+            dtypes.add(str(step.mixed_precision.param))
+        if isinstance(step, Adapters):
+            dtypes.add(str(step.dtype))
+            if step.quantize is not None:
+                dtypes.add(step.quantize.compute)
+    return max([RTOL, *(ULP[d] for d in dtypes if d in ULP)])
+
+
+def adapters_of(program: Program) -> Any:
+    """The Program's Adapters step, None without one."""
+    from meshplan.planner.program import Adapters
+
+    return next((s for s in program.steps if isinstance(s, Adapters)), None)
+
+
+def seed_adapters(model: Any, seed: int = 0) -> None:
+    """Seeded, layout-independent values for every weight (the runtime's `init_random`),
+    lora_B drawn normal(0, initializer_range) instead of PEFT's zeros, so that lora_A gets a
+    gradient at the first step. The same values on every layout and in one process."""
+    from meshplan.runtime.parallel.adapters import adapter_side
+    from meshplan.runtime.weights.loading import init_random, init_rule
+
+    def rule(name: str, module: torch.nn.Module, tensor: torch.Tensor, std: float) -> tuple[Any, float]:
+        if adapter_side(name) == "B":
+            return "normal", std
+        return init_rule(name, module, tensor, std)
+
+    init_random(model, seed, rule=rule)
 
 
 # --------------------------------------------------------------------------- both sides
@@ -175,15 +284,28 @@ class Reference:
     floor: float
 
 
-def reference(source: Any, seq_len: int = SEQ_LEN, context: Any = None) -> Reference:
-    """One process, the whole global batch as micro-batches."""
+def reference(source: Any, seq_len: int = SEQ_LEN, context: Any = None, adapters: Any = None) -> Reference:
+    """One process, the whole global batch as micro-batches; with the Program's
+    `Adapters` step, the same adapters (and quantized bases) on the one-process model."""
     from meshplan.runtime import Topology, build_model, prepare
     from meshplan.runtime.weights.loading import canonical_name
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        model = build_model(source, seed=0)
+        if adapters is None:
+            model = build_model(source, seed=0)
+        else:  # as build_applied: adapters on the meta model, then the weights (seeded adapters too)
+            from meshplan.runtime.parallel.adapters import install_adapters
+            from meshplan.runtime.train.build import _source, load_weights
+            from meshplan.runtime.weights.loading import materialize, meta_model
+
+            src = _source(source)
+            model = meta_model(src)
+            install_adapters(model, adapters)
+            materialize(model, "cpu")
+            load_weights(model, src, seed=0)
+            seed_adapters(model, 0)  # as every rank does: lora_B nonzero
         prepare(model)
         batches = next(iter(_data(source, seq_len, context).loader(0, 1, micro_batch=BINS)))
         loss, norm = _step(model, batches, Topology())
@@ -259,6 +381,8 @@ def rank_case(program_json: str, source: Any, seq_len: int, ref: Reference) -> R
 
     program = Program.from_json(program_json)
     applied, _, _ = build_applied(program, source, seed=0)
+    if adapters_of(program) is not None:
+        seed_adapters(applied, 0)
     topology = Topology.of(applied)
     data = _data(source, seq_len, topology.context)
     micro = max(BINS // topology.dp_size, 1)
@@ -280,8 +404,8 @@ def rank_case(program_json: str, source: Any, seq_len: int, ref: Reference) -> R
 
 
 @functools.cache
-def _cached_reference(source: Any, seq_len: int, context: Any) -> Reference:
-    return reference(source, seq_len, context)
+def _cached_reference(source: Any, seq_len: int, context: Any, adapters: Any = None) -> Reference:
+    return reference(source, seq_len, context, adapters)
 
 
 def _last_line(error: BaseException) -> str:
@@ -293,16 +417,20 @@ def _last_line(error: BaseException) -> str:
 
 
 def judge_program(pool: RankPool, program: Program, source: Any, *, seq_len: int = SEQ_LEN,
-                  timeout: float = 120.0) -> Truth:
-    """The verdict of one Program on `pool.world_size` ranks (the Program's world size)."""
+                  timeout: float = 120.0, rtol: float = RTOL) -> Truth:
+    """The verdict of one Program on `pool.world_size` ranks (the Program's world size);
+    `rtol`: `precision_rtol` for a Program measured in its own dtypes."""
     from meshplan.runtime.parallel.apply import context_split
 
     start = time.perf_counter()
     if program.world_size != pool.world_size:
         raise ValueError(f"a Program for {program.world_size} ranks on a pool of {pool.world_size}")
+    from meshplan.planner.program import Adapters
+
     context = context_split(program)
+    adapters = next(iter(program.steps_of(Adapters)), None)
     try:
-        ref = _cached_reference(source, seq_len, context)
+        ref = _cached_reference(source, seq_len, context, adapters)
     except Exception as e:
         return Truth("n/a", f"one process fails: {type(e).__name__}: {str(e)[:200]}", math.inf,
                      time.perf_counter() - start)
@@ -318,15 +446,16 @@ def judge_program(pool: RankPool, program: Program, source: Any, *, seq_len: int
             worst = max(worst, (err, f"rank {rank}: {what} {value:.6g}, one process {expected:.6g}"))
         worst = max(worst, (rep.worst[0], f"rank {rank}: {rep.worst[1]}"))
     seconds = time.perf_counter() - start
-    if worst[0] <= RTOL:
-        return Truth("exact", f"worst relative error {worst[0]:.1e}", worst[0], seconds)
+    if worst[0] <= rtol:
+        within = f" (within {rtol:.1e}: one unit in the last place of the plan's lowest dtype)" if rtol > RTOL else ""
+        return Truth("exact", f"worst relative error {worst[0]:.1e}{within}", worst[0], seconds)
     return Truth("wrong", worst[1], worst[0], seconds)
 
 
 def judge(pool: RankPool, plan: str | Path, model: Any, world: int, overrides: Iterable[str] = (),
-          *, graph: Any = None, seq_len: int = SEQ_LEN) -> tuple[Compiled, Truth]:
+          *, graph: Any = None, seq_len: int = SEQ_LEN, precision: bool = False) -> tuple[Compiled, Truth]:
     """Compile `plan` (verdict and unchecked Program) and measure the truth."""
-    compiled = compile_for_truth(plan, model, world, overrides, graph=graph)
+    compiled = compile_for_truth(plan, model, world, overrides, graph=graph, precision=precision)
     if compiled.program is None:
         return compiled, Truth("n/a", compiled.reason, math.inf)
     return compiled, judge_program(pool, compiled.program, model, seq_len=seq_len)

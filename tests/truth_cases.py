@@ -11,7 +11,12 @@ where the case cannot be measured as the compiler sees it, how it is measured in
   so that the mistake the case is about stays the same mistake;
 - `measure.world` / `measure.overrides`: a smaller world (and mesh overrides) that keeps
   the mistake (tp larger than the key/value heads at tp 4 instead of 16);
-- `seq_len`: the batch length, when the case is about the sequence length (else 32).
+- `seq_len`: the batch length, when the case is about the sequence length (else 32);
+- `measure.precision: "plan"`: the plan's own dtypes (mixed precision, the adapters'
+  dtype, a 4-bit base's compute dtype) instead of fp32 throughout, for a mistake that
+  is about dtypes (fp32 would make it disappear), against a one-process reference with
+  the same adapters (and dtypes), exact within one unit in the last place of the plan's
+  lowest dtype (`tests.truth.precision_rtol`).
 
 `allowed` names the class of a case where the compiler may reject although the truth is
 exact (see `ALLOWED`); without it the test holds the compiler to: rejects ⇔ not exact.
@@ -66,6 +71,7 @@ class TruthCase:
     detail: str
     allowed: str | None
     known: str | None = None  # a disagreement not fixed yet: the fix it needs
+    precision: bool = False  # measured in the plan's dtypes (`measure.precision`)
 
     def record(self) -> dict[str, Any]:
         return _record(self)
@@ -85,6 +91,8 @@ def _record(case: TruthCase) -> dict[str, Any]:
         measure["world"] = case.measure_world
     if case.measure_overrides != case.overrides:
         measure["overrides"] = list(case.measure_overrides)
+    if case.precision:
+        measure["precision"] = "plan"
     if measure:
         out["measure"] = measure
     if case.seq_len != 32:
@@ -137,7 +145,7 @@ def cases(table: dict[str, dict[str, Any]] | None = None) -> list[TruthCase]:
             measure_overrides=tuple(measure.get("overrides", overrides)),
             seq_len=int(rec.get("seq_len", 32)), truth=rec.get("truth", "?"),
             error=float(error), detail=rec.get("detail", ""), allowed=rec.get("allowed"),
-            known=rec.get("known"),
+            known=rec.get("known"), precision=measure.get("precision") == "plan",
         ))
     return out
 
@@ -202,13 +210,15 @@ def measure(case: TruthCase, pools: dict[int, Any]) -> Any:
     import math
 
     from tests.distributed import RankPool
-    from tests.truth import Truth, compile_for_truth, judge_program
+    from tests.truth import RTOL, Truth, compile_for_truth, judge_program, precision_rtol
 
     model = source(case)
-    unchecked = compile_for_truth(case.plan, model, case.measure_world, measure_overrides(case))
+    unchecked = compile_for_truth(case.plan, model, case.measure_world, measure_overrides(case),
+                                  precision=case.precision)
     if unchecked.program is None:
         return Truth("n/a", unchecked.reason, math.inf)
     world = unchecked.program.world_size
     if world not in pools:
         pools[world] = RankPool(world, timeout=180.0)
-    return judge_program(pools[world], unchecked.program, model, seq_len=case.seq_len)
+    rtol = precision_rtol(unchecked.program) if case.precision else RTOL
+    return judge_program(pools[world], unchecked.program, model, seq_len=case.seq_len, rtol=rtol)
