@@ -61,6 +61,8 @@ PRELOAD: tuple[str, ...] = (
     "torch.distributed.fsdp",
     "torch.distributed.tensor",
     "torch.distributed.tensor.parallel",
+    # Before transformers, which imports torchao: it drops their import-time log noise.
+    "meshplan.runtime.parallel.adapters",
     "transformers",
     "transformers.modeling_utils",
     # The presets the multi-rank tests build (model classes are imported lazily).
@@ -70,6 +72,7 @@ PRELOAD: tuple[str, ...] = (
     "meshplan.runtime.attention",
     "meshplan.runtime.train.loss",
     "meshplan.runtime.packing",
+    "peft",  # LoRA adapters: several seconds of import per rank otherwise
     "tests.distributed",
 )
 

@@ -19,6 +19,7 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from meshplan.dsl.styles import STYLES
 from meshplan.planner.program import (
+    Adapters,
     Checkpoint,
     ContextParallel,
     ExpertParallel,
@@ -29,9 +30,11 @@ from meshplan.planner.program import (
     Program,
     S,
     Step,
+    StyleCall,
 )
 
 from ..attention.context import CP_ATTRIBUTE, ContextParallelAttention
+from .adapters import AdapterError, adapted_modules, adapter_matrices, base_kind, install_adapters
 from .context import ContextSplit, shard_batch
 from .mesh import build_mesh, submesh
 from .pipeline import Pipelined, apply_pipelined, pipeline_step
@@ -126,22 +129,68 @@ def _check_modules(program: Program, model: nn.Module) -> None:
                             f"compiled for another model than {type(model).__name__}?")
 
 
+def _adapters(step: Adapters, model: nn.Module, mesh: DeviceMesh) -> None:
+    try:
+        install_adapters(model, step)
+    except AdapterError as e:
+        raise StepError(f"{_where(step)}: {e}") from None
+
+
 def _parallelize(step: Parallelize, model: nn.Module, mesh: DeviceMesh) -> None:
     from torch.distributed.tensor.parallel import parallelize_module
 
     root = _module(model, step.fqn)
     tp_mesh = submesh(mesh, (step.mesh_dim,))
-    own = [call for rel, call in step.plan if rel == ""]
-    if own:  # a style on the block module itself
-        parallelize_module(root, tp_mesh, make_style(own[0]))
-    plan = {rel: make_style(call) for rel, call in step.plan if rel}
+    # torch's styles make each sharded parameter a new nn.Parameter that requires a
+    # gradient: a frozen base (LoRA) would train. Each keeps its own flag (names stay).
+    trainable = {name: p.requires_grad for name, p in root.named_parameters()}
+    adapted = set(adapted_modules(root))
+    styled = [(key, style) for rel, call in step.plan
+              for key, style in _styles_at(step, root, rel, call, rel in adapted)]
+    for _, style in (entry for entry in styled if entry[0] == ""):  # a style on the block module itself
+        parallelize_module(root, tp_mesh, style)
+    plan = {key: style for key, style in styled if key}
     if plan:
         parallelize_module(root, tp_mesh, plan)
+    for name, p in root.named_parameters():
+        if name in trainable and p.requires_grad != trainable[name]:
+            p.requires_grad_(trainable[name])
     for rel, call in step.plan:
         after = STYLES[call.style].after
         if after is not None and call.parts > 1 and "." in rel:
             parent = root.get_submodule(rel.rsplit(".", 1)[0])
             resolve(after)(parent, root.get_submodule(rel), call.parts, tp_mesh.size())
+
+
+def _styles_at(step: Parallelize, root: nn.Module, rel: str, call: StyleCall,
+               adapted: bool) -> list[tuple[str, Any]]:
+    """The (name relative to the block, ParallelStyle) pairs a plan entry becomes.
+
+    On a module carrying a LoRA adapter (the Adapters step ran first), the style shards
+    the base (`<rel>.base_layer`) and the style registry's adapter layout shards
+    `<rel>.lora_A.default` / `<rel>.lora_B.default`, so the adapter's output lies as the
+    base's and the wrapper adds the two locally. A style that only converts layouts
+    (prepare_input / prepare_output) stays on the wrapper: it sees what the model sees."""
+    record = STYLES[call.style]
+    if record.conversions or not adapted:
+        return [(rel, make_style(call))]
+    wrapper = _module(root, rel)
+    base = wrapper.get_submodule("base_layer")
+    kind = base_kind(base)
+    layout_of = record.adapter.get(kind)
+    if layout_of is None:
+        fqn = ".".join(p for p in (step.fqn, rel) if p)
+        able = [name for name, r in STYLES.items() if kind in r.adapter]
+        raise StepError(f"{_where(step)}: `{fqn}` carries a LoRA adapter, which style {call.style} cannot "
+                        f"lay out on a {type(base).__name__}" +
+                        (f" (styles that can: {', '.join(able)})" if able else ""))
+    layout = layout_of(call)
+    names = {id(m): n for n, m in wrapper.named_modules()}
+    adapter_a, adapter_b = (names[id(m)] for m in adapter_matrices(wrapper))
+    prefix = f"{rel}." if rel else ""
+    return [(f"{prefix}base_layer", make_style(call)),
+            (f"{prefix}{adapter_a}", make_style(layout.a)),
+            (f"{prefix}{adapter_b}", make_style(layout.b))]
 
 
 def _checkpoint(step: Checkpoint, model: nn.Module, mesh: DeviceMesh) -> None:
@@ -245,6 +294,7 @@ def _applier(fn: Callable[[S, nn.Module, DeviceMesh], None]) -> Applier:
 
 # How the runtime applies each step kind (the step protocol: planner/program.py `Step`).
 STEPS: dict[type[Step], Applier] = {
+    Adapters: _applier(_adapters),
     Parallelize: _applier(_parallelize),
     Checkpoint: _applier(_checkpoint),
     ContextParallel: _applier(_context_parallel),

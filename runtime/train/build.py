@@ -65,11 +65,11 @@ def load_weights(model: nn.Module | Applied, source: str | nn.Module | ModelSour
     sharded = [w for w in src.weights if w.suffix == ".safetensors"]
     pickled = [w for w in src.weights if w.suffix in (".bin", ".pt", ".pth")]
     if sharded and src.path is not None:
-        load_sharded(model, src.path)
+        load_sharded(model, src.path, seed=seed)  # seed: LoRA adapters, which checkpoints lack
         return f"weights from {src.path} (each rank reads its shards)"
     if len(pickled) == 1:
         first = dist.is_initialized() and dist.get_rank() == 0
-        load_broadcast(model, pickled[0] if first or not dist.is_initialized() else None)
+        load_broadcast(model, pickled[0] if first or not dist.is_initialized() else None, seed=seed)
         return f"weights from {pickled[0]} (read on rank 0, broadcast)"
     if pickled:
         raise TrainError(f"--model {src.spec}: {len(pickled)} torch weight files; convert them to "

@@ -29,7 +29,9 @@ Guarantees:
   config.initializer_range)` (0.02 without a config) for Linear / Embedding / Conv1D
   weights and other parameters of ≥ 2 dimensions; zeros for biases and other 1-D
   parameters; ones for norm weights, zeros for norms that scale by `1 + weight`
-  (Gemma's). Values are drawn in fp32 and then cast to the parameter's dtype.
+  (Gemma's); for LoRA adapters (`runtime.parallel.adapters`) PEFT's own rule: lora_A
+  kaiming-uniform (`uniform(±1/sqrt(in_features))`), lora_B zeros, so an adapted model
+  starts as its base. Values are drawn in fp32 and then cast to the parameter's dtype.
 - `load_sharded(model, directory)` reads a Hugging Face safetensors directory
   (`model.safetensors`, or `model-0000x-of-0000y.safetensors` with
   `model.safetensors.index.json`) so that each rank reads *only the elements of its
@@ -43,7 +45,9 @@ Guarantees:
   tensor (naming it and the checkpoint), an unexpected one with `strict` (except
   non-persistent buffers and the model's `_keys_to_ignore_on_load_unexpected`), a
   shape that differs (naming the tensor and its file). Values are cast to the
-  parameter's dtype. Persistent buffers the files hold are loaded too.
+  parameter's dtype. Persistent buffers the files hold are loaded too. LoRA adapter
+  tensors the files do not hold (Hugging Face checkpoints never do) are initialised as
+  `init_random(model, seed)` initialises them (`LoadReport.initialised`).
 - `load_broadcast(model, source)` serves sources that cannot be sliced (a `.bin` /
   `.pt` file, read with `weights_only=True`, an in-memory state dict, or safetensors
   visible to rank `src` only): rank `src` reads one tensor at a time and broadcasts it
@@ -55,6 +59,12 @@ Guarantees:
 - `full_state_dict(model)` yields (name, full tensor) with Hugging Face names and
   row order (fused rows un-permuted, one entry per tied tensor, wrappers stripped). It
   is a collective: every rank must iterate it to the end, in step.
+
+A 4-bit (NF4) base weight (`runtime.parallel.quantize`) is the exception to reading only
+a shard: `load_sharded`, `load_broadcast` and `init_random` build its FULL tensor (one
+weight at a time) and `store_quantized` quantises it whole and keeps this rank's dim-0
+chunk, because torchao's NF4 all-gather reuses the local shard's scaler mean for the
+whole gathered tensor.
 
 Every function that reads or writes weights first reshards FSDP2 modules (`reshard`):
 after a forward with `reshard_after_forward = false` the module holds unsharded,
@@ -94,7 +104,9 @@ from torch.distributed.tensor.placement_types import _StridedShard
 from meshplan.dsl.styles import STYLES
 from meshplan.planner.program import Parallelize, Program
 
+from ..parallel.adapters import adapter_side
 from ..parallel.apply import Applied
+from ..parallel.quantize import is_quantized, store_quantized
 from ..parallel.styles import _fused_output, fused_row_order
 
 __all__ = [
@@ -122,6 +134,10 @@ __all__ = [
 
 # Name segments that module wrappers insert; checkpoints never contain them.
 WRAPPER_SEGMENTS = ("_checkpoint_wrapped_module.", "_fsdp_wrapped_module.", "_orig_mod.")
+# PEFT's LoRA wrapper moves the module it adapts to `<fqn>.base_layer`: the base's
+# tensors keep their Hugging Face names (`q_proj.weight`), the adapters' do not exist
+# in Hugging Face checkpoints (`q_proj.lora_A.default.weight`).
+ADAPTED_BASE_SEGMENT = "base_layer."
 
 # The number of elements one random block holds (rows × row size). Part of the
 # determinism contract: changing it changes every value `init_random` writes.
@@ -130,7 +146,7 @@ BLOCK_ELEMENTS = 1 << 20
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 
-InitKind = Literal["normal", "zeros", "ones"]
+InitKind = Literal["normal", "uniform", "zeros", "ones"]
 InitRule = Callable[[str, nn.Module, torch.Tensor, float], tuple[InitKind, float]]
 
 
@@ -181,6 +197,7 @@ class LoadReport:
     elements_read: dict[str, int] = field(default_factory=dict)
     local_elements: dict[str, int] = field(default_factory=dict)
     skipped: tuple[str, ...] = ()  # persistent buffers the source does not hold
+    initialised: tuple[str, ...] = ()  # adapter tensors the source does not hold (seeded init)
 
     @property
     def total_read(self) -> int:
@@ -191,9 +208,13 @@ class LoadReport:
 
 
 def canonical_name(name: str) -> str:
-    """A parameter name without wrapper segments: the name checkpoints use."""
+    """A parameter name without wrapper segments: the name checkpoints use (an adapted
+    module's base weight `q_proj.base_layer.weight` is `q_proj.weight`)."""
     for seg in WRAPPER_SEGMENTS:
         name = name.replace(seg, "")
+    if ADAPTED_BASE_SEGMENT in name:  # whole segments only: `x.base_layer.` or a leading one
+        parts = name.split(".")
+        name = ".".join(p for i, p in enumerate(parts) if p != "base_layer" or i == len(parts) - 1)
     return name
 
 
@@ -229,6 +250,9 @@ def fused_rows(model: nn.Module, program: Program | None = None) -> dict[str, Fu
                     fqn = ".".join(p for p in (step.fqn, rel) if p)
                     out[f"{fqn}.weight"] = FusedRows(weight_dim, call.parts, tp)
                     out[f"{fqn}.bias"] = FusedRows(0, call.parts, tp)
+                    # An adapter on it: lora_B's rows are the base's output features,
+                    # sharded part by part as the base's (the style registry's layout).
+                    out[f"{fqn}.lora_B.default.weight"] = FusedRows(0, call.parts, tp)
         present = {canonical_name(n) for n, _ in model.named_parameters(remove_duplicate=False)}
         return {k: v for k, v in out.items() if k in present}
     for name, module in model.named_modules():
@@ -464,6 +488,11 @@ def _check_materialized(entries: Sequence[WeightEntry]) -> None:
 
 def init_rule(name: str, module: nn.Module, tensor: torch.Tensor, std: float) -> tuple[InitKind, float]:
     """The default rule: see the module docstring."""
+    side = adapter_side(name)
+    if side == "B":  # PEFT's: the adapter adds nothing until it trains
+        return "zeros", 0.0
+    if side == "A":  # PEFT's kaiming_uniform_(a=sqrt(5)): bound 1 / sqrt(fan_in)
+        return "uniform", 1.0 / math.sqrt(max(math.prod(tensor.shape[1:]), 1))
     attr = name.rsplit(".", 1)[-1]
     kind = type(module).__name__
     if "Norm" in kind and attr == "weight":
@@ -505,35 +534,65 @@ def init_random(model: nn.Module | Applied, seed: int, *, program: Program | Non
     if block_elements < 1:
         raise ValueError(f"block_elements must be ≥ 1, got {block_elements}")
     module, fused = model_and_fused(model, program)
-    if std is None:
-        std = float(getattr(getattr(module, "config", None), "initializer_range", 0.02))
     reshard(module)
     entries = weight_entries(module, fused)
     _check_materialized(entries)
+    _init_entries(module, entries, seed, std=std, rule=rule, block_elements=block_elements)
+
+
+def _init_entries(module: nn.Module, entries: Sequence[WeightEntry], seed: int, *, std: float | None = None,
+                  rule: InitRule | None = None, block_elements: int = BLOCK_ELEMENTS) -> None:
+    if std is None:
+        std = float(getattr(getattr(module, "config", None), "initializer_range", 0.02))
     choose = rule or init_rule
     with torch.no_grad():
         for e in entries:
             tensor = e.tensor
             kind, scale = choose(e.name, e.module, tensor, std)
+            if is_quantized(tensor):  # a 4-bit base is quantised whole (runtime.parallel.quantize)
+                _init_quantized(e, seed, kind, scale, block_elements)
+                continue
             local = _local(tensor)
             if kind == "zeros":
                 local.zero_()
             elif kind == "ones":
                 local.fill_(1.0)
-            elif kind == "normal":
-                _normal_into(local, _hf_indices(e), tuple(tensor.shape), e.name, seed, scale,
+            elif kind in ("normal", "uniform"):
+                _random_into(local, _hf_indices(e), tuple(tensor.shape), e.name, seed, kind, scale,
                              block_elements)
             else:
                 raise ValueError(f"init rule for {e.name} returned {kind!r}")
 
 
-def _normal_into(local: torch.Tensor, idx: tuple[torch.Tensor, ...], shape: tuple[int, ...],
-                 name: str, seed: int, std: float, block_elements: int) -> None:
+def _init_quantized(e: WeightEntry, seed: int, kind: InitKind, scale: float, block_elements: int) -> None:
+    """An NF4 weight: the full tensor's values (one weight at a time), quantised whole."""
+    shape = tuple(e.tensor.shape)
+    full = torch.zeros(shape, dtype=torch.float32)
+    if kind == "ones":
+        full.fill_(1.0)
+    elif kind in ("normal", "uniform"):
+        _random_into(full, tuple(torch.arange(n) for n in shape), shape, e.name, seed, kind, scale,
+                     block_elements)
+    elif kind != "zeros":
+        raise ValueError(f"init rule for {e.name} returned {kind!r}")
+    store_quantized(e.module, e.attr, full, name=e.name)
+
+
+def _draw(shape: tuple[int, ...], kind: InitKind, scale: float, g: torch.Generator) -> torch.Tensor:
+    """fp32 values: normal(0, scale), or uniform(-scale, scale)."""
+    values = torch.empty(shape, dtype=torch.float32)
+    if kind == "uniform":
+        return values.uniform_(-scale, scale, generator=g)
+    return values.normal_(0.0, scale, generator=g)
+
+
+def _random_into(local: torch.Tensor, idx: tuple[torch.Tensor, ...], shape: tuple[int, ...],
+                 name: str, seed: int, kind: InitKind, scale: float, block_elements: int) -> None:
     if local.numel() == 0:
         return
     if not shape:  # a scalar parameter: one block of one element
         g = torch.Generator().manual_seed(_block_seed(seed, name, 0))
-        local.copy_(torch.empty((), dtype=torch.float32).normal_(0.0, std, generator=g))
+        local.copy_(_draw((), kind, scale, g))
         return
     row = math.prod(shape[1:])
     block_rows = max(1, block_elements // max(row, 1))
@@ -546,7 +605,7 @@ def _normal_into(local: torch.Tensor, idx: tuple[torch.Tensor, ...], shape: tupl
         start = b * block_rows
         count = min(block_rows, shape[0] - start)
         g = torch.Generator().manual_seed(_block_seed(seed, name, b))
-        values = torch.empty((count, *shape[1:]), dtype=torch.float32).normal_(0.0, std, generator=g)
+        values = _draw((count, *shape[1:]), kind, scale, g)
         piece = values.index_select(0, rows[where] - start)
         for d in range(1, len(shape)):
             if not full_cols[d]:
@@ -611,8 +670,9 @@ def _from_index(index: Path) -> dict[str, Path]:
 
 
 def _match(entries: Sequence[WeightEntry], names: Sequence[str], model: nn.Module, where: str,
-           strict: bool) -> tuple[list[tuple[WeightEntry, str]], list[str]]:
-    """Pair each entry with a source name; (pairs, persistent buffers not in the source).
+           strict: bool) -> tuple[list[tuple[WeightEntry, str]], list[str], list[WeightEntry]]:
+    """Pair each entry with a source name; (pairs, persistent buffers not in the source,
+    adapter tensors not in the source).
 
     A tensor is found under any of its names (tied), or under a name without the
     model's `base_model_prefix` (`wte.weight` for GPT-2's `transformer.wte.weight`, as
@@ -624,12 +684,18 @@ def _match(entries: Sequence[WeightEntry], names: Sequence[str], model: nn.Modul
     pairs: list[tuple[WeightEntry, str]] = []
     missing: list[str] = []
     skipped: list[str] = []
+    adapters: list[WeightEntry] = []
     known: set[str] = set()
     for e in entries:
         names_of = [*e.aliases, *(a[len(prefix):] for a in e.aliases if prefix and a.startswith(prefix))]
         present = [a for a in names_of if a in available]
         if not present:
-            (skipped if e.is_buffer else missing).append(e.name)
+            if e.is_buffer:
+                skipped.append(e.name)
+            elif adapter_side(e.name) is not None:
+                adapters.append(e)
+            else:
+                missing.append(e.name)
             continue
         known.update(present)
         pairs.append((e, present[0]))
@@ -641,7 +707,7 @@ def _match(entries: Sequence[WeightEntry], names: Sequence[str], model: nn.Modul
     if strict and unexpected:
         raise LoadError(f"{where} holds {len(unexpected)} tensor(s) the model does not have: "
                         f"{_few(unexpected)} (strict=False ignores them)")
-    return pairs, skipped
+    return pairs, skipped, adapters
 
 
 def _few(names: Sequence[str], n: int = 5) -> str:
@@ -649,16 +715,18 @@ def _few(names: Sequence[str], n: int = 5) -> str:
 
 
 def load_sharded(model: nn.Module | Applied, path: str | Path, *, program: Program | None = None,
-                 strict: bool = True) -> LoadReport:
+                 strict: bool = True, seed: int = 0) -> LoadReport:
     """Read each parameter's local shard (and persistent buffers the files hold) from a
-    safetensors checkpoint, slicing only this rank's elements. Needs no communication."""
+    safetensors checkpoint, slicing only this rank's elements. Needs no communication.
+    Adapter tensors the files lack get `init_random(model, seed)`'s values."""
     module, fused = model_and_fused(model, program)
     files = checkpoint_files(path)
     reshard(module)
     entries = weight_entries(module, fused, buffers=True)
     _check_materialized(entries)
-    pairs, skipped = _match(entries, list(files), module, str(path), strict)
-    report = LoadReport(Path(path), skipped=tuple(skipped))
+    pairs, skipped, adapters = _match(entries, list(files), module, str(path), strict)
+    report = LoadReport(Path(path), skipped=tuple(skipped), initialised=tuple(e.name for e in adapters))
+    _init_entries(module, adapters, seed)
     with ExitStack() as stack, torch.no_grad():
         handles: dict[Path, Any] = {}
         for e, key in pairs:
@@ -678,7 +746,11 @@ def load_sharded(model: nn.Module | Applied, path: str | Path, *, program: Progr
                 raise LoadError(f"{key} in {file} has shape {list(shape)}, but the model's {e.name} "
                                 f"is {list(want)}")
             local = _local(e.tensor)
-            read = _read_box(view, handles[file], key, _hf_indices(e), local)
+            if is_quantized(e.tensor):  # a 4-bit base is quantised whole: read all of it
+                store_quantized(e.module, e.attr, handles[file].get_tensor(key), name=e.name)
+                read = math.prod(shape)
+            else:
+                read = _read_box(view, handles[file], key, _hf_indices(e), local)
             report.files[e.name] = file.name
             report.elements_read[e.name] = read
             report.local_elements[e.name] = local.numel()
@@ -754,9 +826,11 @@ class _Reader:
 
 def load_broadcast(model: nn.Module | Applied,
                    source: Mapping[str, torch.Tensor] | str | Path | None, *,
-                   program: Program | None = None, src: int = 0, strict: bool = True) -> LoadReport:
+                   program: Program | None = None, src: int = 0, strict: bool = True,
+                   seed: int = 0) -> LoadReport:
     """Rank `src` reads `source` and broadcasts it tensor by tensor; each rank keeps its
-    shard. Other ranks may pass `source=None`. A collective over the default group."""
+    shard. Other ranks may pass `source=None`. A collective over the default group.
+    Adapter tensors the source lacks get `init_random(model, seed)`'s values."""
     module, fused = model_and_fused(model, program)
     reshard(module)
     entries = weight_entries(module, fused, buffers=True)
@@ -781,12 +855,14 @@ def load_broadcast(model: nn.Module | Applied,
         raise LoadError(header[1])
     shapes: dict[str, list[int]] = header[1]
     where = str(source) if rank == src else f"the source on rank {src}"
-    pairs, skipped = _match(entries, list(shapes), module, where, strict)
+    pairs, skipped, adapters = _match(entries, list(shapes), module, where, strict)
     for e, key in pairs:
         if list(shapes[key]) != list(e.tensor.shape):
             raise LoadError(f"{key} in {where} has shape {shapes[key]}, but the model's {e.name} "
                             f"is {list(e.tensor.shape)}")
-    report = LoadReport(Path(source) if isinstance(source, str | Path) else None, skipped=tuple(skipped))
+    report = LoadReport(Path(source) if isinstance(source, str | Path) else None, skipped=tuple(skipped),
+                        initialised=tuple(e.name for e in adapters))
+    _init_entries(module, adapters, seed)  # every rank draws its own shard: no communication
     failure: str | None = None
     try:
         with torch.no_grad():
@@ -805,7 +881,10 @@ def load_broadcast(model: nn.Module | Applied,
                 for d, i in enumerate(_hf_indices(e)):
                     if i.numel() != full.shape[d] or not bool((i == torch.arange(full.shape[d])).all()):
                         piece = piece.index_select(d, i.to(full.device))
-                local.copy_(piece)
+                if is_quantized(e.tensor):  # a 4-bit base is quantised whole (runtime.parallel.quantize)
+                    store_quantized(e.module, e.attr, full, name=e.name)
+                else:
+                    local.copy_(piece)
                 report.files[e.name] = reader.where(key) if reader is not None else f"rank {src}"
                 report.elements_read[e.name] = full.numel() if reader is not None else 0
                 report.local_elements[e.name] = local.numel()

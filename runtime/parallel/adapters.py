@@ -1,0 +1,189 @@
+"""LoRA adapters on a model, in place: the runtime of a Program's `Adapters` step.
+
+`install_adapters(model, step)` injects PEFT's LoRA layers (`peft.inject_adapter_in_model`,
+adapter name `default`) into exactly the base modules the step names and freezes every
+other parameter. An adapted module keeps its name (`...q_proj`) and becomes PEFT's
+wrapper: the base module moves to `<fqn>.base_layer`, the adapter matrices are
+`<fqn>.lora_A.default` (rank × in) and `<fqn>.lora_B.default` (out × rank), and the
+forward adds `lora_B(lora_A(dropout(x))) * alpha / rank` to the base's output.
+
+Guarantees:
+
+- Only the adapter matrices require gradients afterwards (checked, not assumed): the
+  optimizer of `runtime.train` takes trainable parameters only, so the base stays
+  bit-identical through training.
+- On a meta model the adapters are created on meta too (`low_cpu_mem_usage`): the dry
+  run and the runtime apply the step before any weight exists; values come later from
+  `runtime.weights.loading` (lora_A kaiming-uniform from a seed keyed by its name, as
+  PEFT initialises it; lora_B zeros), the same full tensor on every layout.
+- `step.dtype` is the adapters' parameter dtype (None: PEFT's, the base's).
+- With `step.quantize`, the adapted modules' bases are then held in 4 bits
+  (`runtime.parallel.quantize.quantize_bases`).
+- A target PEFT cannot adapt, or one already adapted, or a base that cannot be held in
+  4 bits, raises `AdapterError` naming the module (the apply loop names the plan line).
+
+Tensor parallelism on an adapted module is `runtime.parallel.apply`'s business (the
+style goes to `base_layer`, the style registry's adapter layout to lora_A / lora_B),
+as is FSDP2, whose units shard base and adapters together.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+
+import torch
+from torch import nn
+
+from meshplan.planner.program import Adapters
+
+__all__ = [
+    "ADAPTER_NAME",
+    "AdapterError",
+    "adapted_modules",
+    "adapter_matrices",
+    "adapter_side",
+    "base_kind",
+    "install_adapters",
+    "is_adapted",
+    "is_adapter_param",
+    "quiet_optional_backends",
+]
+
+ADAPTER_NAME = "default"
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp64": torch.float64}
+
+# An adapter matrix's parameter, under any adapter name: `….lora_A.default.weight`.
+_ADAPTER_PARAM = re.compile(r"(^|\.)lora_(A|B)\.[^.]+\.weight$")
+
+# What peft's optional backends log at import, none of which concerns LoRA: torchao, each
+# compiled extension this torch cannot load (`Failed to load …/_C_mxfp8….so`);
+# bitsandbytes, a CPU kernel package that is not installed; torch's pytree, torchao's
+# deprecated registration of enums. transformers imports torchao too (its quantizers)
+# once it is installed. Only these messages are dropped, by their text.
+_NOISE: tuple[tuple[str, re.Pattern[str]], ...] = (
+    ("torchao", re.compile(r"^Failed to load .*\.so\b")),
+    ("bitsandbytes.backends.cpu.ops", re.compile(r"^Failed to load CPU gemm_4bit_forward from kernels-community")),
+    ("torch.utils._pytree", re.compile(r"is an Enum subclass and is now natively supported by torch\.compile")),
+)
+
+
+class _DropNoise(logging.Filter):
+    def __init__(self, pattern: re.Pattern[str]) -> None:
+        super().__init__()
+        self.pattern = pattern
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.pattern.search(record.getMessage()) is None
+
+
+def quiet_optional_backends() -> None:
+    """Drop the import-time messages of peft's optional backends (`_NOISE`) from now on.
+
+    Each filter sits on the very logger that emits its message (a logger's filters see
+    only its own records, not its children's); every other message goes through.
+    Idempotent."""
+    for name, pattern in _NOISE:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropNoise) and f.pattern is pattern for f in logger.filters):
+            logger.addFilter(_DropNoise(pattern))
+
+
+quiet_optional_backends()
+
+
+class AdapterError(ValueError):
+    """The Adapters step cannot be applied to this model (a user's error)."""
+
+
+def is_adapter_param(name: str) -> bool:
+    """Is `name` (any spelling, wrappers included) a LoRA adapter matrix's weight?"""
+    return _ADAPTER_PARAM.search(name) is not None
+
+
+def adapter_side(name: str) -> str | None:
+    """"A" for a lora_A weight's name, "B" for a lora_B one, None for any other name."""
+    found = _ADAPTER_PARAM.search(name)
+    return found.group(2) if found else None
+
+
+def is_adapted(module: nn.Module) -> bool:
+    """Is `module` a PEFT LoRA wrapper (its base in `base_layer`, adapters in `lora_A`)?
+
+    Read from the module's structure, so that asking needs no import of peft (slow, and
+    a plan without adapters never imports it)."""
+    children = module._modules
+    return isinstance(children.get("base_layer"), nn.Module) and isinstance(children.get("lora_A"), nn.ModuleDict)
+
+
+def adapted_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """FQN → PEFT LoRA wrapper, for every adapted module of `model`."""
+    return {name: m for name, m in model.named_modules() if is_adapted(m)}
+
+
+def adapter_matrices(wrapper: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """A PEFT LoRA wrapper's (lora_A, lora_B) modules of the `default` adapter."""
+    a, b = getattr(wrapper, "lora_A", None), getattr(wrapper, "lora_B", None)
+    if not (isinstance(a, nn.ModuleDict) and isinstance(b, nn.ModuleDict)) \
+            or ADAPTER_NAME not in a or ADAPTER_NAME not in b:
+        raise AdapterError(f"{type(wrapper).__name__} holds no {ADAPTER_NAME!r} LoRA adapter")
+    return a[ADAPTER_NAME], b[ADAPTER_NAME]
+
+
+def base_kind(module: nn.Module) -> str:
+    """The style registry's module kind of a base module (what an adapter layout is keyed by)."""
+    if isinstance(module, nn.Linear):
+        return "linear"
+    if isinstance(module, nn.Embedding):
+        return "embedding"
+    if type(module).__name__ == "Conv1D":
+        return "conv1d"
+    return type(module).__name__
+
+
+def install_adapters(model: nn.Module, step: Adapters) -> nn.Module:
+    """Inject LoRA adapters into `step.fqns` of `model` in place and freeze the rest;
+    returns `model`. See the module docstring."""
+    present = dict(model.named_modules())
+    for fqn in step.fqns:
+        module = present.get(fqn)
+        if module is None:
+            raise AdapterError(f"the model has no module `{fqn}` to adapt")
+        if is_adapted(module):
+            raise AdapterError(f"`{fqn}` already carries a LoRA adapter")
+        if base_kind(module) not in ("linear", "embedding", "conv1d"):
+            raise AdapterError(f"`{fqn}` is a {type(module).__name__}: LoRA adapts Linear, Embedding "
+                               "and Conv1D modules")
+    from peft import LoraConfig, inject_adapter_in_model
+
+    # Exact names: PEFT also matches a target as a name suffix, so every fqn given here is
+    # checked to be adapted, and nothing else is.
+    config = LoraConfig(target_modules=list(step.fqns), r=step.rank, lora_alpha=step.alpha,
+                        lora_dropout=step.dropout, bias="none")
+    on_meta = any(p.is_meta for p in model.parameters())
+    try:
+        inject_adapter_in_model(config, model, adapter_name=ADAPTER_NAME, low_cpu_mem_usage=on_meta)
+    except (ValueError, TypeError) as e:
+        raise AdapterError(f"PEFT cannot adapt {', '.join(step.fqns[:3])}…: {e}") from None
+    wrappers = adapted_modules(model)
+    missing = [f for f in step.fqns if f not in wrappers]
+    extra = sorted(set(wrappers) - set(step.fqns))
+    if missing or extra:  # pragma: no cover - PEFT's matching changed
+        raise AdapterError(f"PEFT adapted {extra[:3]} and not {missing[:3]}")
+    dtype = DTYPES[step.dtype] if step.dtype is not None else None
+    for wrapper in wrappers.values():
+        for matrix in adapter_matrices(wrapper):
+            if dtype is not None:
+                matrix.to(dtype)
+    trainable = sorted(n for n, p in model.named_parameters() if p.requires_grad and not is_adapter_param(n))
+    frozen = sorted(n for n, p in model.named_parameters() if not p.requires_grad and is_adapter_param(n))
+    if trainable or frozen:  # pragma: no cover - PEFT's freezing changed
+        raise AdapterError(f"after injecting LoRA, {trainable[:3]} still train and {frozen[:3]} are frozen")
+    if step.quantize is not None:  # QLoRA: the frozen bases in 4 bits, before any sharding step
+        from .quantize import QuantizeError, quantize_bases
+
+        try:
+            quantize_bases(model, step)
+        except QuantizeError as e:
+            raise AdapterError(str(e)) from None
+    return model
