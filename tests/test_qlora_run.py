@@ -10,15 +10,19 @@
 - Loading, on 4 gloo ranks under HSDP 2 × 2: `load_sharded` and `load_broadcast` of a
   Hugging Face checkpoint leave every rank the chunk of the whole weight's quantisation.
 - Training, on 4 gloo ranks: a tiny Llama (2 layers; widths such that every adapted
-  weight splits into whole NF4 blocks over 4 ranks) with LoRA on q,k,v,o,gate,up,down
-  over NF4 bases, fp32 compute, 3 AdamW steps through `runtime.train`'s loop, under
-  FSDP 4 and HSDP 2 × 2: every rank's losses and adapter weights equal one process's
-  (whose bases are `to_nf4` of the full weights) within 1e-5, and every rank's NF4 shard
-  is, before and after training, byte for byte its chunk of the one-process NF4 weight.
+  weight splits into whole NF4 blocks over 4 ranks) with LoRA (rank 16) on
+  q,k,v,o,gate,up,down over NF4 bases, fp32 compute, 3 AdamW steps through
+  `runtime.train`'s loop: under FSDP 4 (plans/fsdp.plan; PEFT and `quantize_bases` called
+  here on the meta model) and under HSDP 2 × 2 from plans/llama_qlora.plan itself (its
+  Adapters step applied by the runtime, through `build_applied`). Every rank's losses and
+  adapter weights equal one process's (whose bases are `to_nf4` of the full weights)
+  within 1e-5, and every rank's NF4 shard is, before and after training, byte for byte
+  its chunk of the one-process NF4 weight.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import re
@@ -36,12 +40,17 @@ STEPS = 3
 SEQ_LEN = 32
 GLOBAL_BINS = 4
 BLOCK, SCALER_BLOCK = 64, 256
+RANK = 16  # plans/llama_qlora.plan's (alpha = 2 × rank there too)
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 PLANS = Path(__file__).resolve().parent.parent / "plans"
 # name → (plan file, overrides)
+# name → (plan file, overrides). The QLoRA plan's Adapters step is applied by the runtime
+# (`build_applied`); the others' Programs hold FullyShard steps only, and the test injects
+# and quantises before applying them.
 LAYOUTS = {
     "fsdp4": ("fsdp.plan", ()),
     "hsdp2x2": ("llama.plan", ("tp=1", "mesh.dp_replicate=2")),
+    "qlora-plan-hsdp2x2": ("llama_qlora.plan", ("mesh.dp_replicate=2", "dropout=0.0")),
 }
 INNER = ("quantized_data", "quantized_scalers", "quantization_factor", "scaler_mean")
 
@@ -63,7 +72,7 @@ def _quantize(compute: str = "fp32") -> Any:
 def _step(fqns: tuple[str, ...], compute: str = "fp32") -> Any:
     from meshplan.planner.program import Adapters
 
-    return Adapters(fqns=fqns, rank=8, alpha=16, quantize=_quantize(compute))
+    return Adapters(fqns=fqns, rank=RANK, alpha=2 * RANK, quantize=_quantize(compute))
 
 
 def _inject(model: nn.Module, fqns: tuple[str, ...]) -> None:
@@ -71,7 +80,7 @@ def _inject(model: nn.Module, fqns: tuple[str, ...]) -> None:
     from peft import LoraConfig, inject_adapter_in_model
 
     on_meta = any(p.is_meta for p in model.parameters())
-    config = LoraConfig(target_modules=list(fqns), r=8, lora_alpha=16, lora_dropout=0.0, bias="none")
+    config = LoraConfig(target_modules=list(fqns), r=RANK, lora_alpha=2 * RANK, lora_dropout=0.0, bias="none")
     inject_adapter_in_model(config, model, low_cpu_mem_usage=on_meta)
 
 
@@ -308,6 +317,25 @@ def qlora_case(program_json: str, micro_batch: int) -> dict[str, Any]:
             "after": _nf4_shards(model)}
 
 
+def plan_case(program_json: str, micro_batch: int) -> dict[str, Any]:
+    """The Program's own Adapters step (PEFT, then `quantize_bases`) through `build_applied`
+    (meta model, apply, materialize, `load_weights`: seeded), trained."""
+    from transformers import LlamaForCausalLM
+
+    from meshplan.planner.program import Program
+    from meshplan.runtime.train.build import build_applied
+    from meshplan.runtime.train.topology import Topology
+
+    with torch.device("meta"):
+        source = LlamaForCausalLM(_config())
+    applied = build_applied(Program.from_json(program_json), source, seed=0, device="cpu").applied
+    model = applied.model
+    before, initial = _nf4_shards(model), _adapters(model)
+    losses = _train(model, applied, Topology.of(applied), micro_batch)
+    return {"loss": losses, "adapters": _adapters(model), "initial": initial, "before": before,
+            "after": _nf4_shards(model)}
+
+
 @functools.cache
 def _reference() -> dict[str, Any]:
     """One process: the same adapted model with plain weights, then each base weight
@@ -338,20 +366,25 @@ def _program(layout: str) -> Any:
     text = (PLANS / file).read_text(encoding="utf-8")
     text = re.sub(r"^activation_checkpoint\b.*$", "", text, flags=re.M)
     text = re.sub(r"^\s*mixed_precision\s*\{[^}]*\}.*$", "", text, flags=re.M)  # fp32 throughout
+    text = text.replace("compute = bf16", "compute = fp32")
     with torch.device("meta"):
         from transformers import LlamaForCausalLM
 
         source = LlamaForCausalLM(_config())
     program = compile_plan(text, build_graph(source), WORLD, [*overrides, f"seq_len={SEQ_LEN}"]).program
-    assert {s.kind for s in program.steps} == {"fully_shard"}
+    adapters = [s for s in program.steps if s.kind == "adapters"]
+    assert {s.kind for s in program.steps} - {"adapters"} == {"fully_shard"}
+    if adapters:  # the plan's step is the one the other layouts build by hand
+        assert adapters[0] == dataclasses.replace(_step(adapters[0].fqns), span=adapters[0].span)
     return program
 
 
-@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("layout", ["fsdp4", "qlora-plan-hsdp2x2"])
 def test_qlora_trains_like_one_process(pool: RankPool, layout: str) -> None:
     program = _program(layout)
     dp = math.prod(program.mesh.size(d) for d in ("dp_replicate", "dp_shard"))
-    results = pool.run(qlora_case, program.to_json(), GLOBAL_BINS // dp)
+    case = plan_case if layout.startswith("qlora-plan") else qlora_case
+    results = pool.run(case, program.to_json(), GLOBAL_BINS // dp)
     ref = _reference()
     shards = program.mesh.size("dp_shard")
     worst = {"loss": 0.0, "adapters": 0.0}
@@ -402,3 +435,4 @@ def test_loaders_keep_chunks_of_the_whole_quantisation(pool: RankPool, tmp_path:
                 chunk = _chunk_of(whole, first, shards)
                 for attr in INNER:
                     assert torch.equal(inner[attr], getattr(chunk, attr)), (how, name, attr)
+
