@@ -344,10 +344,12 @@ CASES: tuple[Case, ...] = (
     # rule: the rule points at its line and the hint names the base modules.
     Case("adapters_tp_names_base_layer", "tiny-llama", 4, "E502", 15, 3,
          "`model.layers.*.self_attn.{q,k,v}_proj.base_layer` matches no module of tiny-llama",
-         hint="`model.layers.*.self_attn.q_proj`"),
+         hint="PEFT's names inside an adapted module; plans name the base module as the unadapted model has "
+              "it (its adapters follow its style): write `model.layers.*.self_attn.{q,k,v}_proj`"),
     Case("adapters_tp_names_lora", "tiny-llama", 4, "E502", 15, 3,
          "`model.layers.*.self_attn.{q,k,v}_proj.lora_B` matches no module of tiny-llama",
-         hint="`model.layers.*.self_attn.q_proj`"),
+         hint="PEFT's names inside an adapted module; plans name the base module as the unadapted model has "
+              "it (its adapters follow its style): write `model.layers.*.self_attn.{q,k,v}_proj`"),
     Case("adapters_tied_lm_head", "llama-3.2-1b", 4, "E513", 13, 11,
          "`lm_head.weight` is one tensor with `model.embed_tokens.weight` (tied weights)"),
     Case("adapters_dtype_without_mixed_precision", "tiny-llama", 4, "E508", 18, 3,

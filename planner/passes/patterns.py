@@ -27,6 +27,11 @@ def generic(fqn: str) -> str:
     return _INDEX.sub("*", fqn)
 
 
+# The segments PEFT inserts into an adapted module's names (`q_proj.base_layer`,
+# `q_proj.lora_A.default`): never in the traced, unadapted graph plans are matched on.
+_PEFT_SEGMENT = re.compile(r"\.(base_layer|lora_(A|B|embedding_A|embedding_B|dropout))(\.[^.]+)?$")
+
+
 def nearest(pattern: str, fqns: Sequence[str], n: int = 3) -> list[str]:
     """Real module names closest to a pattern that matched nothing.
 
@@ -70,10 +75,18 @@ class ResolvePatterns:
     def _match(self, ctx: Context, pattern: PatternSpec) -> list[str]:
         found: list[str] = select(pattern.text, self.fqns)
         if not found:
+            base = _PEFT_SEGMENT.sub("", pattern.text)
             close = nearest(pattern.text, self.fqns)
-            hint = ("did you mean " + " or ".join(f"`{c}`" for c in close) + "?") if close else (
-                f"the model ({ctx.graph.name}) has top-level modules "
-                + ", ".join(f"`{f}`" for f in self.fqns if "." not in f))
+            if base != pattern.text and select(base, self.fqns):
+                # PEFT's names inside an adapted module (peft #2394): the plan names the base
+                hint = (f"`base_layer` and `lora_A`/`lora_B` are PEFT's names inside an adapted module; plans "
+                        f"name the base module as the unadapted model has it (its adapters follow its style): "
+                        f"write `{base}`")
+            elif close:
+                hint = "did you mean " + " or ".join(f"`{c}`" for c in close) + "?"
+            else:
+                hint = (f"the model ({ctx.graph.name}) has top-level modules "
+                        + ", ".join(f"`{f}`" for f in self.fqns if "." not in f))
             ctx.error(pattern.span, "E502", f"`{pattern.text}` matches no module of {ctx.graph.name}", hint)
         return found
 
