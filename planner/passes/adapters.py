@@ -23,7 +23,7 @@ Guarantees, for a plan with an `adapters { … }` section:
   out % n == 0 and (out·in) % (block_size · scaler_block_size · n) == 0, since each shard
   is a dim-0 slice of the whole weight's blocks (E514). The storage options that need no
   model (torchao packs uint8; bitsandbytes' uint8 under fully_shard) are the language's
-  (E414).
+  (E414); bitsandbytes itself is refused until the runtime can hold its bases (E511).
 `adapters_step` lowers the section to the `Adapters` step.
 """
 
@@ -260,6 +260,13 @@ class AdapterPlacement:
         fsdp = ctx.spec.fully_shard
         n = ctx.size(fsdp.on[-1]) if fsdp is not None and fsdp.on else 1
         storage = spec.setting_spans.get("quantize.storage", quantize.span)
+        if quantize.backend == "bitsandbytes":
+            # The language knows bitsandbytes' rules (below, and E414), but the runtime holds
+            # 4-bit bases with torchao only; FSDP2's fully_shard also drops a Linear4bit's
+            # quant_state (bitsandbytes 0.50, measured on 4 gloo ranks).
+            ctx.error(spec.setting_spans.get("quantize.backend", quantize.span), "E511",
+                      "this runtime holds 4-bit bases with torchao only: nothing runs bitsandbytes' Linear4bit",
+                      "use `backend = torchao` (FSDP2 shards its NF4 tensors)")
         if fsdp is not None and quantize.backend == "bitsandbytes" and quantize.storage != "uint8" \
                 and quantize.storage != model_dtype(ctx):
             ctx.error(storage, "E514", f"bitsandbytes stores the 4-bit base in {quantize.storage}, but the "
