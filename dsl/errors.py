@@ -103,6 +103,7 @@ CATALOGUE: dict[str, str] = {
     "W105": "FSDP resharding under a pipeline",
     "W106": "implicit redistribution",
     "W107": "uneven tensor-parallel split",
+    "W108": "adapter on a tied weight",
     # E6xx / W2xx (plan explain): the plan applied to the model on a fake process group
     "E601": "dry run failed in the model",
     "W201": "uneven shards",

@@ -635,6 +635,18 @@ Example: `transformer.wte : rowwise(input = replicate)` at tp = 2 with 50257 tok
 
 Fix: pad the size (e.g. the vocabulary) to a multiple of the tp size for an even split.
 """,
+    "W108": """\
+An adapter on a module whose weight is tied to another module's (a head tied to the
+embedding). Training is exact: the adapter is its own pair of matrices beside the frozen
+shared weight (measured on 4 ranks). Merging it into the base (`plan export --merged`,
+PEFT's merge_and_unload) would add it to the one shared tensor, so the other name would
+change too.
+
+Example: `targets lm_head` on a model with `tie_word_embeddings = true`.
+
+Fix: keep the adapter unmerged (`plan export --adapter`), leave the module out of
+targets, or untie the weights.
+""",
     "W201": """\
 Some parameters do not divide evenly over the ranks they are sharded on: ranks hold
 shards of different sizes. FSDP pads every shard to the largest, so every rank stores

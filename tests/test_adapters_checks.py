@@ -247,10 +247,15 @@ def test_an_embedding_can_carry_an_adapter_without_tensor_parallelism(tiny: Mode
     assert step.fqns == ("model.embed_tokens", "lm_head")
 
 
-def test_adapters_on_a_tied_weight() -> None:
-    [error] = errors(plan("  rank = 8\n  targets lm_head\n"), _tiny(tied=True), 1)
-    assert (error.code, error.span.line, error.span.column) == ("E513", 9, 11)
-    assert "`lm_head.weight` is one tensor with `model.embed_tokens.weight` (tied weights)" in error.message
+def test_adapters_on_a_tied_weight_are_a_warning() -> None:
+    """An adapter on a tied head trains exactly (measured: broken/adapters_tied_lm_head in
+    tests/plans/truth.json); only merging it would change the embedding too."""
+    text = plan("  rank = 8\n  targets lm_head\n")
+    compiled = compile_plan(text, _tiny(tied=True), 1)
+    [warning] = [w for w in compiled.warnings if w.code == "W108"]
+    assert (warning.span.line, warning.span.column) == (9, 11)
+    assert "`lm_head.weight` is one tensor with `model.embed_tokens.weight` (tied weights)" in warning.message
+    assert compiled.program.steps_of(Adapters)[0].fqns == ("lm_head",)
 
 
 def test_a_style_without_an_adapter_layout(tiny: ModelGraph) -> None:
@@ -279,26 +284,18 @@ def test_a_layout_that_shards_the_rank_needs_tp_to_divide_it(tiny: ModelGraph,
     assert step.rank == 4
 
 
-def test_adapters_of_another_dtype_in_one_fsdp_unit(tiny: ModelGraph) -> None:
+def test_adapters_of_another_dtype_than_a_frozen_base_share_its_fsdp_unit(tiny: ModelGraph) -> None:
+    """FSDP2 asks one dtype of a unit's trainable parameters only (torch 2.13
+    `_init_mp_dtypes`), and only the adapters train: bf16 adapters beside the fp32 base,
+    or fp32 adapters beside a bf16 NF4 base, in one unit without mixed precision, run and
+    match one process (measured: the corpus' adapters_dtype_* cases)."""
     text = plan("  rank = 8\n  dtype = bf16\n" + TARGETS, extra=FSDP)
-    [error] = errors(text, tiny, 4)
-    unit = line_of(text, "unit model.layers.*")
-    assert (error.code, error.span.line, error.span.column) == ("E508", unit, 3)
-    assert "adapters of `model.layers.*.self_attn.q_proj` in bf16 and the model's parameter" in error.message
-    assert "mixed_precision { param = bf16 }" in (error.hint or "")
-    # A param dtype casts the unit to one dtype; an fp32 adapter matches the fp32 model.
-    adapters_step(text.replace("  unit", "  mixed_precision { param = bf16 }\n  unit"), tiny, 4)
-    adapters_step(text.replace("dtype = bf16", "dtype = fp32"), tiny, 4)
-
-
-def test_a_quantized_base_of_another_compute_dtype_than_its_adapters(tiny: ModelGraph) -> None:
+    adapters_step(text, tiny, 4)
     body = ("  rank = 8\n  dtype = fp32\n  targets model.layers.*.mlp.down_proj\n"
             "  quantize { compute = bf16, block_size = 16, scaler_block_size = 16 }\n")
     fsdp = "fully_shard on dp_shard {\n  unit model.layers.*.mlp\n  root\n}\n"
-    [error] = errors(plan(body, extra=fsdp), tiny, 4)
-    assert (error.code, error.span.line) == ("E508", line_of(plan(body, extra=fsdp), "unit model.layers.*.mlp"))
-    assert "the quantized base `model.layers.*.mlp.down_proj.weight` in bf16" in error.message
-    adapters_step(plan(body.replace("compute = bf16", "compute = fp32"), extra=fsdp), tiny, 4)
+    _, step = adapters_step(plan(body, extra=fsdp), tiny, 4)
+    assert step.quantize is not None and step.quantize.compute == "bf16" and step.dtype == "fp32"
 
 
 @pytest.mark.parametrize(("quantize", "world", "line", "phrase"), [

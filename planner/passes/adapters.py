@@ -2,9 +2,11 @@
 
 Guarantees, for a plan with an `adapters { … }` section:
 - every `targets` pattern matches a module (E502) that PEFT's LoRA can adapt: a Linear,
-  an Embedding or GPT-2's Conv1D (E513), whose weight is not tied to another module's
-  (an adapter on one name of a tied tensor, e.g. `lm_head` tied to `model.embed_tokens`:
-  training is exact, but the merged model would add the adapter to both) (E513); two targets lines on one module are E503. Records `ctx.adapters`;
+  an Embedding or GPT-2's Conv1D (E513); two targets lines on one module are E503.
+  Records `ctx.adapters`. An adapter on one name of a tied tensor (`lm_head` tied to
+  `model.embed_tokens`) trains exactly (measured), so it is a warning (W108): merging it
+  (`plan export --merged`, PEFT's merge_and_unload) would add it to the one tensor, and
+  change the other name too;
 - under tensor parallelism (tp > 1), the style on an adapted module has an adapter layout
   for its kind (the style registry's `adapter`: colwise, rowwise, replicate on a Linear);
   a style that touches no parameter (prepare_input / prepare_output) only converts the
@@ -13,9 +15,10 @@ Guarantees, for a plan with an `adapters { … }` section:
   lora_B's (out, rank); a layout that shards the rank needs tp | rank, one that shards a
   feature the base does not shard needs tp | that feature (the base's own features are
   `Divisibility`'s) (E505);
-- one dtype per FSDP unit: adapters of another dtype than the parameters beside them
-  (the model's, or a quantized base's compute dtype) need `mixed_precision { param = … }`
-  (E508, at the unit);
+- no dtype check between adapters and the base: FSDP2 (torch 2.13, `_init_mp_dtypes`)
+  asks one dtype of a unit's trainable parameters only, and only the adapters train, in
+  one dtype. fp32 adapters beside a bf16 (or NF4) base in one unit without mixed
+  precision run and match one process (measured: the corpus' adapters_dtype_* cases);
 - a quantized base (QLoRA) is a Linear (E514), gets no tensor-parallel style that shards
   or replicates its parameters (NF4 bases shard over FSDP only) (E514); bitsandbytes'
   float storage under fully_shard is the model's dtype (E514); the NF4 blocks split:
@@ -37,7 +40,6 @@ from meshplan.dsl.styles import STYLES, AdapterCall, placement_of
 from ..lower import style_call
 from ..program import Adapters, Quantize
 from .context import Context
-from .fsdp import owner
 from .patterns import generic, nearest
 
 # Module kinds PEFT's LoRA adapts (nn.Linear, nn.Embedding, transformers' Conv1D); PEFT
@@ -83,7 +85,6 @@ class AdapterPlacement:
         tp_size = ctx.size(tp.on) if tp is not None and tp.on else 1
         if tp_size > 1:
             self._layouts(ctx, spec, tp_size)
-        self._dtypes(ctx, spec)
         if spec.quantize is not None:
             self._quantized(ctx, spec, tp_size)
 
@@ -135,12 +136,11 @@ class AdapterPlacement:
         weight = f"{fqn}.weight"
         if weight in tied:
             other = next(n for n in tied[weight] if n != weight)
-            ctx.error(pattern.span, "E513", f"`{weight}` is one tensor with `{other}` (tied weights): the "
-                      f"adapter trains for `{generic(fqn)}` alone, but merging it (`plan export --merged`, "
-                      f"PEFT's merge_and_unload) adds it to the one tensor, changing `{other}` too",
-                      f"leave `{generic(fqn)}` out of targets, or untie the weights "
-                      "(`tie_word_embeddings = false`)")
-            return False
+            ctx.warn(pattern.span, "W108", f"`{weight}` is one tensor with `{other}` (tied weights): the "
+                     f"adapter trains for `{generic(fqn)}` alone (exact), but merging it (`plan export "
+                     f"--merged`, PEFT's merge_and_unload) adds it to the one tensor, changing `{other}` too",
+                     f"keep the adapter unmerged, leave `{generic(fqn)}` out of targets, or untie the "
+                     "weights (`tie_word_embeddings = false`)")
         return True
 
     # ------------------------------------------------------------------ tensor parallel
@@ -203,54 +203,6 @@ class AdapterPlacement:
                       f"along its {'rank' if what == 'rank' else 'features'}",
                       f"use a rank that is a multiple of {tp}" if what == "rank" else None,
                       related=((rule.span, "its tensor_parallel rule"),))
-
-    # ------------------------------------------------------------------ dtypes
-
-    def _dtypes(self, ctx: Context, spec: AdaptersSpec) -> None:
-        """FSDP2 gathers a unit's parameters in one dtype: without a `param` dtype to
-        cast them all to, the unit's parameters must share one."""
-        fsdp = ctx.spec.fully_shard
-        if fsdp is None or not ctx.adapters:
-            return
-        if fsdp.mixed_precision is not None and fsdp.mixed_precision.param is not None:
-            return
-        base = model_dtype(ctx)
-        quantized = spec.quantize
-        compute = quantized.compute if quantized is not None else base
-        weights = {f"{fqn}.weight" for fqn in ctx.adapters}
-        # unit id → dtype → (a parameter of that dtype, what it is); adapters are compared
-        # with the rest of their unit
-        found: dict[int, dict[str, tuple[str, str]]] = {}
-        units = {id(u): u for u in ctx.units}
-        for name in ctx.graph.parameters:
-            unit = owner(ctx.units, name)
-            if unit is None:
-                continue
-            if name in weights and quantized is not None:
-                found.setdefault(id(unit), {}).setdefault(compute, (name, "the quantized base"))
-            else:
-                found.setdefault(id(unit), {}).setdefault(base, (name, "the model's parameter"))
-        # unit id → an adapted module whose adapters it shards
-        adapted: dict[int, str] = {}
-        for fqn in ctx.adapters:
-            unit = owner(ctx.units, f"{fqn}.weight")
-            if unit is not None:
-                adapted.setdefault(id(unit), fqn)
-        mine = adapter_dtype(spec, compute)
-        reported: set[Span] = set()
-        for key, adapter in adapted.items():
-            unit = units[key]
-            others = {d: seen for d, seen in found.get(key, {}).items() if d != mine}
-            if not others or unit.spec.span in reported:
-                continue
-            reported.add(unit.spec.span)
-            other, (name, what) = next(iter(others.items()))
-            ctx.error(unit.spec.span, "E508",
-                      f"this FSDP unit holds the adapters of `{generic(adapter)}` in {mine} and {what} "
-                      f"`{generic(name)}` in {other}: FSDP2 gathers a unit's parameters in one dtype",
-                      f"add `mixed_precision {{ param = {mine} }}` to fully_shard, or set the adapters' "
-                      f"`dtype = {other}`",
-                      related=((spec.setting_spans.get("dtype", spec.span), "the adapters' dtype"),))
 
     # ------------------------------------------------------------------ quantized bases
 
