@@ -40,7 +40,11 @@ Limits: the weight is 2-D with `in * out` divisible by `block_size * scaler_bloc
 * shards` and `out` by `shards` (the compiler's rule, `planner.passes.adapters.nf4_problem`);
 the only placements are FSDP2's (`Shard(0)` on one mesh dimension, `Replicate` on the
 others: FSDP or HSDP), so a quantised base cannot be tensor-parallel. Only torchao's
-backend is implemented here.
+backend is implemented here. Memory: while storing one weight a rank holds it whole (in
+its source and compute dtypes) and `to_nf4`'s intermediates (one float per value, plus
+1-M-value chunks of 16), one weight at a time; afterwards only its chunk. Gathered
+(`loading.full_state_dict`), a base is the whole NF4Tensor: `get_original_weight()`
+dequantises it.
 """
 
 from __future__ import annotations
