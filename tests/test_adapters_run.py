@@ -264,6 +264,26 @@ def test_install_on_meta_freezes_all_but_the_adapters() -> None:
     assert q.scaling == {"default": step.scaling}
 
 
+def test_an_embedding_carries_peft_embedding_adapter() -> None:
+    from meshplan.runtime.parallel.adapters import install_adapters
+    from meshplan.runtime.weights.loading import init_random, materialize, meta_model
+
+    model = meta_model("tiny-llama")
+    install_adapters(model, Adapters(fqns=("model.embed_tokens", "lm_head"), rank=RANK, alpha=ALPHA, dtype="fp64"))
+    materialize(model, "cpu")
+    init_random(model, SEED)
+    params = dict(model.named_parameters())
+    trainable = sorted(n for n, p in params.items() if p.requires_grad)
+    assert trainable == ["lm_head.lora_A.default.weight", "lm_head.lora_B.default.weight",
+                         "model.embed_tokens.lora_embedding_A.default", "model.embed_tokens.lora_embedding_B.default"]
+    a, b = params["model.embed_tokens.lora_embedding_A.default"], params["model.embed_tokens.lora_embedding_B.default"]
+    assert a.dtype == b.dtype == torch.float64 and tuple(a.shape) == (RANK, 256) and tuple(b.shape) == (64, RANK)
+    # PEFT's embedding rule: A zeros, B normal(0, 1), so the adapter adds nothing yet.
+    assert not a.any() and 0.5 < float(b.detach().std()) < 1.5
+    out = model(input_ids=torch.arange(8).view(1, 8)).logits
+    assert out.shape == (1, 8, 256)
+
+
 def test_targets_peft_cannot_adapt_are_refused() -> None:
     from meshplan.runtime.parallel.adapters import AdapterError, install_adapters
     from meshplan.runtime.weights.loading import meta_model
@@ -449,7 +469,7 @@ def test_plan_errors_name_the_plan_line(pool: RankPool) -> None:
     for target, style in pool.run(errors_case):
         assert target == "lora.plan:30:1: `norm` is a LayerNorm: LoRA adapts Linear, Embedding and Conv1D modules"
         assert style.startswith("lora.plan:21:3: `up` carries a LoRA adapter, which style sequence_parallel "
-                                "cannot lay out on a Linear (styles that can: colwise, rowwise, replicate)"), style
+                                "cannot lay out beside its Linear base (styles that can: colwise, rowwise, replicate)"), style
 
 
 # --------------------------------------------------------------------------- 4 ranks: training

@@ -5,7 +5,9 @@ adapter name `default`) into exactly the base modules the step names and freezes
 other parameter. An adapted module keeps its name (`...q_proj`) and becomes PEFT's
 wrapper: the base module moves to `<fqn>.base_layer`, the adapter matrices are
 `<fqn>.lora_A.default` (rank × in) and `<fqn>.lora_B.default` (out × rank), and the
-forward adds `lora_B(lora_A(dropout(x))) * alpha / rank` to the base's output.
+forward adds `lora_B(lora_A(dropout(x))) * alpha / rank` to the base's output. On an
+Embedding, PEFT holds bare parameters instead: `<fqn>.lora_embedding_A.default` (rank ×
+vocabulary) and `<fqn>.lora_embedding_B.default` (width × rank).
 
 Guarantees:
 
@@ -14,8 +16,8 @@ Guarantees:
   bit-identical through training.
 - On a meta model the adapters are created on meta too (`low_cpu_mem_usage`): the dry
   run and the runtime apply the step before any weight exists; values come later from
-  `runtime.weights.loading` (lora_A kaiming-uniform from a seed keyed by its name, as
-  PEFT initialises it; lora_B zeros), the same full tensor on every layout.
+  `runtime.weights.loading` (PEFT's rule, `adapter_init`, drawn from a seed keyed by
+  the tensor's name), the same full tensor on every layout.
 - `step.dtype` is the adapters' parameter dtype (None: PEFT's, the base's).
 - With `step.quantize`, the adapted modules' bases are then held in 4 bits
   (`runtime.parallel.quantize.quantize_bases`).
@@ -30,7 +32,9 @@ as is FSDP2, whose units shard base and adapters together.
 from __future__ import annotations
 
 import logging
+import math
 import re
+from typing import Literal
 
 import torch
 from torch import nn
@@ -41,6 +45,7 @@ __all__ = [
     "ADAPTER_NAME",
     "AdapterError",
     "adapted_modules",
+    "adapter_init",
     "adapter_matrices",
     "adapter_side",
     "base_kind",
@@ -53,8 +58,12 @@ __all__ = [
 ADAPTER_NAME = "default"
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp64": torch.float64}
 
-# An adapter matrix's parameter, under any adapter name: `….lora_A.default.weight`.
+# An adapter matrix's parameter, under any adapter name: `….lora_A.default.weight` on a
+# Linear (modules), `….lora_embedding_A.default` on an Embedding (bare parameters).
 _ADAPTER_PARAM = re.compile(r"(^|\.)lora_(A|B)\.[^.]+\.weight$")
+_EMBEDDING_PARAM = re.compile(r"(^|\.)lora_embedding_(A|B)\.[^.]+$")
+# Where a PEFT LoRA wrapper holds its adapters.
+_HOLDERS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B")
 
 # What peft's optional backends log at import, none of which concerns LoRA: torchao, each
 # compiled extension this torch cannot load (`Failed to load …/_C_mxfp8….so`);
@@ -98,13 +107,29 @@ class AdapterError(ValueError):
 
 def is_adapter_param(name: str) -> bool:
     """Is `name` (any spelling, wrappers included) a LoRA adapter matrix's weight?"""
-    return _ADAPTER_PARAM.search(name) is not None
+    return adapter_side(name) is not None
 
 
 def adapter_side(name: str) -> str | None:
-    """"A" for a lora_A weight's name, "B" for a lora_B one, None for any other name."""
-    found = _ADAPTER_PARAM.search(name)
+    """"A" for a lora_A weight's name (lora_embedding_A on an Embedding), "B" for a
+    lora_B one, None for any other name."""
+    found = _ADAPTER_PARAM.search(name) or _EMBEDDING_PARAM.search(name)
     return found.group(2) if found else None
+
+
+def adapter_init(name: str, shape: tuple[int, ...]) -> tuple[Literal["uniform", "normal", "zeros"], float] | None:
+    """PEFT's initialisation of the adapter tensor `name` (None: not an adapter), as
+    (kind, scale): `uniform` in ±scale, `normal` of std scale, or `zeros`.
+
+    On a Linear, lora_A is kaiming_uniform_(a=√5) (bound 1/√fan_in) and lora_B zeros; on
+    an Embedding, lora_embedding_A zeros and lora_embedding_B normal(0, 1). Either way
+    the adapter adds nothing until it trains."""
+    if _EMBEDDING_PARAM.search(name):
+        return ("zeros", 0.0) if adapter_side(name) == "A" else ("normal", 1.0)
+    side = adapter_side(name)
+    if side == "A":
+        return "uniform", 1.0 / math.sqrt(max(math.prod(shape[1:]), 1))
+    return ("zeros", 0.0) if side == "B" else None
 
 
 def is_adapted(module: nn.Module) -> bool:
@@ -161,20 +186,21 @@ def install_adapters(model: nn.Module, step: Adapters) -> nn.Module:
     config = LoraConfig(target_modules=list(step.fqns), r=step.rank, lora_alpha=step.alpha,
                         lora_dropout=step.dropout, bias="none")
     on_meta = any(p.is_meta for p in model.parameters())
+    before = set(adapted_modules(model))
     try:
         inject_adapter_in_model(config, model, adapter_name=ADAPTER_NAME, low_cpu_mem_usage=on_meta)
     except (ValueError, TypeError) as e:
         raise AdapterError(f"PEFT cannot adapt {', '.join(step.fqns[:3])}…: {e}") from None
     wrappers = adapted_modules(model)
     missing = [f for f in step.fqns if f not in wrappers]
-    extra = sorted(set(wrappers) - set(step.fqns))
+    extra = sorted(set(wrappers) - set(step.fqns) - before)
     if missing or extra:  # pragma: no cover - PEFT's matching changed
         raise AdapterError(f"PEFT adapted {extra[:3]} and not {missing[:3]}")
     dtype = DTYPES[step.dtype] if step.dtype is not None else None
     for wrapper in wrappers.values():
-        for matrix in adapter_matrices(wrapper):
-            if dtype is not None:
-                matrix.to(dtype)
+        for holder in (getattr(wrapper, h, None) for h in _HOLDERS):
+            if dtype is not None and isinstance(holder, nn.Module):
+                holder.to(dtype)
     trainable = sorted(n for n, p in model.named_parameters() if p.requires_grad and not is_adapter_param(n))
     frozen = sorted(n for n, p in model.named_parameters() if not p.requires_grad and is_adapter_param(n))
     if trainable or frozen:  # pragma: no cover - PEFT's freezing changed

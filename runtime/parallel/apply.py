@@ -182,8 +182,9 @@ def _styles_at(step: Parallelize, root: nn.Module, rel: str, call: StyleCall,
         fqn = ".".join(p for p in (step.fqn, rel) if p)
         able = [name for name, r in STYLES.items() if kind in r.adapter]
         raise StepError(f"{_where(step)}: `{fqn}` carries a LoRA adapter, which style {call.style} cannot "
-                        f"lay out on a {type(base).__name__}" +
-                        (f" (styles that can: {', '.join(able)})" if able else ""))
+                        f"lay out beside its {type(base).__name__} base" +
+                        (f" (styles that can: {', '.join(able)})" if able else
+                         f" (no style can: leave the {type(base).__name__} out of tensor_parallel)"))
     layout = layout_of(call)
     names = {id(m): n for n, m in wrapper.named_modules()}
     adapter_a, adapter_b = (names[id(m)] for m in adapter_matrices(wrapper))

@@ -29,9 +29,9 @@ Guarantees:
   config.initializer_range)` (0.02 without a config) for Linear / Embedding / Conv1D
   weights and other parameters of ≥ 2 dimensions; zeros for biases and other 1-D
   parameters; ones for norm weights, zeros for norms that scale by `1 + weight`
-  (Gemma's); for LoRA adapters (`runtime.parallel.adapters`) PEFT's own rule: lora_A
-  kaiming-uniform (`uniform(±1/sqrt(in_features))`), lora_B zeros, so an adapted model
-  starts as its base. Values are drawn in fp32 and then cast to the parameter's dtype.
+  (Gemma's); for LoRA adapters PEFT's own rule (`runtime.parallel.adapters.adapter_init`:
+  on a Linear lora_A kaiming-uniform `uniform(±1/sqrt(in_features))` and lora_B zeros),
+  so an adapted model starts as its base. Values are drawn in fp32 and then cast to the parameter's dtype.
 - `load_sharded(model, directory)` reads a Hugging Face safetensors directory
   (`model.safetensors`, or `model-0000x-of-0000y.safetensors` with
   `model.safetensors.index.json`) so that each rank reads *only the elements of its
@@ -104,7 +104,7 @@ from torch.distributed.tensor.placement_types import _StridedShard
 from meshplan.dsl.styles import STYLES
 from meshplan.planner.program import Parallelize, Program
 
-from ..parallel.adapters import adapter_side
+from ..parallel.adapters import adapter_init, adapter_side
 from ..parallel.apply import Applied
 from ..parallel.quantize import is_quantized, store_quantized
 from ..parallel.styles import _fused_output, fused_row_order
@@ -488,11 +488,9 @@ def _check_materialized(entries: Sequence[WeightEntry]) -> None:
 
 def init_rule(name: str, module: nn.Module, tensor: torch.Tensor, std: float) -> tuple[InitKind, float]:
     """The default rule: see the module docstring."""
-    side = adapter_side(name)
-    if side == "B":  # PEFT's: the adapter adds nothing until it trains
-        return "zeros", 0.0
-    if side == "A":  # PEFT's kaiming_uniform_(a=sqrt(5)): bound 1 / sqrt(fan_in)
-        return "uniform", 1.0 / math.sqrt(max(math.prod(tensor.shape[1:]), 1))
+    adapter = adapter_init(name, tuple(tensor.shape))  # PEFT's rule (runtime.parallel.adapters)
+    if adapter is not None:
+        return adapter
     attr = name.rsplit(".", 1)[-1]
     kind = type(module).__name__
     if "Norm" in kind and attr == "weight":
