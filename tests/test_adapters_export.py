@@ -39,6 +39,7 @@ from meshplan.runtime.weights.adapters import (
     save_adapters,
 )
 from meshplan.runtime.weights.checkpoint import (
+    CheckpointError,
     checkpoint_dir,
     read_marker,
     read_tensors,
@@ -456,3 +457,22 @@ def test_cli_exports_from_a_full_checkpoint_of_an_adapted_model(tmp_path: Path,
     assert (_logits(merged) - _logits(model.eval())).abs().max().item() < TOLERANCE
     # The base came from the checkpoint (seed 3), not from --model's seeded weights (seed 0).
     assert (_logits(merged) - _logits(_plain_base())).abs().max().item() > 1e-3
+
+
+def test_merging_an_adapter_on_a_tied_head_is_refused(tmp_path: Path) -> None:
+    """The compiler warns (W108): merging into one name of a tied tensor changes the
+    other name too, so the merged model would not be the trained one."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    from meshplan.planner.models import resolve_model
+
+    source = resolve_model("tiny-llama")
+    assert source.config is not None and source.model_class is not None
+    config = source.config.__class__.from_dict(source.config.to_dict())
+    config.tie_word_embeddings = True
+    model = source.model_class(config)
+    model.tie_weights()
+    inject_adapter_in_model(LoraConfig(r=4, lora_alpha=8, target_modules=["lm_head"]), model)
+    with pytest.raises(CheckpointError, match="one tied tensor"):
+        export_merged(model, tmp_path / "merged")
+    assert not (tmp_path / "merged").exists()

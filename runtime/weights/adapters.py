@@ -302,6 +302,19 @@ def adapted_names(model: nn.Module) -> list[str]:
     return [e.name[: -len(suffix)] for e in weight_entries(model) if e.name.endswith(suffix)]
 
 
+def _refuse_tied(module: nn.Module) -> None:
+    """Merging an adapter into one name of a tied tensor would change the other name too
+    (the compiler warns of it: W108); the merged model would not be the trained one."""
+    adapted = set(adapted_names(module))
+    for entry in weight_entries(module):
+        owners = {a.rsplit(".", 1)[0].removesuffix(".base_layer") for a in entry.aliases}
+        if len(entry.aliases) > 1 and owners & adapted:
+            names = ", ".join(f"`{a}`" for a in entry.aliases)
+            raise AdapterError(f"cannot merge: {names} are one tied tensor and "
+                               f"`{sorted(owners & adapted)[0]}` carries an adapter; merging would change "
+                               "every name of it. Export the adapter unmerged (--adapter), or untie the weights")
+
+
 def export_merged(model: nn.Module | Applied, out_dir: str | Path, *, program: Program | None = None,
                   dtype: torch.dtype | None = None, max_shard_bytes: int = 5 * 2**30,
                   overwrite: bool = False) -> Path:
@@ -311,6 +324,7 @@ def export_merged(model: nn.Module | Applied, out_dir: str | Path, *, program: P
     module, _ = model_and_fused(model, program)
     error, rewrite = None, None
     try:
+        _refuse_tied(module)
         rewrite = merge_adapters(_record_of(module), adapted_names(module))
     except CheckpointError as exc:
         error = str(exc)
