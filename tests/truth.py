@@ -29,8 +29,8 @@ masks than one process). The one process applies the same step (`install_adapter
 its meta model, as the runtime's build does) before its weights exist. PEFT starts
 lora_B at zero, which gives lora_A no gradient at the first step and would hide a wrong
 lora_A layout: both sides give every adapter matrix seeded, layout-independent nonzero
-values (`seed_adapters`: the runtime's `init_random`, lora_B drawn normal instead of
-zeros). Frozen base parameters have no gradient on either side; a gradient on one side
+values (`seed_adapters`: the runtime's `init_random`, the matrix PEFT zeroes drawn
+normal instead). Frozen base parameters have no gradient on either side; a gradient on one side
 only is wrong.
 
 Verdicts:
@@ -227,15 +227,17 @@ def adapters_of(program: Program) -> Any:
 
 def seed_adapters(model: Any, seed: int = 0) -> None:
     """Seeded, layout-independent values for every weight (the runtime's `init_random`),
-    lora_B drawn normal(0, initializer_range) instead of PEFT's zeros, so that lora_A gets a
+    with the adapter matrix PEFT starts at zero (lora_B on a Linear, lora_embedding_A on
+    an Embedding) drawn normal(0, initializer_range) instead, so that its partner gets a
     gradient at the first step. The same values on every layout and in one process."""
     from meshplan.runtime.parallel.adapters import adapter_side
     from meshplan.runtime.weights.loading import init_random, init_rule
 
     def rule(name: str, module: torch.nn.Module, tensor: torch.Tensor, std: float) -> tuple[Any, float]:
-        if adapter_side(name) == "B":
+        kind, scale = init_rule(name, module, tensor, std)
+        if adapter_side(name) is not None and kind == "zeros":
             return "normal", std
-        return init_rule(name, module, tensor, std)
+        return kind, scale
 
     init_random(model, seed, rule=rule)
 
