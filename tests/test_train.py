@@ -10,6 +10,7 @@ import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -293,3 +294,37 @@ def test_a_broken_collective_is_a_peer_failure_not_an_internal_error() -> None:
     assert not is_peer_failure(TrainError("gloo is the backend, and this is our own message"))
     assert not is_peer_failure(ValueError("connection closed by peer"))  # not a transport error type
     assert not is_peer_failure(RuntimeError("shape mismatch"))
+
+
+@pytest.mark.parametrize("plan", ["llama_lora.plan", "llama_qlora.plan"])
+def test_plan_run_trains_the_adapter_plans_and_resumes_from_adapter_only_checkpoints(
+        no_process_group: None, tmp_path: Path, capsys: pytest.CaptureFixture[str], plan: str) -> None:
+    """The shipped adapter plans train under `plan run`; its checkpoints hold the adapters
+    and their optimizer state only (the base comes from --model again; an NF4 base has no
+    safetensors form), and a resume continues with the same losses."""
+    from safetensors import safe_open
+
+    overrides = ["--set", "dropout=0.0", "--set", "tp=1"] if plan == "llama_lora.plan" else ["--set", "dropout=0.0"]
+    if plan == "llama_qlora.plan":  # tiny-llama's k/v projections hold 2048 values: smaller NF4 scaler blocks
+        text = (ROOT / "plans" / plan).read_text("utf-8").replace("compute = bf16", "compute = fp32, "
+                                                                  "block_size = 32, scaler_block_size = 32")
+        (tmp_path / plan).write_text(text.replace("mixed_precision { param = bf16, reduce = fp32 }", ""), "utf-8")
+        path = str(tmp_path / plan)
+    else:
+        path = str(ROOT / "plans" / plan)
+    ckpt = tmp_path / "ckpt"
+    args = ["run", path, "--model", "tiny-llama", *overrides, "--seq-len", "64", "--steps", "4",
+            "--checkpoint-every", "2", "--checkpoint-dir", str(ckpt)]
+    code, err = _run([*args, "--metrics", str(tmp_path / "a.jsonl")], capsys)
+    assert code == 0, err
+    names: set[str] = set()
+    for file in (ckpt / "step-00000002").rglob("*.safetensors"):
+        with safe_open(str(file), "pt") as f:
+            names |= set(f.keys())
+    assert names and all("lora_" in n for n in names if not n.startswith("optim/param_groups")), sorted(names)[:5]
+    shutil.rmtree(ckpt / "step-00000004")
+    code, err = _run([*args, "--metrics", str(tmp_path / "b.jsonl")], capsys)
+    assert code == 0, err
+    first = [json.loads(line) for line in (tmp_path / "a.jsonl").read_text("utf-8").splitlines()]
+    again = [json.loads(line) for line in (tmp_path / "b.jsonl").read_text("utf-8").splitlines()]
+    assert [(r["step"], r["loss"]) for r in again] == [(r["step"], r["loss"]) for r in first[2:]]

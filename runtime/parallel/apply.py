@@ -269,9 +269,24 @@ def _fully_shard(step: FullyShard, model: nn.Module, mesh: DeviceMesh) -> None:
     modules = [_module(model, f) for f in step.fqns] if step.fqns else [model]
     target: nn.Module | list[nn.Module] = modules[0] if len(modules) == 1 else modules
     offload = CPUOffloadPolicy(pin_memory=step.offload.pin_memory) if step.offload else OffloadPolicy()
-    fully_shard(target, mesh=submesh(mesh, step.mesh_dims),
-                reshard_after_forward=step.reshard_after_forward,
-                mp_policy=mixed_precision_policy(step.mixed_precision), offload_policy=offload)
+    group = submesh(mesh, step.mesh_dims)
+    fully_shard(target, mesh=group, reshard_after_forward=step.reshard_after_forward,
+                mp_policy=mixed_precision_policy(step.mixed_precision), offload_policy=offload,
+                # FSDP2 all-gathers over the last dimension (HSDP replicates over the first)
+                ignored_params=_unshardable(modules) if submesh(mesh, step.mesh_dims[-1:]).size() == 1
+                else None)
+
+
+def _unshardable(modules: list[nn.Module]) -> set[nn.Parameter] | None:
+    """Parameters FSDP2 cannot hold when it shards over one rank: torch 2.13's single-rank
+    all-gather path copies a tensor subclass's first all-gather input only, and an NF4
+    base has three (codes, scalers, scales). Over one rank FSDP2 shards nothing, and a
+    frozen base has no gradient to reduce, so leaving these to their own module changes
+    nothing else (QLoRA on one GPU, or HSDP with a shard dimension of 1)."""
+    from .quantize import is_quantized
+
+    found = {p for m in modules for p in m.parameters() if is_quantized(p)}
+    return found or None
 
 
 def _pipeline(step: Pipeline, model: nn.Module, mesh: DeviceMesh) -> None:

@@ -293,11 +293,17 @@ def train(model: nn.Module | Applied, optimizer: torch.optim.Optimizer,
 
 def save_checkpoint(root: str | Path, model: nn.Module | Applied, optimizer: torch.optim.Optimizer,
                     step: int, loader: Any = None) -> Path:
-    """Save model, optimizer and the loader's state as `root/step-XXXXXXXX` (a collective)."""
+    """Save model, optimizer and the loader's state as `root/step-XXXXXXXX` (a collective).
+
+    A model carrying adapters saves only them and their optimizer state: its frozen base
+    is the one `--model` gives again on resume (and a 4-bit base has no safetensors form)."""
+    from ..parallel.adapters import adapted_modules
     from ..weights.checkpoint import checkpoint_dir, save
 
     state = loader.state_dict() if hasattr(loader, "state_dict") else None
-    return save(checkpoint_dir(root, step), model, optimizer, step, state, overwrite=True)
+    module = model.model if isinstance(model, Applied) else model
+    return save(checkpoint_dir(root, step), model, optimizer, step, state, overwrite=True,
+                adapters_only=bool(adapted_modules(module)))
 
 
 def resume(root: str | Path, model: nn.Module | Applied, optimizer: torch.optim.Optimizer,
