@@ -30,8 +30,10 @@ its meta model, as the runtime's build does) before its weights exist. PEFT star
 lora_B at zero, which gives lora_A no gradient at the first step and would hide a wrong
 lora_A layout: both sides give every adapter matrix seeded, layout-independent nonzero
 values (`seed_adapters`: the runtime's `init_random`, the matrix PEFT zeroes drawn
-normal instead). Frozen base parameters have no gradient on either side; a gradient on one side
-only is wrong.
+normal instead). Frozen base parameters have no gradient on either side; a gradient on
+one side only is wrong. A plan measured with its own adapter dropout (`dropout=True`)
+has no one-process match (other masks): there the copies of every replicated gradient
+must agree instead (`judge_program(replicas=True)`).
 
 Verdicts:
 - `exact`: every compared value within `RTOL` (1e-4) relative (for a Program measured
@@ -118,16 +120,17 @@ class Compiled:
 
 
 def compile_for_truth(plan: str | Path, model: Any, world: int, overrides: Iterable[str] = (),
-                      *, graph: Any = None, precision: bool = False) -> Compiled:
+                      *, graph: Any = None, precision: bool = False, dropout: bool = False) -> Compiled:
     """Compile twice: once as `plan compile` would (the verdict), once without the checks.
-    The Program is `measured`'s (fp32 unless `precision`)."""
+    The Program is `measured`'s (fp32 unless `precision`, adapter dropout off unless `dropout`)."""
     from meshplan.dsl.errors import PlanRejected
     from meshplan.planner.compile import compile_plan
 
     target = graph if graph is not None else model
     try:
         compiled = compile_plan(plan, target, world, list(overrides))
-        return Compiled(True, (), measured(compiled.program, plan, overrides, compiled.graph, precision))
+        return Compiled(True, (), measured(compiled.program, plan, overrides, compiled.graph, precision,
+                                           dropout))
     except PlanRejected as rejected:
         codes = tuple(d.code for d in rejected.errors)
     except Exception as e:  # the compiler itself failed: no verdict, nothing to apply
@@ -139,14 +142,15 @@ def compile_for_truth(plan: str | Path, model: Any, world: int, overrides: Itera
         return Compiled(False, codes, None, f"{first.code}: {first.message}" if first else "rejected")
     except Exception as e:  # lowering a plan the passes could not make sense of
         return Compiled(False, codes, None, f"cannot lower: {type(e).__name__}: {e}")
-    return Compiled(False, codes, measured(unchecked.program, plan, overrides, unchecked.graph, precision))
+    return Compiled(False, codes, measured(unchecked.program, plan, overrides, unchecked.graph, precision,
+                                           dropout))
 
 
 def measured(program: Program, plan: str | Path, overrides: Iterable[str], graph: Any,
-             precision: bool = False) -> Program:
+             precision: bool = False, dropout: bool = False) -> Program:
     """The Program the truth applies: the adapters as the plan writes them (`as_written`),
-    dropout off, and fp32 throughout unless `precision`."""
-    program = as_written(program, plan, overrides, graph)
+    dropout off unless `dropout`, and fp32 throughout unless `precision`."""
+    program = as_written(program, plan, overrides, graph, keep_dropout=dropout)
     return program if precision else fp32(program)
 
 
@@ -167,10 +171,12 @@ def fp32(program: Program) -> Program:
     return dataclasses.replace(program, steps=tuple(plain(s) for s in program.steps))
 
 
-def as_written(program: Program, plan: str | Path, overrides: Iterable[str], graph: Any) -> Program:
+def as_written(program: Program, plan: str | Path, overrides: Iterable[str], graph: Any, *,
+               keep_dropout: bool = False) -> Program:
     """The Program with the Adapters step the plan's `adapters` section writes: every module
     a `targets` pattern matches, in model order (the compiler lowers only the targets it
-    accepts), and dropout 0 (masks drawn on each rank are not one process's)."""
+    accepts), and dropout 0 (masks drawn on each rank are not one process's) unless
+    `keep_dropout`."""
     from meshplan.dsl import load
     from meshplan.dsl.patterns import select
     from meshplan.planner.program import Adapters, Quantize
@@ -187,13 +193,16 @@ def as_written(program: Program, plan: str | Path, overrides: Iterable[str], gra
     if not targets:
         return dataclasses.replace(program, steps=tuple(s for s in steps if not isinstance(s, Adapters)))
     if at is not None:
-        steps[at] = dataclasses.replace(steps[at], fqns=targets, dropout=0.0)
+        old = steps[at]
+        assert isinstance(old, Adapters)
+        steps[at] = dataclasses.replace(old, fqns=targets, dropout=old.dropout if keep_dropout else 0.0)
     else:  # every target refused: the step goes first (after a pipeline cut), as lowering puts it
         q = section.quantize
         quantize = Quantize(format=q.format, backend=q.backend, compute=q.compute, storage=q.storage,
                             block_size=q.block_size, scaler_block_size=q.scaler_block_size) if q else None
         step = Adapters(fqns=targets, method=section.method, rank=section.rank, alpha=section.alpha,
-                        dropout=0.0, dtype=section.dtype, quantize=quantize, span=section.span)
+                        dropout=section.dropout if keep_dropout else 0.0, dtype=section.dtype,
+                        quantize=quantize, span=section.span)
         first = 1 if steps and steps[0].kind == "pipeline" else 0
         steps.insert(first, step)
     return dataclasses.replace(program, steps=tuple(steps))
@@ -376,12 +385,51 @@ def _compare_grads(module: torch.nn.Module, program: Program, ref: Reference) ->
     return worst
 
 
-def rank_case(program_json: str, source: Any, seq_len: int, ref: Reference) -> RankReport:
-    """On every rank: build as `plan run` does, one step, compare with `ref`."""
+def _replica_spread(module: torch.nn.Module) -> tuple[float, str]:
+    """The worst relative difference between the copies of a replicated gradient: every
+    DTensor gradient (pending sums done) all-gathered over each mesh dimension it is
+    replicated on. A collective: every rank walks the same parameters in the same order."""
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor, Partial, Replicate
+
+    from meshplan.runtime.weights.loading import canonical_name
+
+    worst: tuple[float, str] = (0.0, "")
+    for name, p in module.named_parameters():
+        grad = p.grad
+        if not isinstance(grad, DTensor):
+            continue
+        if any(isinstance(pl, Partial) for pl in grad.placements):
+            grad = grad.redistribute(placements=[Replicate() if isinstance(pl, Partial) else pl
+                                                 for pl in grad.placements])
+        local = grad.to_local().detach().float().contiguous()
+        mesh = grad.device_mesh
+        for dim, placement in enumerate(grad.placements):
+            if not isinstance(placement, Replicate) or mesh.size(dim) == 1:
+                continue
+            copies = [torch.empty_like(local) for _ in range(mesh.size(dim))]
+            dist.all_gather(copies, local, group=mesh.get_group(dim))
+            err = _relative(max(float((c - copies[0]).norm()) for c in copies), float(copies[0].norm()), 0.0)
+            axis = mesh.mesh_dim_names[dim] if mesh.mesh_dim_names else str(dim)
+            worst = max(worst, (err, f"{canonical_name(name)}: its copies over `{axis}` differ "
+                                     f"(relative {err:.2g})"))
+    return worst
+
+
+def rank_case(program_json: str, source: Any, seq_len: int, ref: Reference | None) -> RankReport:
+    """On every rank: build as `plan run` does, one step, compare with `ref`; without one
+    (the plan's own dropout), compare the copies of each replicated gradient instead."""
     from meshplan.planner.program import Program
     from meshplan.runtime import Topology, build_applied
 
     program = Program.from_json(program_json)
+    if ref is None:
+        # Each process torchrun starts draws its own initial seed (torch.initial_seed()
+        # differs per process), so `plan run`'s ranks draw their own dropout masks; the
+        # pool's ranks are forks of one process and would share one: each gets its own.
+        import torch.distributed as dist
+
+        torch.manual_seed(1_000_003 * (dist.get_rank() + 1))
     applied, _, _ = build_applied(program, source, seed=0)
     if adapters_of(program) is not None:
         seed_adapters(applied, 0)
@@ -398,7 +446,7 @@ def rank_case(program_json: str, source: Any, seq_len: int, ref: Reference) -> R
         loss, norm = stats.loss, stats.grad_norm
     else:
         loss, norm = _step(applied.model, next(iter(loader)), topology)
-    worst = _compare_grads(applied.model, program, ref)
+    worst = _compare_grads(applied.model, program, ref) if ref is not None else _replica_spread(applied.model)
     return RankReport(loss, norm, worst)
 
 
@@ -419,9 +467,12 @@ def _last_line(error: BaseException) -> str:
 
 
 def judge_program(pool: RankPool, program: Program, source: Any, *, seq_len: int = SEQ_LEN,
-                  timeout: float = 120.0, rtol: float = RTOL) -> Truth:
+                  timeout: float = 120.0, rtol: float = RTOL, replicas: bool = False) -> Truth:
     """The verdict of one Program on `pool.world_size` ranks (the Program's world size);
-    `rtol`: `precision_rtol` for a Program measured in its own dtypes."""
+    `rtol`: `precision_rtol` for a Program measured in its own dtypes. `replicas`: a
+    Program with its adapters' dropout, which no one process can match (other masks): the
+    copies of every replicated gradient must agree instead (each rank drawing its own
+    mask on a replicated input makes them differ, and the replicated adapter diverge)."""
     from meshplan.runtime.parallel.apply import context_split
 
     start = time.perf_counter()
@@ -432,7 +483,7 @@ def judge_program(pool: RankPool, program: Program, source: Any, *, seq_len: int
     context = context_split(program)
     adapters = next(iter(program.steps_of(Adapters)), None)
     try:
-        ref = _cached_reference(source, seq_len, context, adapters)
+        ref = None if replicas else _cached_reference(source, seq_len, context, adapters)
     except Exception as e:
         return Truth("n/a", f"one process fails: {type(e).__name__}: {str(e)[:200]}", math.inf,
                      time.perf_counter() - start)
@@ -443,14 +494,16 @@ def judge_program(pool: RankPool, program: Program, source: Any, *, seq_len: int
         return Truth("crash", _last_line(e), math.inf, time.perf_counter() - start)
     worst: tuple[float, str] = (0.0, "")
     for rank, rep in enumerate(reports):
-        for value, expected, what in ((rep.loss, ref.loss, "loss"), (rep.norm, ref.norm, "gradient norm")):
+        for value, expected, what in ((rep.loss, ref.loss, "loss"), (rep.norm, ref.norm, "gradient norm")) \
+                if ref is not None else ():
             err = abs(value - expected) / max(abs(expected), 1e-30)
             worst = max(worst, (err, f"rank {rank}: {what} {value:.6g}, one process {expected:.6g}"))
         worst = max(worst, (rep.worst[0], f"rank {rank}: {rep.worst[1]}"))
     seconds = time.perf_counter() - start
     if worst[0] <= rtol:
         within = f" (within {rtol:.1e}: one unit in the last place of the plan's lowest dtype)" if rtol > RTOL else ""
-        return Truth("exact", f"worst relative error {worst[0]:.1e}{within}", worst[0], seconds)
+        what = "the copies of every replicated gradient agree: worst" if replicas else "worst"
+        return Truth("exact", f"{what} relative error {worst[0]:.1e}{within}", worst[0], seconds)
     return Truth("wrong", worst[1], worst[0], seconds)
 
 

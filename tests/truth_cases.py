@@ -16,7 +16,10 @@ where the case cannot be measured as the compiler sees it, how it is measured in
   dtype, a 4-bit base's compute dtype) instead of fp32 throughout, for a mistake that
   is about dtypes (fp32 would make it disappear), against a one-process reference with
   the same adapters (and dtypes), exact within one unit in the last place of the plan's
-  lowest dtype (`tests.truth.precision_rtol`).
+  lowest dtype (`tests.truth.precision_rtol`);
+- `measure.dropout: "plan"`: the adapters' own dropout instead of 0, for a mistake about
+  dropout; no one process draws the ranks' masks, so the copies of every replicated
+  gradient are compared with each other instead (`judge_program(replicas=True)`).
 
 `allowed` names the class of a case where the compiler may reject although the truth is
 exact (see `ALLOWED`); without it the test holds the compiler to: rejects ⇔ not exact.
@@ -72,6 +75,7 @@ class TruthCase:
     allowed: str | None
     known: str | None = None  # a disagreement not fixed yet: the fix it needs
     precision: bool = False  # measured in the plan's dtypes (`measure.precision`)
+    dropout: bool = False  # measured with the adapters' own dropout (`measure.dropout`)
 
     def record(self) -> dict[str, Any]:
         return _record(self)
@@ -93,6 +97,8 @@ def _record(case: TruthCase) -> dict[str, Any]:
         measure["overrides"] = list(case.measure_overrides)
     if case.precision:
         measure["precision"] = "plan"
+    if case.dropout:
+        measure["dropout"] = "plan"
     if measure:
         out["measure"] = measure
     if case.seq_len != 32:
@@ -146,6 +152,7 @@ def cases(table: dict[str, dict[str, Any]] | None = None) -> list[TruthCase]:
             seq_len=int(rec.get("seq_len", 32)), truth=rec.get("truth", "?"),
             error=float(error), detail=rec.get("detail", ""), allowed=rec.get("allowed"),
             known=rec.get("known"), precision=measure.get("precision") == "plan",
+            dropout=measure.get("dropout") == "plan",
         ))
     return out
 
@@ -214,11 +221,12 @@ def measure(case: TruthCase, pools: dict[int, Any]) -> Any:
 
     model = source(case)
     unchecked = compile_for_truth(case.plan, model, case.measure_world, measure_overrides(case),
-                                  precision=case.precision)
+                                  precision=case.precision, dropout=case.dropout)
     if unchecked.program is None:
         return Truth("n/a", unchecked.reason, math.inf)
     world = unchecked.program.world_size
     if world not in pools:
         pools[world] = RankPool(world, timeout=180.0)
     rtol = precision_rtol(unchecked.program) if case.precision else RTOL
-    return judge_program(pools[world], unchecked.program, model, seq_len=case.seq_len, rtol=rtol)
+    return judge_program(pools[world], unchecked.program, model, seq_len=case.seq_len, rtol=rtol,
+                         replicas=case.dropout)
