@@ -65,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from meshplan.runtime.parallel.noise import quiet_optional_backends
+
+    quiet_optional_backends()  # torch-free; before any command imports torchao's users
     module = importlib.import_module(f"meshplan.cli.{COMMANDS[args.command][0]}")
     from .console import Terminal
 

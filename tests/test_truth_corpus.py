@@ -42,7 +42,7 @@ REPRESENTATIVE = (
     "broken/mesh_product_wrong",
     "shipped/llama_lora@tiny-llama",  # LoRA under dp 2 × tp 2 with SP: PEFT's layout
     "broken/adapters_tp_names_base_layer",  # a rule on PEFT's `base_layer` name: crash
-    "shipped/llama_lora@tiny-llama:dropout",  # tp ranks' own dropout masks: lora_A's copies differ
+    "shipped/llama_lora@tiny-llama:dropout",  # tp ranks draw one dropout mask: lora_A's copies agree
 )
 
 

@@ -31,7 +31,6 @@ as is FSDP2, whose units shard base and adapters together.
 
 from __future__ import annotations
 
-import logging
 import math
 import re
 from typing import Literal
@@ -40,6 +39,8 @@ import torch
 from torch import nn
 
 from meshplan.planner.program import Adapters
+
+from .noise import quiet_optional_backends
 
 __all__ = [
     "ADAPTER_NAME",
@@ -65,39 +66,7 @@ _EMBEDDING_PARAM = re.compile(r"(^|\.)lora_embedding_(A|B)\.[^.]+$")
 # Where a PEFT LoRA wrapper holds its adapters.
 _HOLDERS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B")
 
-# What peft's optional backends log at import, none of which concerns LoRA: torchao, each
-# compiled extension this torch cannot load (`Failed to load …/_C_mxfp8….so`);
-# bitsandbytes, a CPU kernel package that is not installed; torch's pytree, torchao's
-# deprecated registration of enums. transformers imports torchao too (its quantizers)
-# once it is installed. Only these messages are dropped, by their text.
-_NOISE: tuple[tuple[str, re.Pattern[str]], ...] = (
-    ("torchao", re.compile(r"^Failed to load .*\.so\b")),
-    ("bitsandbytes.backends.cpu.ops", re.compile(r"^Failed to load CPU gemm_4bit_forward from kernels-community")),
-    ("torch.utils._pytree", re.compile(r"is an Enum subclass and is now natively supported by torch\.compile")),
-)
-
-
-class _DropNoise(logging.Filter):
-    def __init__(self, pattern: re.Pattern[str]) -> None:
-        super().__init__()
-        self.pattern = pattern
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return self.pattern.search(record.getMessage()) is None
-
-
-def quiet_optional_backends() -> None:
-    """Drop the import-time messages of peft's optional backends (`_NOISE`) from now on.
-
-    Each filter sits on the very logger that emits its message (a logger's filters see
-    only its own records, not its children's); every other message goes through.
-    Idempotent."""
-    for name, pattern in _NOISE:
-        logger = logging.getLogger(name)
-        if not any(isinstance(f, _DropNoise) and f.pattern is pattern for f in logger.filters):
-            logger.addFilter(_DropNoise(pattern))
-
-
+# peft's optional backends log at import; drop those messages (see `noise`).
 quiet_optional_backends()
 
 
