@@ -67,7 +67,7 @@ from .checkpoint import (
     read_tensors,
     save,
 )
-from .loading import _quiet_redistribute, canonical_name, model_and_fused, reshard, weight_entries
+from .loading import canonical_name, full_tensor, model_and_fused, reshard, weight_entries
 
 __all__ = [
     "ADAPTER_FILE",
@@ -213,7 +213,6 @@ def _gathered_adapters(module: nn.Module, program: Program | None, keep: bool) -
     """Every adapter tensor, full (`full_tensor()`), by PEFT name; a collective that
     gathers the adapters only, never the base. Fused rows (a lora_B under a fused colwise
     base) are un-permuted as `full_state_dict` does."""
-    from torch.distributed.tensor import DTensor
 
     _, fused = model_and_fused(module, program)
     reshard(module)
@@ -222,14 +221,9 @@ def _gathered_adapters(module: nn.Module, program: Program | None, keep: bool) -
         peft = peft_name(e.name)
         if peft is None:
             continue
-        with torch.no_grad(), _quiet_redistribute():
-            t = e.tensor
-            full = t.full_tensor() if isinstance(t, DTensor) else t.detach().clone()
-            if e.fused is not None:
-                order = e.fused.order(full.shape[e.fused.dim])
-                full = full.index_select(e.fused.dim, torch.argsort(order).to(full.device))
+        full = full_tensor(e)  # a collective: every rank gathers, rank 0 keeps
         if keep:
-            out[peft] = full.detach().cpu()
+            out[peft] = full
     return out
 
 

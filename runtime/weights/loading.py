@@ -926,10 +926,16 @@ def full_state_dict(model: nn.Module | Applied, *, program: Program | None = Non
     fused = found if fused is None else fused
     reshard(module)
     for e in weight_entries(module, fused, buffers=buffers):
-        with torch.no_grad(), _quiet_redistribute():
-            t = e.tensor
-            full = t.full_tensor() if isinstance(t, DTensor) else t.detach().clone()
-            if e.fused is not None:
-                order = e.fused.order(full.shape[e.fused.dim])
-                full = full.index_select(e.fused.dim, torch.argsort(order).to(full.device))
-            yield e.name, full.detach().cpu()
+        yield e.name, full_tensor(e)
+
+
+def full_tensor(entry: WeightEntry) -> torch.Tensor:
+    """One entry's whole tensor on the CPU, in the Hugging Face row order (a collective
+    for a DTensor: every rank of its mesh calls it)."""
+    with torch.no_grad(), _quiet_redistribute():
+        t = entry.tensor
+        full = t.full_tensor() if isinstance(t, DTensor) else t.detach().clone()
+        if entry.fused is not None:
+            order = entry.fused.order(full.shape[entry.fused.dim])
+            full = full.index_select(entry.fused.dim, torch.argsort(order).to(full.device))
+        return full.detach().cpu()
