@@ -71,6 +71,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import time
 import warnings
@@ -335,6 +336,10 @@ def _unaliased(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+# An optimizer parameter group's list of parameter names (`get_state_dict`'s form).
+_OWN_PARAMS = re.compile(rf"optim{_SEP}param_groups{_SEP}\d+{_SEP}params")
+
+
 def _restore(template: Any, values: Mapping[str, Any], prefix: str = "") -> Any:
     """`template` with every non-tensor value replaced by the saved one (tuples stay tuples)."""
     out: dict[str, Any] | list[Any] = {} if isinstance(template, Mapping) else []
@@ -346,6 +351,10 @@ def _restore(template: Any, values: Mapping[str, Any], prefix: str = "") -> Any:
             new = v
         elif _descend(v):
             new = _restore(v, values, path + _SEP)
+        elif _OWN_PARAMS.fullmatch(path):
+            # Which parameters a group holds is the model's being loaded into: under a
+            # pipeline each stage's ranks hold other ones, and state.json is rank 0's.
+            new = v
         elif path not in values:
             raise CheckpointError(f"the checkpoint has no value for {path}")
         else:
