@@ -194,13 +194,15 @@ def _render(ex: Explanation, term: Terminal, rank: int | None) -> None:
     _section(term, "Modules (rank 0: placements along the mesh dims, local shape)")
     term.print(f"  {_PLACEMENT_KEY}")
     _print(term, _tree(ex, ex.modules))
-    _section(term, "Memory per rank")
+    _section(term, _memory_title(ex))
     _print(term, _rich_table(_memory_head(ex.memory), _memory_rows(ex, ex.memory)))
     computed = _computed(ex)
     if computed:
         term.print(f"  {computed}")
     if ex.adapted:
         term.print(f"  {_trainable(ex)}")
+    if ex.pipeline is not None:
+        _pipeline_section(ex, term)
     if ex.variants:
         _section(term, _VARIANTS_TITLE)
         _print(term, _rich_table(_variant_head(ex), _variant_rows(ex), right_from=1))
@@ -404,6 +406,12 @@ def _rank_section(ex: Explanation, term: Terminal, rank: int) -> None:
     if index is None:
         return
     _print(term, _rich_table(_memory_head([ex.memory[index]], rank), _memory_rows(ex, [ex.memory[index]])))
+    pipe = ex.pipeline_of(index)
+    if pipe is not None:
+        pp_rank, stages = _rank_stages(ex, pipe, rank)
+        term.print(f"  {_rank_stages_line(pipe, pp_rank, rank)}")
+        _print(term, _rich_table(_STAGE_HEAD, _stage_rows(stages, len(pipe.stages)), right_from=3))
+        _print(term, _rich_table(_pp_rank_head([pp_rank], rank), _pp_rank_rows(ex, pipe, [pp_rank]), right_from=1))
     _section(term, f"Modules (rank {rank}: placements along the mesh dims, local shape)")
     _print(term, _tree(ex, ex.modules_of(index)))
 
@@ -421,7 +429,112 @@ def _rank_json(ex: Explanation, rank: int) -> dict[str, Any]:
         out["class"] = {"rank": c.rank, "ranks": c.count, "measured": c.measured}
         out["memory"] = ex.memory[index].to_json()
         out["modules"] = modules_json(ex.modules_of(index))
+        pipe = ex.pipeline_of(index)
+        if pipe is not None:
+            pp_rank, stages = _rank_stages(ex, pipe, rank)
+            out["pipeline"] = {**pipe.ranks[pp_rank].to_json(), "stages": [s.to_json() for s in stages]}
     return out
+
+
+# --------------------------------------------------------------------------- pipeline
+
+
+_STAGE_HEAD = ["stage", "pp rank", "layers", "parameters", "gradients", "optimizer (AdamW)",
+               "activations / microbatch", "in flight", "p2p forward", "p2p backward"]
+_PP_ROWS = (
+    ("parameters", "parameters_bytes"),
+    ("gradients", "gradients_bytes"),
+    ("optimizer (AdamW)", "optimizer_bytes"),
+    ("buffers", "buffers_bytes"),
+    ("activations (in flight)", "activations_bytes"),
+    ("FSDP buffers", "fsdp_buffers_bytes"),
+    ("backward temporaries", "temporaries_bytes"),
+)
+
+
+def _memory_title(ex: Explanation) -> str:
+    if ex.pipeline is None:
+        return "Memory per rank"
+    return "Memory per rank (as if one rank held every pipeline stage: each stage's share follows)"
+
+
+def _pipeline_title(pipe: Any) -> str:
+    per_rank = f", {pipe.virtual_stages} stages per rank" if pipe.virtual_stages > 1 else ""
+    return (f"Pipeline stages ({pipe.schedule} over {pipe.mesh_dim} = {pipe.pp}{per_rank}; {pipe.microbatches} "
+            f"microbatches of {pipe.micro_batch} per step; rank {pipe.rank}'s class)")
+
+
+def _layer_span(layers: tuple[int, ...]) -> str:
+    from meshplan.runtime.explain.report import _ranges
+
+    return f"{_ranges(list(layers))} ({len(layers)})"
+
+
+def _stage_rows(stages: list[Any], count: int) -> list[Row]:
+    """One row per stage; `count`: the pipeline's stages (the last one holds the head)."""
+    from meshplan.runtime.explain.sizes import human_bytes
+
+    return [([str(s.index), str(s.pp_rank), _layer_span(s.layers) + (" + embedding" if s.index == 0 else "")
+              + (" + norm, head" if s.index == count - 1 else ""),
+              human_bytes(s.parameters), human_bytes(s.gradients), human_bytes(s.optimizer),
+              human_bytes(s.activations_per_microbatch), str(s.in_flight), human_bytes(s.sends_forward),
+              human_bytes(s.sends_backward)], None) for s in stages]
+
+
+def _pp_rank_head(pp_ranks: list[int], rank: int | None = None) -> list[str]:
+    label = "per pipeline rank" if rank is None else f"rank {rank}"
+    return [label, *[f"pp {r}" for r in pp_ranks]]
+
+
+def _pp_rank_rows(ex: Explanation, pipe: Any, pp_ranks: list[int]) -> list[Row]:
+    from meshplan.runtime.explain.sizes import human_bytes
+
+    held = [pipe.ranks[r] for r in pp_ranks]
+    rows: list[Row] = [(["stages", *[", ".join(str(s) for s in h.stages) for h in held]], None)]
+    rows += [([label, *[human_bytes(h.to_json()[key]) for h in held]], None) for label, key in _PP_ROWS]
+    rows.append((["peak (upper bound)", *[human_bytes(h.peak) for h in held]], "bold"))
+    if ex.gpu_memory is not None:
+        rows.append((["--gpu-memory", *[human_bytes(ex.gpu_memory) for _ in held]], "dim"))
+    rows.append((["p2p sent per step", *[human_bytes(h.sends) for h in held]], None))
+    return rows
+
+
+def _pipeline_notes(pipe: Any) -> list[str]:
+    from meshplan.runtime.explain.sizes import human_bytes
+
+    return [f"bubble {100 * pipe.bubble:.1f} % of a step: (pp − 1) / ("
+            + ("m" if pipe.schedule in ("gpipe", "1f1b") else "v·m") + " + pp − 1)"
+            + ("; an upper bound for zero-bubble schedules" if "zero" in pipe.schedule or pipe.schedule == "zbv"
+               else ""),
+            f"a boundary carries per microbatch the hidden state ({human_bytes(pipe.hidden_bytes)}) and the "
+            f"position ids ({human_bytes(pipe.position_bytes)}) forward, the hidden state's gradient "
+            f"({human_bytes(pipe.hidden_bytes)}) backward",
+            "in flight: the microbatches a stage holds at its rank's peak, walking the schedule's order of "
+            "forwards and backwards; --micro-batch is the sequences of one microbatch"]
+
+
+def _rank_stages(ex: Explanation, pipe: Any, rank: int) -> tuple[int, list[Any]]:
+    from meshplan.runtime.explain.world import coordinates
+
+    pp_rank = coordinates(ex.program.mesh, rank)[pipe.mesh_dim]
+    return pp_rank, pipe.of_rank(pp_rank)[1]
+
+
+def _rank_stages_line(pipe: Any, pp_rank: int, rank: int) -> str:
+    held = pipe.ranks[pp_rank].stages
+    return (f"pipeline: rank {rank} is {pipe.mesh_dim} rank {pp_rank}, holding stage"
+            f"{'s' if len(held) > 1 else ''} {', '.join(str(s) for s in held)}")
+
+
+def _pipeline_section(ex: Explanation, term: Terminal) -> None:
+    pipe = ex.pipeline
+    assert pipe is not None
+    _section(term, _pipeline_title(pipe))
+    _print(term, _rich_table(_STAGE_HEAD, _stage_rows(list(pipe.stages), len(pipe.stages)), right_from=3))
+    _print(term, _rich_table(_pp_rank_head(list(range(pipe.pp))), _pp_rank_rows(ex, pipe, list(range(pipe.pp))),
+                             right_from=1))
+    for line in _pipeline_notes(pipe):
+        term.print(f"  {line}")
 
 
 # --------------------------------------------------------------------------- modules
@@ -783,8 +896,13 @@ def html_page(ex: Explanation, *, rank: int | None = None) -> str:
              para(_trivial(ex)),
              "<h2>Modules (rank 0: placements along the mesh dims, local shape)</h2>\n", para(_PLACEMENT_KEY),
              table(_PARAM_HEAD, _param_rows(ex.modules)),
-             "<h2>Memory per rank</h2>\n", table(_memory_head(ex.memory), _memory_rows(ex, ex.memory)),
+             "<h2>" + _x(_memory_title(ex)) + "</h2>\n", table(_memory_head(ex.memory), _memory_rows(ex, ex.memory)),
              para(_computed(ex), _trainable(ex) if ex.adapted else "")]
+    if ex.pipeline is not None:
+        pipe = ex.pipeline
+        parts += [f"<h2>{_x(_pipeline_title(pipe))}</h2>\n", table(_STAGE_HEAD, _stage_rows(list(pipe.stages), len(pipe.stages))),
+                  table(_pp_rank_head(list(range(pipe.pp))), _pp_rank_rows(ex, pipe, list(range(pipe.pp)))),
+                  para(*_pipeline_notes(pipe))]
     if ex.variants:
         parts += [f"<h2>{_x(_VARIANTS_TITLE)}</h2>\n", table(_variant_head(ex), _variant_rows(ex)),
                   para(*_variant_notes(ex))]

@@ -687,14 +687,18 @@ Fix: shard over more ranks, checkpoint more blocks, lower `--micro-batch`, store
 parameters in bf16 (`--param-dtype bf16`), or split the sequence.
 """,
     "W205": """\
-`plan explain` applied a pipelined Program without cutting it into stages: its memory and
-communication figures are those of a rank that holds every layer, not one stage, and the
-point-to-point traffic between stages and the microbatches in flight are not counted.
+`plan explain` accounts for a pipeline per stage — each stage's and each pipeline rank's
+parameters, gradients, optimizer states, activations with the microbatches the schedule
+keeps in flight, FSDP buffers, the bubble and the point-to-point traffic at every stage
+boundary (the `Pipeline stages` tables; `pipeline` in `--json`; `--rank R` shows R's
+stages) — but its communication table is still that of one rank holding every stage,
+for one microbatch: tensor/sequence-parallel collectives repeat for every microbatch,
+and FSDP's cover only the rank's own stages.
 
 Example: `mesh { pp = 4 ... }` with a `pipeline on pp { ... }` section.
 
-Fix: none needed to train (the runtime cuts the stages); read the parameter, gradient and
-optimizer figures as an upper bound (a stage holds about 1/stages of the layers).
+Fix: none needed to train; read the collectives per stage as about the stage's share of
+the layers, times the microbatches for the tensor-parallel ones.
 """,
 }
 

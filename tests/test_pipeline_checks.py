@@ -147,7 +147,7 @@ def test_interleaved_schedules_take_any_stage_and_microbatch_count(eight: ModelG
     assert three.microbatches == 3 and three.ranks == ((0, 2), (1, 3))
 
 
-def test_explain_says_its_figures_are_not_split_by_stage(tmp_path: object) -> None:
+def test_explain_says_its_collectives_are_not_split_by_stage(tmp_path: object) -> None:
     import json
     import subprocess
     import sys
@@ -160,7 +160,7 @@ def test_explain_says_its_figures_are_not_split_by_stage(tmp_path: object) -> No
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     codes = {d["code"]: d for d in json.loads(out.stdout)["diagnostics"]}
-    assert codes["W205"]["line"] == 5 and "does not yet split memory by pipeline stage" in codes["W205"]["message"]
+    assert codes["W205"]["line"] == 5 and "does not split the collectives by pipeline stage" in codes["W205"]["message"]
 
 
 def test_emit_python_refuses_a_pipeline_cleanly(tmp_path: object) -> None:

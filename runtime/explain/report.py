@@ -56,6 +56,7 @@ from .memory import BlockActivations, Memory, block_activations, buffer_bytes, m
 from .reduction import Reduction, reduce_program
 from .shards import ParamShard, RankClass, measure_rank_zero, measure_shards, model_parameters
 from .shards import _recompute as recompute_shard
+from .stages import PipelineFigures, pipeline_figures
 from .trace import StepTrace, trace_step
 from .world import coordinates, fake_world, rank_at
 
@@ -279,6 +280,7 @@ class Explanation:
     attention: dict[str, Any] | None = None
     parameters: list[str] = field(default_factory=list)  # full-model names, as the Program leaves them
     variants: list[AdapterVariant] = field(default_factory=list)  # `compare_adapters`, when asked for
+    pipeline: PipelineFigures | None = None  # per stage and pipeline rank, rank 0's class (`stages`)
 
     @property
     def rank0(self) -> Memory:
@@ -317,6 +319,15 @@ class Explanation:
             if all(c.shards[k].local_shape == shape for k, shape in local.items() if k in c.shards):
                 return i
         return None
+
+    def pipeline_of(self, index: int) -> PipelineFigures | None:
+        """The pipeline's figures for the class at `index` (None without a pipeline)."""
+        if self.pipeline is None or index == 0:
+            return self.pipeline
+        return pipeline_figures(self.program, self.classes[index], parameters=self.parameters,
+                                reduction=self.reduction, units=self.units, trace=self.trace, blocks=self.blocks,
+                                storage=self.param_dtype, buffer_bytes=self.rank0.buffers,
+                                micro_batch=self.micro_batch)
 
     def modules_of(self, index: int) -> list[ModuleRow]:
         """The module rows (placements, local shapes) of the class at `index`."""
@@ -369,6 +380,7 @@ class Explanation:
             "modules": modules_json(self.modules),
             "diagnostics": [d.to_json() for d in self.diagnostics],
             **({"adapters": {"parameters": self.parameter_counts().to_json()}} if self.adapted else {}),
+            **({"pipeline": self.pipeline.to_json()} if self.pipeline is not None else {}),
         }
 
 
@@ -463,13 +475,16 @@ def explain(compiled: Compiled, *, seq_len: int, micro_batch: int = 1, param_dty
     memory = [memory_of(c, program=program, parameters=parameters, reduction=reduction, units=units, trace=step,
                         blocks=blocks, storage=param_dtype, buffer_bytes=buffers) for c in classes]
     comm = summarize(events, reduction)
+    pipeline = pipeline_figures(program, classes[0], parameters=parameters, reduction=reduction, units=units,
+                                trace=step, blocks=blocks, storage=param_dtype, buffer_bytes=buffers,
+                                micro_batch=micro_batch)
     return Explanation(
         program=program, graph=graph, reduction=reduction, classes=classes, units=units, memory=memory,
         blocks=blocks, comm=comm, modules=module_rows(graph, reduction, classes[0]),
         groups=mesh_groups(program.mesh), seq_len=seq_len, micro_batch=micro_batch,
         param_dtype=param_dtype, compute_dtype=compute, gpu_memory=gpu_memory, trace=step, events=events,
         diagnostics=findings(program, classes, reduction, units, comm, memory, gpu_memory),
-        attention=attention_backend(), parameters=parameters,
+        attention=attention_backend(), parameters=parameters, pipeline=pipeline,
     )
 
 

@@ -56,6 +56,9 @@ class BlockTrace:
     selective: int  # saved outputs of matmuls and attention (selective checkpointing keeps them)
     retained: int  # live growth across the block: what stays alive after it (≈ saved)
     transient: int  # live high-water mark during the block, above the live memory at its entry
+    # Its hidden-state input's own bytes (the local tensor, not its storage): what a
+    # pipeline stage boundary sends per microbatch (`runtime.explain.stages`).
+    boundary: int = 0
 
 
 @dataclass(frozen=True)
@@ -323,6 +326,8 @@ def _forward_memory(model: nn.Module, reduction: Reduction, ids: torch.Tensor, p
             entry = per_block.setdefault(j, {"saved": 0, "selective": 0, "inputs": 0})
             if isinstance(first, torch.Tensor):
                 entry["inputs"] = _storage_key(first)[1]
+                local = first._local_tensor if isinstance(first, DTensor) else first
+                entry["boundary"] = local.numel() * local.element_size()
             entry["entry"] = live.reset_peak()
             edges.setdefault("first", entry["entry"])
 
@@ -354,7 +359,8 @@ def _forward_memory(model: nn.Module, reduction: Reduction, ids: torch.Tensor, p
         for h in hooks:
             h.remove()
     blocks = {j: BlockTrace(saved=e["saved"], inputs=e["inputs"], selective=e["selective"],
-                            retained=e.get("retained", 0), transient=e.get("transient", 0))
+                            retained=e.get("retained", 0), transient=e.get("transient", 0),
+                            boundary=e.get("boundary", 0))
               for j, e in per_block.items()}
     return StepTrace(blocks=blocks, before=edges.get("first", 0), after=after, outside=outside,
                      events=(), seq_len=0, micro_batch=0, dtype="")
