@@ -7,7 +7,10 @@ tensor-parallel attention (dp_shard 2 × tp 2: the ep group is the tp group, who
 replicated tokens each rank routes half of; DeepSeek's latent attention stays
 replicated over tp, see ATTENTION_TP): the logits of this rank's rows, the loss
 (cross-entropy plus the load-balancing loss over the global batch, where the model has
-one) and every parameter's gradient equal one process's within 1e-5 (fp32).
+one) and every parameter's gradient equal one process's within 1e-5 (fp32). With
+context parallelism (dp_shard 2 × cp 2, ep 2 over the cp ranks, which hold different
+parts of the same sequences), one training step with the balancing loss over dp × cp
+gives one process's loss and gradients on every rank.
 
 Each rank builds the model as `plan run` does (`build_applied`: meta model, Program,
 local shards, layout-independent random weights), so the one-process model has the
@@ -219,21 +222,23 @@ def _with_balancing(model: torch.nn.Module) -> torch.nn.Module:
 
 
 @functools.cache
-def step_reference(model_name: str) -> Any:
-    """One process, the 4 bins the 4 ranks train on: CE over their tokens plus the
-    balancing loss over all of them (the global micro-batch), one backward."""
+def step_reference(model_name: str, context: Any = None, dp: int = 4) -> Any:
+    """One process, the bins the `dp` data-parallel ranks train on (one each, cut for the
+    context-parallel split when there is one): CE over their tokens plus the balancing
+    loss over all of them (the global micro-batch), one backward."""
     from meshplan.runtime import build_model, prepare
     from meshplan.runtime.attention import forward_kwargs
     from meshplan.runtime.parallel.experts import load_balancing_loss
     from meshplan.runtime.train.loss import loss_sum_and_count
     from meshplan.runtime.weights.loading import canonical_name
-    from tests.truth import BINS, FLOOR, SEQ_LEN, Reference, _data
+    from tests.truth import FLOOR, SEQ_LEN, Reference, _data
 
     torch.set_num_threads(1)
     model = _with_balancing(build_model(model_name, seed=0))
     prepare(model)
     model.train()
-    bins = [next(iter(_data(model_name, SEQ_LEN, None).loader(r, BINS, micro_batch=1)))[0] for r in range(BINS)]
+    data = _data(model_name, SEQ_LEN, context)
+    bins = [next(iter(data.loader(r, dp, micro_batch=1)))[0] for r in range(dp)]
     targets = sum(int((b["labels"] != -100).sum()) for b in bins)
     ce = torch.zeros(())
     router: list[torch.Tensor] = []
@@ -288,3 +293,61 @@ def reference_without_balancing(model_name: str) -> dict[str, torch.Tensor]:
     prepare(model)
     _step(model, next(iter(_data(model_name, SEQ_LEN, None).loader(0, 1, micro_batch=BINS))), Topology())
     return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+# ------------------------------------------------------------ with context parallelism
+
+
+CP_PLAN = """plan moe_cp for {arch}
+mesh {{
+  dp_shard = 2
+  cp = 2
+  ep = 2
+}}
+submesh fsdp = dp_shard * cp
+fully_shard on fsdp {{
+  unit model.layers.*
+  root
+}}
+context_parallel on cp {{
+  attention model.layers.*.self_attn
+  load_balance = {balance}
+}}
+expert_parallel on ep {{
+  experts model.layers.*.mlp.experts
+  dispatch = alltoall
+}}
+"""
+
+
+def cp_step_case(program_json: str, model_name: str, ref: Any) -> tuple[float, float, tuple[float, str]]:
+    """`train_step` on this rank's part of its data-parallel rank's bin (the loader cuts
+    it for its cp rank), the balancing loss over dp × cp."""
+    from meshplan.planner.program import Program
+    from meshplan.runtime import Topology, build_applied
+    from tests.truth import SEQ_LEN, _compare_grads, _data, _step
+
+    program = Program.from_json(program_json)
+    applied, _, _ = build_applied(program, model_name, seed=0)
+    _with_balancing(applied.model)
+    topology = Topology.of(applied)
+    assert topology.loss_size == 4, topology  # dp 2 × cp 2: the tokens of one global batch
+    loader = _data(model_name, SEQ_LEN, topology.context).loader(
+        topology.dp_rank, topology.dp_size, micro_batch=1, cp_rank=topology.cp_rank)
+    loss, norm = _step(applied.model, next(iter(loader)), topology)
+    return loss, norm, _compare_grads(applied.model, program, ref)
+
+
+@pytest.mark.parametrize(("model", "balance"), [("tiny-qwen3-moe", "headtail"), ("tiny-mixtral", "none")])
+def test_expert_parallel_with_context_parallel(pool: RankPool, model: str, balance: str) -> None:
+    """cp 2 × ep 2 (dp_shard 2): the ep group is the cp group, whose ranks hold different
+    parts of the same sequences; the balancing loss sums tokens per expert and router
+    probabilities over dp × cp. Loss and every gradient equal one process's on every rank."""
+    from meshplan.planner.compile import compile
+    from meshplan.runtime.parallel.apply import context_split
+
+    program = compile(CP_PLAN.format(arch=ARCH[model], balance=balance), model, 4)
+    ref = step_reference(model, context_split(program), dp=2)
+    for rank, (loss, _, worst) in enumerate(pool.run(cp_step_case, program.to_json(), model, ref)):
+        assert abs(loss - ref.loss) <= TOL * ref.loss, f"rank {rank}: loss {loss}, one process {ref.loss}"
+        assert worst[0] <= TOL, f"rank {rank}: {worst[1]}"
