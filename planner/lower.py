@@ -24,7 +24,6 @@ rank it still applies mixed precision and offload).
 from __future__ import annotations
 
 from meshplan.dsl.errors import Span
-from meshplan.dsl.spec import Placement, StyleSpec
 
 from .passes.context import Context, ResolvedUnit
 from .program import (
@@ -37,24 +36,8 @@ from .program import (
     Program,
     Step,
     StyleCall,
+    style_call,
 )
-
-
-def _placement(value: object) -> str | None:
-    return str(value) if isinstance(value, Placement) else None
-
-
-def style_call(style: StyleSpec) -> StyleCall:
-    args = style.args
-    return StyleCall(
-        style=style.name,
-        input=_placement(args.get("input")),
-        output=_placement(args.get("output")),
-        local_output=bool(args.get("local_output", True)),
-        parts=int(str(args.get("parts", 1))),
-        dim=int(str(args.get("dim", 1))),
-        conversions=tuple((c.name, _placement(c.source), _placement(c.target)) for c in style.conversions),
-    )
 
 
 def lower(ctx: Context) -> Program:

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Any, ClassVar, Literal, TypeVar
 
 from meshplan.dsl.errors import NOWHERE, Span
-from meshplan.dsl.spec import MESH_DIMS
+from meshplan.dsl.spec import MESH_DIMS, Placement, StyleSpec
 from meshplan.dsl.styles import STYLES, placement_of, shards_sequence
 
 SCHEMA_VERSION = 1
@@ -80,6 +80,24 @@ class StyleCall:
     def shards_sequence(self) -> bool:
         """Does the style split activations along the sequence (dim 1)?"""
         return bool(shards_sequence(self.style, self.placements()))
+
+
+def style_call(style: StyleSpec) -> StyleCall:
+    """The Program's call of a checked plan's style (placements as text)."""
+
+    def placement(value: object) -> str | None:
+        return str(value) if isinstance(value, Placement) else None
+
+    args = style.args
+    return StyleCall(
+        style=style.name,
+        input=placement(args.get("input")),
+        output=placement(args.get("output")),
+        local_output=bool(args.get("local_output", True)),
+        parts=int(str(args.get("parts", 1))),
+        dim=int(str(args.get("dim", 1))),
+        conversions=tuple((c.name, placement(c.source), placement(c.target)) for c in style.conversions),
+    )
 
 
 # Field names by which a step names the modules and the mesh dimensions it touches.

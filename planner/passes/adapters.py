@@ -37,8 +37,7 @@ from meshplan.dsl.patterns import select
 from meshplan.dsl.spec import AdaptersSpec, PatternSpec, TPRuleSpec
 from meshplan.dsl.styles import STYLES, AdapterCall, placement_of
 
-from ..lower import style_call
-from ..program import Adapters, Quantize
+from ..program import Adapters, Quantize, style_call
 from .context import Context
 from .patterns import generic, nearest
 
