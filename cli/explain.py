@@ -64,7 +64,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("file", metavar="FILE", help="the plan")
     add_model_arguments(p)
     p.add_argument("--micro-batch", type=micro_batch_arg, default=1, metavar="B",
-                   help="sequences per rank per step (default 1)")
+                   help="sequences per rank per step (default 1); under a pipeline, per microbatch: a step "
+                        "runs the plan's `microbatches` of them")
     p.add_argument("--seq-len", type=seq_len_arg, default=None, metavar="S",
                    help="tokens per sequence, a multiple of what sequence/context parallelism split it "
                         "into (default: the plan's packing seq_len or `param seq_len`)")
