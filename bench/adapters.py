@@ -2,7 +2,7 @@
 
     python bench/adapters.py [--steps N] [--quick] [--out PATH]
 
-Four CPU ranks under gloo (FileStore rendezvous, one thread each), FSDP2 over all four,
+Four CPU ranks under gloo (`bench/ranks.py`: spawned, one thread each), FSDP2 over all four,
 full activation checkpointing, fp32 (CPUs without bf16 matmul kernels would time the
 casts). One model, a small Llama (hidden 512, 4 layers, 8 query / 4 key-value heads,
 MLP 1024, vocabulary 8192: widths whose NF4 blocks split over 4 ranks), built by the
@@ -31,7 +31,6 @@ import re
 import resource
 import statistics
 import sys
-import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -41,8 +40,8 @@ ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = ROOT / "bench" / "results" / "adapters.json"
 WORLD = 4
 MODEL = {"hidden_size": 512, "intermediate_size": 1024, "num_hidden_layers": 4, "num_attention_heads": 8,
-         "num_key_value_heads": 4, "vocab_size": 8192, "tie_word_embeddings": False}
-QUICK = {**MODEL, "hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 2}
+         "num_key_value_heads": 4, "head_dim": 64, "vocab_size": 8192, "tie_word_embeddings": False}
+QUICK = {**MODEL, "hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 2, "head_dim": 32}
 VARIANTS = ("full", "LoRA", "QLoRA")
 
 
@@ -91,19 +90,7 @@ def _local_numel(t: Any) -> int:
     return int((t.to_local() if isinstance(t, DTensor) else t).numel())
 
 
-def _worker(rank: int, store_path: str, args: dict[str, Any], result_path: str) -> None:
-    import torch
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", store=dist.FileStore(store_path, WORLD), rank=rank, world_size=WORLD)
-    try:
-        _measure(rank, args, result_path)
-    finally:
-        dist.destroy_process_group()
-
-
-def _measure(rank: int, args: dict[str, Any], result_path: str) -> None:
+def _measure(rank: int, args: dict[str, Any]) -> dict[str, Any] | None:
     import torch
     import torch.distributed as dist
 
@@ -147,14 +134,12 @@ def _measure(rank: int, args: dict[str, Any], result_path: str) -> None:
     }
     gathered: list[Any] = [None] * WORLD
     dist.all_gather_object(gathered, memory)
-    if rank == 0:
-        Path(result_path).write_text(json.dumps({"times": times, "tokens": tokens, "memory": gathered,
-                                                 "trainable": sum(_local_numel(p) for p in params
-                                                                  if p.requires_grad)}))
+    return {"times": times, "tokens": tokens, "memory": gathered,
+            "trainable": sum(_local_numel(p) for p in params if p.requires_grad)}
 
 
 def _run(variant: str, args: dict[str, Any]) -> dict[str, Any]:
-    import torch.multiprocessing as mp
+    from ranks import run_ranks
 
     from meshplan.planner.compile import compile_plan
 
@@ -162,12 +147,7 @@ def _run(variant: str, args: dict[str, Any]) -> dict[str, Any]:
     if variant != "QLoRA":
         overrides.append("tp=1")
     program = compile_plan(plan_text(variant, args["quick"]), _model_source(args["quick"]), WORLD, overrides).program
-    with tempfile.TemporaryDirectory() as tmp:
-        result = Path(tmp) / "result.json"
-        mp.start_processes(_worker, args=(str(Path(tmp) / "store"), {**args, "program": program.to_json()},
-                                          str(result)), nprocs=WORLD, start_method="spawn")
-        measured: dict[str, Any] = json.loads(result.read_text())
-    return measured
+    return run_ranks(_measure, {**args, "program": program.to_json()}, WORLD)
 
 
 def _mib(n: float) -> str:

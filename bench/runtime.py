@@ -2,7 +2,7 @@
 
     python bench/runtime.py [--quick] [--steps N] [--out PATH]
 
-Four CPU ranks under gloo (FileStore rendezvous, one thread each), one mesh
+Four CPU ranks under gloo (`bench/ranks.py`: spawned, one thread each), one mesh
 (`plans/llama.plan --set tp=2`: dp_shard 2 × tp 2, with its sequence parallelism, loss
 parallelism, full activation checkpointing of every block and FSDP2 units, fp32 — the
 plan's bf16 mixed precision removed, since CPUs without bf16 matmul kernels would time
@@ -35,7 +35,6 @@ import platform
 import re
 import statistics
 import sys
-import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -136,19 +135,7 @@ def _hand_step(model: Any, optimizer: Any, batches: list[dict[str, Any]], group:
     dist.all_reduce(total, group=group)
 
 
-def _worker(rank: int, store_path: str, args: dict[str, Any], result_path: str) -> None:
-    import torch
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", store=dist.FileStore(store_path, WORLD), rank=rank, world_size=WORLD)
-    try:
-        _measure(rank, args, result_path)
-    finally:
-        dist.destroy_process_group()
-
-
-def _measure(rank: int, args: dict[str, Any], result_path: str) -> None:
+def _measure(rank: int, args: dict[str, Any]) -> dict[str, Any] | None:
     import torch
     import torch.distributed as dist
 
@@ -196,8 +183,7 @@ def _measure(rank: int, args: dict[str, Any], result_path: str) -> None:
             seconds = timed(which, step)
             if i >= args["warmup"]:
                 times[which].append(seconds)
-    if rank == 0:
-        Path(result_path).write_text(json.dumps({"times": times, "tokens": tokens[args["warmup"]:]}))
+    return {"times": times, "tokens": tokens[args["warmup"]:]}
 
 
 def main() -> None:
@@ -208,7 +194,7 @@ def main() -> None:
     ns = parser.parse_args()
 
     import torch
-    import torch.multiprocessing as mp
+    from ranks import run_ranks
     from rich.console import Console
     from rich.table import Table
 
@@ -222,11 +208,7 @@ def main() -> None:
     program = compile_plan(text, _model_source(quick), WORLD, ["tp=2", f"seq_len={seq_len}"]).program
     args = {"program": program.to_json(), "quick": quick, "steps": steps, "warmup": 2,
             "seq_len": seq_len, "micro_batch": micro}
-    with tempfile.TemporaryDirectory() as tmp:
-        result = Path(tmp) / "result.json"
-        mp.start_processes(_worker, args=(str(Path(tmp) / "store"), args, str(result)), nprocs=WORLD,
-                           start_method="spawn")
-        measured = json.loads(result.read_text())
+    measured = run_ranks(_measure, args, WORLD)
     runtime, hand = measured["times"]["runtime"], measured["times"]["hand"]
     med_runtime, med_hand = statistics.median(runtime), statistics.median(hand)
     step_tokens = statistics.mean(measured["tokens"])
