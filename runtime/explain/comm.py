@@ -25,6 +25,9 @@ Sources, in order of trust:
   rank cp − 1 times in forward (again when recomputed) and shifts the gradients back
   cp − 1 times in backward (each shift an `all_to_all_single` with one peer, reported as
   `send_recv`). The real-run test checks these counts and bytes.
+- Expert parallelism is *derived* from the tokens per rank and the experts' shapes
+  (`runtime.explain.experts`): its all-to-alls (counts, rows and results, both ways)
+  under balanced routing, the `ep` rows; the experts' own FSDP units over `efsdp`.
 
 `bytes` is the size of the collective's unsharded tensor — the all-gather output, the
 reduce-scatter input, the all-reduce tensor (what `torch`'s `CommDebugMode` sees as the
@@ -65,9 +68,9 @@ if TYPE_CHECKING:
 __all__ = ["CommCounter", "CommEvent", "CommRow", "Unit", "cp_events", "fsdp_events", "fsdp_units",
            "group_names", "summarize"]
 
-KINDS = ("fsdp", "hsdp", "tp", "loss", "grad", "cp")
+KINDS = ("fsdp", "hsdp", "tp", "loss", "grad", "cp", "ep")
 KIND_LABELS = {"fsdp": "FSDP", "hsdp": "HSDP replicate", "tp": "TP/SP", "loss": "loss parallel",
-               "grad": "replicated-param grads", "cp": "CP attention"}
+               "grad": "replicated-param grads", "cp": "CP attention", "ep": "experts (balanced)"}
 _OPS = {"all_gather_into_tensor": "all_gather", "all_gather_into_tensor_coalesced": "all_gather",
         "reduce_scatter_tensor": "reduce_scatter", "reduce_scatter_tensor_coalesced": "reduce_scatter",
         "all_reduce": "all_reduce", "all_reduce_coalesced": "all_reduce",

@@ -51,6 +51,14 @@ from .comm import (
     summarize,
 )
 from .diagnostics import dry_run_error, findings
+from .experts import (
+    ExpertFigures,
+    dense_parameters,
+    expert_events,
+    expert_figures,
+    expert_fsdp_events,
+    expert_units,
+)
 from .failure import TraceFailure
 from .memory import BlockActivations, Memory, block_activations, buffer_bytes, memory_of
 from .reduction import Reduction, reduce_program
@@ -281,6 +289,7 @@ class Explanation:
     parameters: list[str] = field(default_factory=list)  # full-model names, as the Program leaves them
     variants: list[AdapterVariant] = field(default_factory=list)  # `compare_adapters`, when asked for
     pipeline: PipelineFigures | None = None  # per stage and pipeline rank, rank 0's class (`stages`)
+    experts: ExpertFigures | None = None  # expert parallelism, rank 0's (`runtime.explain.experts`)
 
     @property
     def rank0(self) -> Memory:
@@ -328,6 +337,18 @@ class Explanation:
                                 reduction=self.reduction, units=self.units, trace=self.trace, blocks=self.blocks,
                                 storage=self.param_dtype, buffer_bytes=self.rank0.buffers,
                                 micro_batch=self.micro_batch)
+
+    def experts_of(self, rank: int) -> ExpertFigures | None:
+        """Expert parallelism's figures for `rank` (its experts' shards and its slice of
+        the tokens); None without expert parallelism or beyond the measured classes."""
+        if self.experts is None or rank == self.experts.rank:
+            return self.experts
+        index = self.class_of(rank)
+        if index is None:
+            return None
+        return _expert_figures(self.program, self.graph, self.classes[index].shards, self.parameters,
+                               self.reduction, rank=rank, tokens=self.experts.tokens,
+                               rows_dtype=self.compute_dtype, storage=self.param_dtype)
 
     def modules_of(self, index: int) -> list[ModuleRow]:
         """The module rows (placements, local shapes) of the class at `index`."""
@@ -381,6 +402,7 @@ class Explanation:
             "diagnostics": [d.to_json() for d in self.diagnostics],
             **({"adapters": {"parameters": self.parameter_counts().to_json()}} if self.adapted else {}),
             **({"pipeline": self.pipeline.to_json()} if self.pipeline is not None else {}),
+            **({"experts": self.experts.to_json()} if self.experts is not None else {}),
         }
 
 
@@ -465,9 +487,17 @@ def explain(compiled: Compiled, *, seq_len: int, micro_batch: int = 1, param_dty
     shards = classes[0].shards
     # The model as the Program leaves it: an Adapters step renames and adds parameters.
     parameters = model_parameters(shards, reduction, graph.tied)
-    units = fsdp_units(program, parameters, reduction)
+    # The experts' own FSDP units (over efsdp) hold their parameters, not the plan's units.
+    dense_units = fsdp_units(program, dense_parameters(program, parameters), reduction)
+    units = dense_units + expert_units(program, parameters, reduction, start=len(dense_units))
     events = list(step.events) if step else []
-    events += fsdp_events(program, units, shards, reduction, param_dtype)
+    events += fsdp_events(program, dense_units, shards, reduction, param_dtype)
+    events += expert_fsdp_events(program, units[len(dense_units):], shards, reduction, param_dtype)
+    experts = _expert_figures(program, graph, shards, parameters, reduction, rank=0,
+                              tokens=(step.seq_len if step else _local_seq(program, seq_len)) * micro_batch,
+                              rows_dtype=compute, storage=param_dtype)
+    if experts is not None:
+        events += expert_events(experts, program, reduction)
     if program.steps_of(ContextParallel):
         events += cp_events(program, graph, reduction, seq_len=seq_len, micro_batch=micro_batch, dtype=compute)
     blocks = block_activations(program, reduction, step) if step else []
@@ -484,8 +514,25 @@ def explain(compiled: Compiled, *, seq_len: int, micro_batch: int = 1, param_dty
         groups=mesh_groups(program.mesh), seq_len=seq_len, micro_batch=micro_batch,
         param_dtype=param_dtype, compute_dtype=compute, gpu_memory=gpu_memory, trace=step, events=events,
         diagnostics=findings(program, classes, reduction, units, comm, memory, gpu_memory),
-        attention=attention_backend(), parameters=parameters, pipeline=pipeline,
+        attention=attention_backend(), parameters=parameters, pipeline=pipeline, experts=experts,
     )
+
+
+def _local_seq(program: Program, seq_len: int) -> int:
+    """Tokens of one sequence on a rank: seq_len, split by context parallelism."""
+    cp = program.steps_of(ContextParallel)
+    return max(1, seq_len // program.mesh.size(cp[0].mesh_dim)) if cp else seq_len
+
+
+def _expert_figures(program: Program, graph: ModelGraph, shards: dict[str, ParamShard], parameters: list[str],
+                    reduction: Reduction, *, rank: int, tokens: int, rows_dtype: str,
+                    storage: str) -> ExpertFigures | None:
+    config = graph.source.config
+    top_k = int(getattr(config, "num_experts_per_tok", 0) or 0) if config is not None else 0
+    if top_k < 1:
+        return None
+    return expert_figures(program, shards, parameters, reduction, rank=rank, tokens=tokens, top_k=top_k,
+                          rows_dtype=rows_dtype, storage=storage)
 
 
 # --------------------------------------------------------------------------- adapters compared

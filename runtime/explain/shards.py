@@ -35,7 +35,7 @@ from ..parallel.apply import DTYPES
 from .failure import apply_each
 from .reduction import Reduction, build_reduced_model
 from .sizes import nf4_bytes, nf4_gathered_bytes
-from .world import clean_name, coordinates, fake_world, rank_at
+from .world import clean_name, coordinates, fake_world, mesh_size, rank_at
 
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
@@ -293,7 +293,7 @@ def uneven(shard: ParamShard, layout: MeshLayout, over: Sequence[str] | None = N
         d = shard_dim(placement)
         if d is not None and (over is None or dim_name in over):
             d = d % len(shard.global_shape)
-            per_dim[d] = per_dim.get(d, 1) * layout.size(dim_name)
+            per_dim[d] = per_dim.get(d, 1) * mesh_size(layout, dim_name)
     return any(shard.global_shape[d] % n for d, n in per_dim.items())
 
 
@@ -301,7 +301,7 @@ def _recompute(shard: ParamShard, layout: MeshLayout, coords: dict[str, int]) ->
     """The shard as the rank at `coords` holds it (FSDP pads to the coordinate-0 shard)."""
     if not shard.mesh_dims:
         return shard
-    mesh_shape = [layout.size(d) for d in shard.mesh_dims]
+    mesh_shape = [mesh_size(layout, d) for d in shard.mesh_dims]
     local = _local_shape(shard, mesh_shape, [coords.get(d, 0) for d in shard.mesh_dims])
     storage, unsharded = math.prod(local), 0
     if shard.unsharded_numel:
@@ -309,7 +309,7 @@ def _recompute(shard: ParamShard, layout: MeshLayout, coords: dict[str, int]) ->
         first = _local_shape(shard, mesh_shape, [0 if d == shard.fsdp_dim else coords.get(d, 0)
                                                  for d in shard.mesh_dims])
         storage = math.prod(first)
-        unsharded = storage * (layout.size(shard.fsdp_dim) if shard.fsdp_dim else 1)
+        unsharded = storage * (mesh_size(layout, shard.fsdp_dim) if shard.fsdp_dim else 1)
     return dataclasses.replace(shard, local_shape=local, storage_numel=storage, unsharded_numel=unsharded)
 
 

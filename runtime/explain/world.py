@@ -11,6 +11,7 @@ between a rank and its coordinates along the dimensions and submeshes, row-major
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
@@ -61,7 +62,8 @@ def clean_name(name: str) -> str:
 
 
 def coordinates(layout: MeshLayout, rank: int) -> dict[str, int]:
-    """A rank's coordinate along every dimension and submesh (row-major, `tp` innermost)."""
+    """A rank's coordinate along every dimension and submesh (row-major, `tp` innermost),
+    and on the expert mesh (`ep`, `efsdp`) when there is one."""
     names, shape = product_dims(layout)
     out: dict[str, int] = {}
     rest = rank
@@ -73,7 +75,25 @@ def coordinates(layout: MeshLayout, rank: int) -> dict[str, int]:
         for d in dims:
             flat = flat * layout.size(d) + out.get(d, 0)
         out[name] = flat
-    return out
+    return {**expert_coordinates(layout, rank), **out}
+
+
+def expert_coordinates(layout: MeshLayout, rank: int) -> dict[str, int]:
+    """A rank's place on the expert mesh (`runtime.parallel.experts.expert_mesh`): the
+    pool dp_shard × cp × tp cut into (efsdp, ep), ep innermost; {} without ep."""
+    ep = layout.size("ep")
+    if ep <= 1:
+        return {}
+    within = rank % math.prod(layout.size(d) for d in ("dp_shard", "cp", "tp"))
+    return {"ep": within % ep, "efsdp": within // ep}
+
+
+def mesh_size(layout: MeshLayout, name: str) -> int:
+    """The size of a dimension or submesh, the expert mesh's `efsdp` included."""
+    if name == "efsdp" and name not in layout.names:
+        pool = math.prod(layout.size(d) for d in ("dp_shard", "cp", "tp"))
+        return pool // max(1, layout.size("ep"))
+    return layout.size(name)
 
 
 def rank_at(layout: MeshLayout, coords: dict[str, int]) -> int:
