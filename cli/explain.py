@@ -215,6 +215,8 @@ def _render(ex: Explanation, term: Terminal, rank: int | None) -> None:
     _section(term, "Communication per rank and training step")
     _print(term, _rich_table(_COMM_HEAD, _comm_rows(ex)))
     term.print(f"  {_comm_total(ex)}")
+    if ex.experts is not None:
+        _experts_section(ex, term, ex.experts)
     term.print(f"\nattention: {_attention(ex.attention)}")
     if rank is not None:
         _rank_section(ex, term, rank)
@@ -413,6 +415,9 @@ def _rank_section(ex: Explanation, term: Terminal, rank: int) -> None:
         term.print(f"  {_rank_stages_line(pipe, pp_rank, rank)}")
         _print(term, _rich_table(_STAGE_HEAD, _stage_rows(stages, len(pipe.stages)), right_from=3))
         _print(term, _rich_table(_pp_rank_head([pp_rank], rank), _pp_rank_rows(ex, pipe, [pp_rank]), right_from=1))
+    figures = ex.experts_of(rank)
+    if figures is not None:
+        _experts_section(ex, term, figures)
     _section(term, f"Modules (rank {rank}: placements along the mesh dims, local shape)")
     _print(term, _tree(ex, ex.modules_of(index)))
 
@@ -430,6 +435,9 @@ def _rank_json(ex: Explanation, rank: int) -> dict[str, Any]:
         out["class"] = {"rank": c.rank, "ranks": c.count, "measured": c.measured}
         out["memory"] = ex.memory[index].to_json()
         out["modules"] = modules_json(ex.modules_of(index))
+        figures = ex.experts_of(rank)
+        if figures is not None:
+            out["experts"] = figures.to_json()
         pipe = ex.pipeline_of(index)
         if pipe is not None:
             pp_rank, stages = _rank_stages(ex, pipe, rank)
@@ -497,6 +505,8 @@ def _pp_rank_rows(ex: Explanation, pipe: Any, pp_ranks: list[int]) -> list[Row]:
     if ex.gpu_memory is not None:
         rows.append((["--gpu-memory", *[human_bytes(ex.gpu_memory) for _ in held]], "dim"))
     rows.append((["p2p sent per step", *[human_bytes(h.sends) for h in held]], None))
+    rows.append((["FSDP all-gather per step", *[human_bytes(h.fsdp_gathered) for h in held]], None))
+    rows.append((["FSDP reduce-scatter per step", *[human_bytes(h.fsdp_reduced) for h in held]], None))
     return rows
 
 
@@ -536,6 +546,66 @@ def _pipeline_section(ex: Explanation, term: Terminal) -> None:
                              right_from=1))
     for line in _pipeline_notes(pipe):
         term.print(f"  {line}")
+
+
+# --------------------------------------------------------------------------- experts
+
+
+_EXPERT_HEAD = ["exchange", "collective", "phase", "group", "count", "balanced", "sent", "worst", "worst sent",
+                "worst received"]
+
+
+def _experts_title(figures: Any) -> str:
+    return f"Expert parallelism (rank {figures.rank}: its experts, and the exchanges of one step)"
+
+
+def _experts_section(ex: Explanation, term: Terminal, figures: Any) -> None:
+    _section(term, _experts_title(figures))
+    for line in _expert_lines(ex, figures):
+        term.print(f"  {line}")
+    _print(term, _rich_table(_EXPERT_HEAD, _expert_rows(figures), right_from=3))
+
+
+def _expert_lines(ex: Explanation, figures: Any) -> list[str]:
+    """What the rank holds of the experts, and how its tokens travel (`ExpertFigures`)."""
+    from meshplan.runtime.explain.sizes import human_bytes
+
+    f, m = figures, figures.memory
+    replicas = (f", its slice of the tokens {f.replicas} ranks of its ep group hold" if f.replicas > 1 else "")
+    balanced, worst = f.total("balanced"), f.total("worst")
+    how = "all-to-all" if f.dispatch == "alltoall" else "all-gather (dispatch = allgather: every row to every rank)"
+    lines = [f"{f.local_experts} of {f.experts} experts per MoE layer × {f.layers} layers (ep {f.ep}; their own "
+             f"FSDP unit over efsdp {f.efsdp}): parameters {human_bytes(m.parameters)}, gradients "
+             f"{human_bytes(m.gradients)}, optimizer (AdamW) {human_bytes(m.optimizer)} — {human_bytes(m.total)} "
+             "of the memory table",
+             f"routes {f.routed} of its {f.tokens} tokens × top-{f.top_k} = {f.routed * f.top_k} rows of the MoE "
+             f"input per layer{replicas}",
+             f"{how} per step: balanced {human_bytes(balanced.bytes)} handed to the collectives, "
+             f"{human_bytes(balanced.sent)} sent to other ranks"]
+    if f.dispatch == "alltoall":
+        lines.append(f"  worst case {human_bytes(worst.bytes)} handed, {human_bytes(worst.sent)} sent, "
+                     f"{human_bytes(worst.received)} received ({worst.bytes / max(balanced.bytes, 1):.1f}× the "
+                     "balanced bytes)")
+        lines.append("balanced: every expert gets tokens·k / E of every rank's rows; worst: every token of the ep "
+                     "group routed to the experts of one rank (that rank's figures)")
+    else:
+        lines.append("the all-gather moves the same bytes whatever the routing")
+    return lines
+
+
+def _expert_rows(figures: Any) -> list[Row]:
+    from meshplan.runtime.explain.sizes import human_bytes
+
+    rows: list[Row] = []
+    for x in figures.exchanges:
+        b, w = x.balanced.times(x.per_step), x.worst.times(x.per_step)
+        rows.append(([x.what, x.op.replace("_", "-"), x.phase, f"{x.dim} {x.group_size}", str(x.per_step),
+                      human_bytes(b.bytes), human_bytes(b.sent), human_bytes(w.bytes), human_bytes(w.sent),
+                      human_bytes(w.received)], None))
+    b, w = figures.total("balanced"), figures.total("worst")
+    rows.append((["total", "", "", "", str(sum(x.per_step for x in figures.exchanges)), human_bytes(b.bytes),
+                  human_bytes(b.sent), human_bytes(w.bytes), human_bytes(w.sent), human_bytes(w.received)], "bold"))
+    return rows
 
 
 # --------------------------------------------------------------------------- modules
@@ -911,6 +981,9 @@ def html_page(ex: Explanation, *, rank: int | None = None) -> str:
         parts += [f"<h2>{_x(_blocks_title(ex))}</h2>\n", table(_BLOCK_HEAD, _block_rows(ex))]
     parts += ["<h2>Communication per rank and training step</h2>\n", table(_COMM_HEAD, _comm_rows(ex)),
               para(_comm_total(ex)), para(f"attention: {_attention(ex.attention)}")]
+    if ex.experts is not None:
+        parts += [f"<h2>{_x(_experts_title(ex.experts))}</h2>\n", para(*_expert_lines(ex, ex.experts)),
+                  table(_EXPERT_HEAD, _expert_rows(ex.experts))]
     if rank is not None:
         parts += [f"<h2>Rank {rank}</h2>\n", para(*_rank_lines(ex, rank))]
         index = ex.class_of(rank)

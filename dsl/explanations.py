@@ -689,16 +689,16 @@ parameters in bf16 (`--param-dtype bf16`), or split the sequence.
     "W205": """\
 `plan explain` accounts for a pipeline per stage — each stage's and each pipeline rank's
 parameters, gradients, optimizer states, activations with the microbatches the schedule
-keeps in flight, FSDP buffers, the bubble and the point-to-point traffic at every stage
-boundary (the `Pipeline stages` tables; `pipeline` in `--json`; `--rank R` shows R's
-stages) — but its communication table is still that of one rank holding every stage,
-for one microbatch: tensor/sequence-parallel collectives repeat for every microbatch,
-and FSDP's cover only the rank's own stages.
+keeps in flight, FSDP buffers and FSDP traffic, the bubble and the point-to-point traffic
+at every stage boundary (the `Pipeline stages` tables; `pipeline` in `--json`; `--rank R`
+shows R's stages) — but its communication table is still that of one rank holding every
+stage, for one microbatch: the tensor/sequence-parallel collectives of a stage repeat for
+every microbatch over its own layers only.
 
 Example: `mesh { pp = 4 ... }` with a `pipeline on pp { ... }` section.
 
-Fix: none needed to train; read the collectives per stage as about the stage's share of
-the layers, times the microbatches for the tensor-parallel ones.
+Fix: none needed to train; read a stage's tensor-parallel collectives as about its share
+of the layers, times the microbatches.
 """,
 }
 

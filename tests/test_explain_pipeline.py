@@ -8,7 +8,10 @@ distinct storages it holds, FSDP2's padded shards included) must equal explain's
 for that rank's pipeline rank, and the bytes of the tensors each stage hands to its
 send ops (`get_fwd_send_ops`, `get_bwd_send_ops`: the hidden state and position ids
 forward, the hidden state's gradient backward) must equal explain's point-to-point
-figures for that stage — with 1F1B (one stage per rank) and interleaved 1F1B (two).
+figures for that stage, and the bytes FSDP2 all-gathers and reduce-scatters
+(`all_gather_single`'s output, `reduce_scatter_single`'s input) must equal explain's FSDP
+traffic for that pipeline rank's units — with 1F1B (one stage per rank) and interleaved
+1F1B (two).
 
 Schedules: the microbatches in flight are those torch's schedules keep (GPipe all of
 them, 1F1B pp − s on stage s, ZBV's V), and the bubble follows (pp − 1) / (v·m + pp − 1).
@@ -21,6 +24,7 @@ import json
 from typing import Any
 
 import pytest
+import torch
 
 from meshplan.cli.main import main
 from meshplan.planner.compile import compile_plan
@@ -72,6 +76,7 @@ def _compiled(schedule: str) -> Any:
 
 def _real_step(program_json: str, micro_batch: int) -> dict[str, Any]:
     """Two training steps through the schedule; the second one measured (see the docstring)."""
+    import torch.distributed as dist
     from torch.distributed.pipelining.stage import _PipelineStageBase
 
     from meshplan.planner.program import Program
@@ -93,7 +98,17 @@ def _real_step(program_json: str, micro_batch: int) -> dict[str, Any]:
     batches = iter(_data().loader(topology.dp_rank, topology.dp_size, micro_batch=micro_batch, seed=0))
     pipeline_train_step(applied, optimizer, next(batches), topology)
     sent: dict[int, list[int]] = {}
+    collectives = [0, 0]  # FSDP2's all-gather output and reduce-scatter input bytes
     originals = {name: getattr(_PipelineStageBase, name) for name in ("get_fwd_send_ops", "get_bwd_send_ops")}
+    gather, scatter = dist.all_gather_single, dist.reduce_scatter_single
+
+    def gathering(output: torch.Tensor, input: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        collectives[0] += output.numel() * output.element_size()
+        return gather(output, input, *args, **kwargs)
+
+    def scattering(output: torch.Tensor, input: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        collectives[1] += input.numel() * input.element_size()
+        return scatter(output, input, *args, **kwargs)
 
     def recording(name: str, slot: int) -> Any:
         def wrapper(self: Any, chunk: int) -> Any:
@@ -106,17 +121,19 @@ def _real_step(program_json: str, micro_batch: int) -> dict[str, Any]:
     try:
         _PipelineStageBase.get_fwd_send_ops = recording("get_fwd_send_ops", 0)  # type: ignore[method-assign]
         _PipelineStageBase.get_bwd_send_ops = recording("get_bwd_send_ops", 1)  # type: ignore[method-assign]
+        dist.all_gather_single, dist.reduce_scatter_single = gathering, scattering
         pipeline_backward(applied, next(batches), topology)
     finally:
         for name, fn in originals.items():
             setattr(_PipelineStageBase, name, fn)
+        dist.all_gather_single, dist.reduce_scatter_single = gather, scatter
     gradients = _storage_bytes(p.grad for p in model.parameters())
     params = [p for group in optimizer.param_groups for p in group["params"]]
     stages_norm(applied, grad_norm(params))  # a collective over pp, as the step runs it
     optimizer.step()
     pipe = applied.pipeline
     assert pipe is not None
-    return {"pp_rank": pipe.rank, "stages": list(pipe.indices), "sent": sent,
+    return {"pp_rank": pipe.rank, "stages": list(pipe.indices), "sent": sent, "fsdp": collectives,
             "parameters": _storage_bytes(model.parameters()), "gradients": gradients,
             "optimizer": _storage_bytes(v for state in optimizer.state.values() for k, v in state.items()
                                         if k != "step")}
@@ -141,6 +158,7 @@ def test_stage_figures_match_a_real_run(pool: RankPool, schedule: str) -> None:
         assert real["pp_rank"] == pp_rank and real["stages"] == list(held.stages), rank
         assert (real["parameters"], real["gradients"], real["optimizer"]) == \
             (held.parameters, held.gradients, held.optimizer), rank
+        assert real["fsdp"] == [held.fsdp_gathered, held.fsdp_reduced], rank
         assert {s: tuple(v) for s, v in real["sent"].items()} == \
             {s.index: (s.sends_forward, s.sends_backward) for s in stages}, rank
     # Each stage holds its share: the stages' parameters add up to the whole model's.
@@ -184,7 +202,7 @@ def test_golden_405b_pp4(capsys: pytest.CaptureFixture[str], monkeypatch: pytest
     out, err = capsys.readouterr()
     assert code == 0, err
     assert_golden("explain/llama_llama-3.1-405b_w16384_tp8_pp4.txt", out)
-    assert "W205" in err and "does not split the collectives by pipeline stage" in err
+    assert "W205" in err and "does not split the tensor-parallel collectives by pipeline stage" in err
     assert "pipeline stages not modelled" not in err
 
 

@@ -160,7 +160,7 @@ def test_explain_says_its_collectives_are_not_split_by_stage(tmp_path: object) -
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     codes = {d["code"]: d for d in json.loads(out.stdout)["diagnostics"]}
-    assert codes["W205"]["line"] == 5 and "does not split the collectives by pipeline stage" in codes["W205"]["message"]
+    assert codes["W205"]["line"] == 5 and "does not split the tensor-parallel collectives by pipeline stage" in codes["W205"]["message"]
 
 
 def test_emit_python_writes_a_pipelined_script(tmp_path: object) -> None:

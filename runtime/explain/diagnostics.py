@@ -12,9 +12,9 @@ step that causes it:
   `dp_replicate = 1`); on the first step issuing it.
 - W204 a rank class's estimated peak exceeds `--gpu-memory`; on the first `fully_shard`
   step (the line deciding how parameters, gradients and optimizer states are sharded).
-- W205 a pipelined Program: the collectives are those of a rank holding every stage and
-  one microbatch (memory, bubble and point-to-point traffic are per stage:
-  `runtime.explain.stages`); on the `pipeline` line.
+- W205 a pipelined Program: the communication table is that of a rank holding every
+  stage, for one microbatch (memory, bubble, FSDP and point-to-point traffic are per
+  stage: `runtime.explain.stages`); on the `pipeline` line.
 
 Errors: E601, a model that fails while the dry run applies or traces it
 (`runtime.explain.failure.TraceFailure`), on the step that touched the failing module,
@@ -210,10 +210,10 @@ def _pipeline_diagnostics(program: Program) -> list[PlanError]:
     return [PlanError(
         step.span, "W205",
         f"the communication table is for one rank holding all {len(step.stages)} stages and one microbatch: "
-        f"the dry run does not split the collectives by pipeline stage (TP/SP traffic repeats for each of the "
-        f"{step.microbatches} microbatches; FSDP's covers only a rank's own stages)",
-        "memory, the bubble and the point-to-point traffic per stage and pipeline rank are in the "
-        "`Pipeline stages` tables (`pipeline` in --json)", severity="warning")
+        f"the dry run does not split the tensor-parallel collectives by pipeline stage (they repeat for each of "
+        f"the {step.microbatches} microbatches, over the stage's layers)",
+        "memory, the bubble, FSDP's traffic and the point-to-point traffic per stage and pipeline rank are in "
+        "the `Pipeline stages` tables (`pipeline` in --json)", severity="warning")
         for step in program.steps_of(Pipeline) if program.mesh.size(step.mesh_dim) > 1]
 
 

@@ -29,6 +29,11 @@ accounted for here, from the step itself (`Pipeline.stages`, `.ranks`, `.embed`,
   (`memory.fsdp_buffers`) over the FSDP units restricted to the rank's stages (the root
   unit wraps each stage module); temporaries over the rank's blocks (and the head's on
   the last stage); the model's buffers (the rotary tables) on every stage.
+- **FSDP traffic**: `comm.fsdp_events` over the rank's units: under a pipeline a unit
+  that keeps its parameters after forward gathers them once per step (at its first
+  microbatch) and reduce-scatters once (torch's stages skip the gradient sync until the
+  last microbatch); a unit that reshards after forward gathers again per microbatch
+  (W105), which is not counted.
 - **point-to-point**: per step, each stage boundary between two pipeline ranks carries,
   per microbatch, the hidden state forward (its local tensor as the traced block input
   has it: micro-batch × seq / (cp, and tp under sequence parallelism) × hidden, in the
@@ -48,7 +53,7 @@ from typing import Any
 
 from meshplan.planner.program import Pipeline, Program
 
-from .comm import Unit
+from .comm import Unit, fsdp_events
 from .memory import BlockActivations, fsdp_buffers
 from .reduction import Reduction, inside
 from .shards import ParamShard, RankClass
@@ -101,6 +106,8 @@ class PipelineRank:
     fsdp_buffers: int
     temporaries: int
     sends: int  # point-to-point bytes per step, forward and backward
+    fsdp_gathered: int = 0  # FSDP all-gather bytes per step of the rank's units (`comm.fsdp_events`)
+    fsdp_reduced: int = 0  # FSDP reduce-scatter bytes per step
 
     @property
     def peak(self) -> int:
@@ -112,7 +119,8 @@ class PipelineRank:
                 "gradients_bytes": self.gradients, "optimizer_bytes": self.optimizer,
                 "buffers_bytes": self.buffers, "activations_bytes": self.activations,
                 "fsdp_buffers_bytes": self.fsdp_buffers, "temporaries_bytes": self.temporaries,
-                "peak_bytes": self.peak, "p2p_bytes": self.sends}
+                "peak_bytes": self.peak, "p2p_bytes": self.sends, "fsdp_all_gather_bytes": self.fsdp_gathered,
+                "fsdp_reduce_scatter_bytes": self.fsdp_reduced}
 
 
 @dataclass(frozen=True)
@@ -300,12 +308,16 @@ def pipeline_figures(program: Program, cls: RankClass, *, parameters: Sequence[s
                          *(traced.get(b.layer, empty).retained - b.kept for b in mine if b.mode)])
         temporaries = max([trace.outside if trace is not None and last else 0, *(b.saved for b in mine)])
         rank_units = _stage_units(units, step, held)
+        # Each of the rank's units once (a unit is a full-model one: no scaling by layers).
+        events = fsdp_events(program, rank_units, cls.shards, reduction, storage)
         rank_rows.append(PipelineRank(
             pp_rank=r, stages=tuple(held), parameters=sum(memory[s][0] for s in held),
             gradients=sum(memory[s][1] for s in held), optimizer=sum(memory[s][2] for s in held),
             buffers=buffer_bytes, activations=peak + max(extra, 0),
             fsdp_buffers=fsdp_buffers(rank_units, cls.shards, reduction, storage) if rank_units else 0,
-            temporaries=temporaries, sends=sum(stage_rows[s][1] + stage_rows[s][2] for s in held)))
+            temporaries=temporaries, sends=sum(stage_rows[s][1] + stage_rows[s][2] for s in held),
+            fsdp_gathered=sum(e.bytes for e in events if e.kind == "fsdp" and e.op == "all_gather"),
+            fsdp_reduced=sum(e.bytes for e in events if e.kind == "fsdp" and e.op == "reduce_scatter")))
     stages = tuple(StageFigures(
         index=s, pp_rank=where[s], layers=tuple(step.stages[s]), parameters=memory[s][0],
         gradients=memory[s][1], optimizer=memory[s][2], activations_per_microbatch=per_mb[s],
