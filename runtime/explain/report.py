@@ -92,6 +92,8 @@ class DimGroups:
     described: str = ""  # the pattern, for groups that are no product of dimensions (experts)
 
     def group_of(self, layout: MeshLayout, rank: int) -> tuple[int, ...]:
+        if self.described:
+            return _expert_group(layout, self.name, rank)
         coords = coordinates(layout, rank)
         base = dict(coords)
         ranks = []
@@ -111,6 +113,16 @@ class DimGroups:
         terms = [f"{stride}·{d}" if stride != 1 else d
                  for d, stride in zip(self.dims, self.strides, strict=True) if layout.size(d) > 1]
         return "r + " + " + ".join(terms) if terms else "r"
+
+
+def _expert_group(layout: MeshLayout, name: str, rank: int) -> tuple[int, ...]:
+    """The ranks of `rank`'s ep or efsdp group (`expert_groups`)."""
+    ep = layout.size("ep")
+    pool = math.prod(layout.size(d) for d in ("dp_shard", "cp", "tp"))
+    block, within = rank - rank % pool, rank % pool
+    if name == "ep":
+        return tuple(block + within - within % ep + j for j in range(ep))
+    return tuple(block + within % ep + ep * i for i in range(pool // ep))
 
 
 def mesh_groups(layout: MeshLayout, limit: int = 4) -> list[DimGroups]:
