@@ -1,11 +1,12 @@
 """Checkpoint and resume under pipeline parallelism, on 4 gloo ranks (pp 2 × dp_shard 2).
 
-Each pipeline rank holds only its stage's parameters, under their Hugging Face names, so
+Each pipeline rank holds only its stages' parameters, under their Hugging Face names, so
 a checkpoint is the union of the stages' shards. The runtime's loop trains an 8-layer
-tiny Llama (1F1B, 2 microbatches) 2 steps, checkpoints, and trains a third; a freshly
-built model resumes from that checkpoint and trains the third step again: the same loss
-and the same parameters on every rank, bit for bit. The checkpoint holds every
-parameter of the model once, under its own name, whichever stage held it.
+tiny Llama (1F1B, and interleaved 1F1B with two stages per rank; 2 microbatches) 2 steps,
+checkpoints, and trains a third; a freshly built model resumes from that checkpoint and
+trains the third step again: the same loss and the same parameters on every rank, bit
+for bit. The checkpoint holds every parameter of the model once, under its own name,
+whichever stage held it.
 """
 
 from __future__ import annotations
@@ -29,23 +30,30 @@ MICRO_BATCH = 2  # bins per data-parallel rank and step: the plan's 2 microbatch
 
 pool = rank_pool_fixture(WORLD, timeout=300.0)
 
-PLAN = """plan pp for LlamaForCausalLM
+def _plan(pipeline: str) -> str:
+    return f"""plan pp for LlamaForCausalLM
 
-mesh {
+mesh {{
   pp = 2
   dp_shard = 2
-}
+}}
 
-pipeline on pp {
-  schedule = 1f1b
-  microbatches = 2
-}
+pipeline on pp {{
+{pipeline}
+}}
 
-fully_shard on dp_shard {
-  unit model.layers.* { reshard_after_forward = false }
+fully_shard on dp_shard {{
+  unit model.layers.* {{ reshard_after_forward = false }}
   root
-}
+}}
 """
+
+
+PLANS = {
+    "1f1b": _plan("  schedule = 1f1b\n  microbatches = 2"),
+    # Two stages per rank: the optimizer and the checkpoint see both through one holder.
+    "interleaved": _plan("  schedule = interleaved_1f1b\n  microbatches = 2\n  virtual_stages = 2"),
+}
 
 
 def _source() -> Any:
@@ -110,11 +118,12 @@ def resume_case(program_json: str, root: str) -> dict[str, Any]:
             "held": sorted(straight), "resumed": sorted(resumed), "saved": saved}
 
 
-def test_a_pipelined_run_resumes_exactly(pool: RankPool, tmp_path: Path) -> None:
+@pytest.mark.parametrize("schedule", sorted(PLANS))
+def test_a_pipelined_run_resumes_exactly(pool: RankPool, tmp_path: Path, schedule: str) -> None:
     from meshplan.planner.compile import compile_plan
     from meshplan.planner.graph import build_graph
 
-    program = compile_plan(PLAN, build_graph(_source()), WORLD).program
+    program = compile_plan(PLANS[schedule], build_graph(_source()), WORLD).program
     assert program.steps[0].kind == "pipeline"
     results = pool.run(resume_case, program.to_json(), str(tmp_path / "checkpoints"))
     everything = sorted(n for n, _ in _source().named_parameters())
