@@ -14,7 +14,8 @@ and an uneven split.
 
 In one process: the script imports only torch and the standard library, names each
 schedule as torch's class the runtime uses, and gives each stage the steps the runtime
-applies to it.
+applies to it (also for the shipped `plans/llama.plan` at pp 2 with tp, cp and HSDP units
+that span both stages).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from typing import Any
 import pytest
 import torch
 
+from tests.conftest import ROOT
 from tests.distributed import RankPool, rank_pool_fixture
 
 WORLD = 4
@@ -73,6 +75,10 @@ PLANS = {
 }
 
 
+# The shipped Llama plan at pp 2 (compiled only: a world of 16).
+SHIPPED = "shipped-llama-pp2"
+
+
 def _config() -> Any:
     from meshplan.planner.models import resolve_model
 
@@ -89,6 +95,9 @@ def _program(layout: str) -> Any:
 
     with torch.device("meta"):
         meta = LlamaForCausalLM(_config())
+    if layout == SHIPPED:  # TP/SP, context parallel, AC, HSDP units spanning both stages
+        return compile_plan(ROOT / "plans" / "llama.plan", build_graph(meta), 16, ["tp=2", "mesh.pp=2",
+                                                                                  "mesh.cp=2"]).program
     return compile_plan(PLANS[layout], build_graph(meta), WORLD).program
 
 
@@ -209,7 +218,7 @@ def test_the_script_names_the_runtime_schedules() -> None:
         assert get_schedule_class(torch_name) is getattr(pipelining, SCHEDULES[name]), name
 
 
-@pytest.mark.parametrize("layout", sorted(PLANS))
+@pytest.mark.parametrize("layout", [*sorted(PLANS), SHIPPED])
 def test_each_stage_gets_the_steps_the_runtime_applies_to_it(layout: str) -> None:
     from meshplan.planner.emit import stage_holds, stage_program
     from meshplan.planner.program import Parallelize, Pipeline
@@ -233,7 +242,7 @@ def test_each_stage_gets_the_steps_the_runtime_applies_to_it(layout: str) -> Non
         assert len(mine) > 1
 
 
-@pytest.mark.parametrize("layout", sorted(PLANS))
+@pytest.mark.parametrize("layout", sorted(PLANS))  # (context parallelism imports meshplan's attention)
 def test_the_script_imports_only_torch_and_the_standard_library(layout: str) -> None:
     script = _script(layout)
     roots = set()
