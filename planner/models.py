@@ -467,6 +467,14 @@ def reduced_config(config: Any, layers: Sequence[int]) -> Any:
         value = getattr(config, attr, None)
         if isinstance(value, (list, tuple)) and len(value) == n:
             setattr(out, attr, type(value)(value[i] for i in layers))
+    # Where the kind of a layer follows from its index (DeepSeek-V3's first dense layers,
+    # Qwen-MoE's dense `mlp_only_layers`), the index is the kept layer's position now.
+    first_dense = getattr(config, "first_k_dense_replace", None)
+    if isinstance(first_dense, int) and list(layers) == sorted(layers):
+        out.first_k_dense_replace = sum(1 for i in layers if i < first_dense)
+    dense_only = getattr(config, "mlp_only_layers", None)
+    if isinstance(dense_only, (list, tuple)):
+        out.mlp_only_layers = [j for j, i in enumerate(layers) if i in dense_only]
     out.num_hidden_layers = len(layers)
     return out
 

@@ -201,3 +201,24 @@ def test_the_report_shows_the_experts() -> None:
     assert data["balanced"]["bytes"] == balanced.bytes and data["worst"]["bytes"] == figures.total("worst").bytes
     text = "\n".join(_expert_lines(ex, figures))
     assert "2 of 4 experts" in text and "worst" in text
+
+
+def test_deepseek_v3_at_512_ranks() -> None:
+    """The shipped DeepSeek-V3 plan explains at 512 ranks: the reduced model keeps a dense
+    and a MoE layer (its first three dense layers counted in the kept ones' positions),
+    FSDP units inside checkpointed blocks apply one step at a time, and the classes of
+    ranks — its 32 experts per rank over an efsdp of 64 leave half the ranks none —
+    cover the 512 ranks once."""
+    from meshplan.planner.models import reduced_config, resolve_model
+
+    from .conftest import ROOT
+
+    assert reduced_config(resolve_model("deepseek-v3").config, [0, 3]).first_k_dense_replace == 1
+    compiled = compile_plan((ROOT / "plans" / "deepseek_v3.plan").read_text(encoding="utf-8"), "deepseek-v3", 512)
+    ex = explain(compiled, seq_len=4096, trace=False)
+    assert ex.reduction.kept == (0, 3)
+    assert sum(c.count for c in ex.classes) == 512
+    figures = ex.experts
+    assert figures is not None and (figures.local_experts, figures.layers, figures.efsdp) == (32, 58, 64)
+    shapes = {c.shards["model.layers.3.mlp.experts.gate_up_proj"].local_shape[0] for c in ex.classes}
+    assert shapes == {0, 1}

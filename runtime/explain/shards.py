@@ -322,6 +322,8 @@ def rank_classes(layout: MeshLayout, shards: dict[str, ParamShard],
     if not odd:
         return [(0, world, coordinates(layout, 0))]
     dims = list(dict.fromkeys(d for s in odd for d in s.mesh_dims))
+    if {"ep", "efsdp"} & set(dims):
+        return _pool_classes(layout, odd, limit)
     # Classes per dimension: coordinates along it (others 0) giving the same shapes.
     per_dim: list[list[tuple[int, int]]] = []
     for d in dims:
@@ -348,6 +350,21 @@ def rank_classes(layout: MeshLayout, shards: dict[str, ParamShard],
         out.append((rank, count, coordinates(layout, rank)))
     out.sort(key=lambda t: t[0])
     return out[:limit]
+
+
+def _pool_classes(layout: MeshLayout, odd: list[ParamShard], limit: int) -> list[tuple[int, int, dict[str, int]]]:
+    """`rank_classes` when uneven shards lie on the expert mesh, whose coordinates (ep,
+    efsdp) are no product of the mesh's: the ranks of one pool (dp_shard × cp × tp) each,
+    every pool alike (nothing is sharded over dp_replicate)."""
+    pool = math.prod(layout.size(d) for d in ("dp_shard", "cp", "tp"))
+    merged: dict[tuple[Any, ...], list[Any]] = {}
+    for rank in range(pool):
+        coords = coordinates(layout, rank)
+        key = tuple(_local_shape(s, [mesh_size(layout, x) for x in s.mesh_dims],
+                                 [coords.get(x, 0) for x in s.mesh_dims]) for s in odd)
+        entry = merged.setdefault(key, [rank, 0, coords])
+        entry[1] += layout.world_size // pool
+    return [(rank, count, coords) for rank, count, coords in merged.values()][:limit]
 
 
 def _rank_from_mesh_coords(layout: MeshLayout, flat: dict[str, int]) -> int:
