@@ -354,17 +354,32 @@ def rank_classes(layout: MeshLayout, shards: dict[str, ParamShard],
 
 def _pool_classes(layout: MeshLayout, odd: list[ParamShard], limit: int) -> list[tuple[int, int, dict[str, int]]]:
     """`rank_classes` when uneven shards lie on the expert mesh, whose coordinates (ep,
-    efsdp) are no product of the mesh's: the ranks of one pool (dp_shard × cp × tp) each,
-    every pool alike (nothing is sharded over dp_replicate)."""
+    efsdp) are no product of the mesh's: the ranks of one pool (dp_shard × cp × tp), by
+    their distinct coordinates along the dimensions the uneven shards use; every pool
+    alike (nothing is sharded over dp_replicate)."""
+    import numpy as np
+
     pool = math.prod(layout.size(d) for d in ("dp_shard", "cp", "tp"))
-    merged: dict[tuple[Any, ...], list[Any]] = {}
-    for rank in range(pool):
-        coords = coordinates(layout, rank)
+    ep = max(1, layout.size("ep"))
+    ranks = np.arange(pool)
+    coords: dict[str, Any] = {"ep": ranks % ep, "efsdp": ranks // ep}
+    rest = ranks.copy()
+    for d in ("tp", "cp", "dp_shard"):  # row-major, tp innermost
+        coords[d] = rest % layout.size(d)
+        rest //= layout.size(d)
+    dims = list(dict.fromkeys(d for s in odd for d in s.mesh_dims))
+    table = np.stack([coords.get(d, np.zeros(pool, dtype=np.int64)) for d in dims], axis=1)
+    rows, first, counts = np.unique(table, axis=0, return_index=True, return_counts=True)
+    merged: dict[tuple[Any, ...], list[int]] = {}
+    for row, rank, count in zip(rows.tolist(), first.tolist(), counts.tolist(), strict=True):
+        at = dict(zip(dims, row, strict=True))
         key = tuple(_local_shape(s, [mesh_size(layout, x) for x in s.mesh_dims],
-                                 [coords.get(x, 0) for x in s.mesh_dims]) for s in odd)
-        entry = merged.setdefault(key, [rank, 0, coords])
-        entry[1] += layout.world_size // pool
-    return [(rank, count, coords) for rank, count, coords in merged.values()][:limit]
+                                 [at[x] for x in s.mesh_dims]) for s in odd)
+        entry = merged.setdefault(key, [rank, 0])
+        entry[0] = min(entry[0], rank)
+        entry[1] += count * (layout.world_size // pool)
+    out = sorted((rank, count, coordinates(layout, rank)) for rank, count in merged.values())
+    return out[:limit]
 
 
 def _rank_from_mesh_coords(layout: MeshLayout, flat: dict[str, int]) -> int:

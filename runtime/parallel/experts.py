@@ -89,7 +89,10 @@ def expert_mesh(mesh: DeviceMesh, ep: int) -> DeviceMesh:
     # The Program's mesh lists its dimensions in canonical order (pp, dp_replicate,
     # dp_shard, cp, tp), so a row-major reshape keeps tp innermost inside the pool.
     layout = ranks.reshape(replicate, pool // ep, ep)
-    return DeviceMesh(mesh.device_type, layout, mesh_dim_names=EXPERT_MESH_DIMS)
+    from .mesh import mesh_over
+
+    # The dry run's mesh holds only its rank's groups: so does its expert mesh.
+    return mesh_over(mesh, layout, EXPERT_MESH_DIMS)
 
 
 @dataclass
@@ -119,10 +122,15 @@ def _replica_groups(em: DeviceMesh, mesh: DeviceMesh, replicated: Sequence[str])
     if ep % d or size % d:
         raise ExpertParallelError(f"ep = {ep} and the token replicas ({' × '.join(replicated)} = {size}) "
                                   "must divide one another")
+    from .mesh import rank_only
+
     flat = em.mesh.reshape(-1, d)
     mine = None
     me = dist.get_rank()
-    for row in flat.tolist():  # every rank creates every group, in the same order
+    rows = flat.tolist()
+    if rank_only(mesh):  # the dry run: no other rank exists to create the others
+        rows = [row for row in rows if me in row]
+    for row in rows:  # every rank creates every group, in the same order
         group = dist.new_group(row)
         if me in row:
             mine = group, row.index(me)

@@ -75,7 +75,29 @@ def build_rank_mesh(layout: MeshLayout, device_type: str = "cpu") -> DeviceMesh:
                           _root_mesh=mesh, _init_backend=False)
         flat._dim_group_names = [_own_group(mesh, flat_layout[0], name, rank)]
         mesh._flatten_mapping[name] = flat
+    mesh.__dict__[_RANK_ONLY] = True
     return mesh
+
+
+_RANK_ONLY = "_meshplan_rank_only"  # marks a `build_rank_mesh` mesh (kept on the mesh itself)
+
+
+def rank_only(mesh: DeviceMesh) -> bool:
+    """Was `mesh` built by `build_rank_mesh` (only this rank's process groups exist)?"""
+    return bool(mesh._get_root_mesh().__dict__.get(_RANK_ONLY, False))
+
+
+def mesh_over(mesh: DeviceMesh, ranks: torch.Tensor, names: tuple[str, ...]) -> DeviceMesh:
+    """A DeviceMesh over `ranks` (the same ranks as `mesh`, laid out otherwise), with
+    every group of ranks as `DeviceMesh` makes them — or, when `mesh` was built for this
+    rank alone (`build_rank_mesh`), with only the groups this rank is in."""
+    if not rank_only(mesh):
+        return DeviceMesh(mesh.device_type, ranks, mesh_dim_names=names)
+    own = DeviceMesh(mesh.device_type, ranks, mesh_dim_names=names, _init_backend=False)
+    rank = dist.get_rank()
+    own._dim_group_names = [_own_group(own, own._layout[i], names[i], rank) for i in range(len(names))]
+    own.__dict__[_RANK_ONLY] = True
+    return own
 
 
 def _own_group(mesh: DeviceMesh, axis: object, name: str, rank: int) -> GroupName:
