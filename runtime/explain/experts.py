@@ -208,10 +208,13 @@ class ExpertFigures:
     memory: ExpertMemory
     exchanges: tuple[ExpertExchange, ...]
 
-    def total(self, which: str) -> Traffic:
+    def total(self, which: str, replicas: bool | None = None) -> Traffic:
+        """One step's exchanges (`balanced` or `worst`): all of them, or only the token
+        replicas' gathers (`replicas=True`), or all but those (False)."""
         out = NOTHING
         for x in self.exchanges:
-            out = out + (x.balanced if which == "balanced" else x.worst).times(x.per_step)
+            if replicas is None or replicas == x.what.startswith("replicas"):
+                out = out + (x.balanced if which == "balanced" else x.worst).times(x.per_step)
         return out
 
     def events(self, layers: dict[int | None, int]) -> list[CommEvent]:
