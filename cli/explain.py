@@ -580,8 +580,10 @@ def _expert_lines(ex: Explanation, figures: Any) -> list[str]:
              "of the memory table",
              f"routes {f.routed} of its {f.tokens} tokens × top-{f.top_k} = {f.routed * f.top_k} rows of the MoE "
              f"input per layer{replicas}",
-             f"{how} per step: balanced {human_bytes(balanced.bytes)} handed to the collectives, "
-             f"{human_bytes(balanced.sent)} sent to other ranks"]
+             f"per step: balanced {human_bytes(balanced.bytes)} handed to the collectives, "
+             f"{human_bytes(balanced.sent)} sent to other ranks"
+             + (f" ({how} {human_bytes(f.total('balanced', replicas=False).bytes)}, token-replica gathers "
+                f"{human_bytes(f.total('balanced', replicas=True).bytes)})" if f.replicas > 1 else f" ({how})")]
     if f.dispatch == "alltoall":
         lines.append(f"  worst case {human_bytes(worst.bytes)} handed, {human_bytes(worst.sent)} sent, "
                      f"{human_bytes(worst.received)} received ({worst.bytes / max(balanced.bytes, 1):.1f}× the "
