@@ -212,7 +212,7 @@ def _render(ex: Explanation, term: Terminal, rank: int | None) -> None:
     if ex.blocks:
         _section(term, _blocks_title(ex))
         _print(term, _rich_table(_BLOCK_HEAD, _block_rows(ex)))
-    _section(term, "Communication per rank and training step")
+    _section(term, _comm_title(ex))
     _print(term, _rich_table(_COMM_HEAD, _comm_rows(ex)))
     term.print(f"  {_comm_total(ex)}")
     if ex.experts is not None:
@@ -415,6 +415,9 @@ def _rank_section(ex: Explanation, term: Terminal, rank: int) -> None:
         term.print(f"  {_rank_stages_line(pipe, pp_rank, rank)}")
         _print(term, _rich_table(_STAGE_HEAD, _stage_rows(stages, len(pipe.stages)), right_from=3))
         _print(term, _rich_table(_pp_rank_head([pp_rank], rank), _pp_rank_rows(ex, pipe, [pp_rank]), right_from=1))
+        term.print(f"  communication of {pipe.mesh_dim} rank {pp_rank} per training step (its stages, every "
+                   "microbatch)")
+        _print(term, _rich_table(_COMM_HEAD, _comm_rows(ex, pipe.ranks[pp_rank].collectives)))
     figures = ex.experts_of(rank)
     if figures is not None:
         _experts_section(ex, term, figures)
@@ -507,6 +510,10 @@ def _pp_rank_rows(ex: Explanation, pipe: Any, pp_ranks: list[int]) -> list[Row]:
     rows.append((["p2p sent per step", *[human_bytes(h.sends) for h in held]], None))
     rows.append((["FSDP all-gather per step", *[human_bytes(h.fsdp_gathered) for h in held]], None))
     rows.append((["FSDP reduce-scatter per step", *[human_bytes(h.fsdp_reduced) for h in held]], None))
+    rows.append((["collectives per step", *[human_bytes(sum(r.bytes for r in h.collectives)) for h in held]],
+                 None))
+    rows.append((["  sent (ring)", *[human_bytes(sum(r.wire_bytes for r in h.collectives)) for h in held]],
+                 "dim"))
     return rows
 
 
@@ -773,13 +780,21 @@ def _block_rows(ex: Explanation) -> list[Row]:
 _COMM_HEAD = ["dimension", "source", "collective", "group", "count", "fwd/bwd", "bytes", "sent (ring)"]
 
 
-def _comm_rows(ex: Explanation) -> list[Row]:
+def _comm_rows(ex: Explanation, rows: Any = None) -> list[Row]:
+    """The communication table's rows: the Explanation's, or `rows` (a pipeline rank's)."""
     from meshplan.runtime.explain.comm import KIND_LABELS
     from meshplan.runtime.explain.sizes import human_bytes
 
     return [([r.dim, KIND_LABELS.get(r.kind, r.kind), r.op.replace("_", "-"), str(r.group_size), str(r.count),
               f"{r.forward}/{r.backward}", human_bytes(r.bytes), human_bytes(r.wire_bytes)], None)
-            for r in ex.comm]
+            for r in (ex.comm if rows is None else rows)]
+
+
+def _comm_title(ex: Explanation) -> str:
+    if ex.pipeline is None:
+        return "Communication per rank and training step"
+    return ("Communication per rank and training step (as if one rank held every pipeline stage, for one "
+            "microbatch: each pipeline rank's is under `--rank R`, its totals in the pipeline table)")
 
 
 def _comm_total(ex: Explanation) -> str:
@@ -981,7 +996,7 @@ def html_page(ex: Explanation, *, rank: int | None = None) -> str:
                   para(*_variant_notes(ex))]
     if ex.blocks:
         parts += [f"<h2>{_x(_blocks_title(ex))}</h2>\n", table(_BLOCK_HEAD, _block_rows(ex))]
-    parts += ["<h2>Communication per rank and training step</h2>\n", table(_COMM_HEAD, _comm_rows(ex)),
+    parts += ["<h2>" + _x(_comm_title(ex)) + "</h2>\n", table(_COMM_HEAD, _comm_rows(ex)),
               para(_comm_total(ex)), para(f"attention: {_attention(ex.attention)}")]
     if ex.experts is not None:
         parts += [f"<h2>{_x(_experts_title(ex.experts))}</h2>\n", para(*_expert_lines(ex, ex.experts)),

@@ -110,7 +110,7 @@ CATALOGUE: dict[str, str] = {
     "W202": "idle ranks",
     "W203": "collective over a dimension of size 1",
     "W204": "estimated memory exceeds --gpu-memory",
-    "W205": "tensor-parallel collectives not split by pipeline stage",
+    "W205": "pipeline figures not modelled by the dry run",
 }
 
 

@@ -687,18 +687,22 @@ Fix: shard over more ranks, checkpoint more blocks, lower `--micro-batch`, store
 parameters in bf16 (`--param-dtype bf16`), or split the sequence.
 """,
     "W205": """\
-`plan explain` accounts for a pipeline per stage — each stage's and each pipeline rank's
+`plan explain` accounts for a pipeline per stage and per pipeline rank (the `Pipeline
+stages` tables; `pipeline` in `--json`; `--rank R` shows R's stages and communication):
 parameters, gradients, optimizer states, activations with the microbatches the schedule
-keeps in flight, FSDP buffers and FSDP traffic, the bubble and the point-to-point traffic
-at every stage boundary (the `Pipeline stages` tables; `pipeline` in `--json`; `--rank R`
-shows R's stages) — but its communication table is still that of one rank holding every
-stage, for one microbatch: the tensor/sequence-parallel collectives of a stage repeat for
-every microbatch over its own layers only.
+keeps in flight, FSDP buffers and traffic, tensor-parallel collectives over the stage's
+layers and microbatches, the bubble and the point-to-point bytes at each boundary. This
+warning names what those figures still leave out, when the plan has it:
 
-Example: `mesh { pp = 4 ... }` with a `pipeline on pp { ... }` section.
+- the zero-bubble schedules (`interleaved_zero_bubble`, `zbv`) run each microbatch's
+  weight gradients after its input gradients; the inputs of those matmuls stay alive
+  until then, longer than the activations counted (freed at the input gradients);
+- context-parallel traffic is that of a rank holding every stage, for one microbatch.
 
-Fix: none needed to train; read a stage's tensor-parallel collectives as about its share
-of the layers, times the microbatches.
+Example: `pipeline on pp { schedule = zbv  virtual_stages = 2 ... }`.
+
+Fix: none needed to train; read the activations as a lower bound, and a stage's
+context-parallel traffic as its share of the layers times the microbatches.
 """,
 }
 

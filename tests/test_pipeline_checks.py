@@ -147,20 +147,20 @@ def test_interleaved_schedules_take_any_stage_and_microbatch_count(eight: ModelG
     assert three.microbatches == 3 and three.ranks == ((0, 2), (1, 3))
 
 
-def test_explain_says_its_collectives_are_not_split_by_stage(tmp_path: object) -> None:
+def test_explain_names_the_pipeline_figures_it_leaves_out(tmp_path: object) -> None:
     import json
     import subprocess
     import sys
     from pathlib import Path
 
     plan = Path(str(tmp_path)) / "pp.plan"
-    plan.write_text(_plan("  schedule = 1f1b\n  microbatches = 2"), encoding="utf-8")
+    plan.write_text(_plan("  schedule = interleaved_zero_bubble\n  microbatches = 2"), encoding="utf-8")
     out = subprocess.run([sys.executable, "-m", "meshplan.cli.main", "explain", str(plan), "--model",
                           "tiny-llama", "--world-size", "2", "--seq-len", "32", "--json"],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     codes = {d["code"]: d for d in json.loads(out.stdout)["diagnostics"]}
-    assert codes["W205"]["line"] == 5 and "does not split the tensor-parallel collectives by pipeline stage" in codes["W205"]["message"]
+    assert codes["W205"]["line"] == 5 and "defers each microbatch's weight gradients" in codes["W205"]["message"]
 
 
 def test_emit_python_writes_a_pipelined_script(tmp_path: object) -> None:

@@ -88,6 +88,9 @@ class CommEvent:
     bytes: int  # the unsharded tensor (see the module docstring)
     phase: str  # forward | backward
     layer: int | None = None  # the kept block it happened in (None: outside the blocks)
+    # The innermost module running when it was issued (a model-relative name, "" outside
+    # every module): places the collectives outside the blocks on a pipeline stage.
+    module: str = ""
 
     @property
     def wire_bytes(self) -> int:
@@ -228,9 +231,10 @@ class CommCounter(TorchDispatchMode):
                 payload *= size
             # Outside every module: the loss (vocabulary-parallel cross-entropy).
             kind = "loss" if self.tracker.parents == {"Global"} else "tp"
+            inner = max(self.tracker.parents - {"Global"}, key=len, default="")
             self.events.append(CommEvent(kind=kind, op=op, dim=dim, group_size=size, bytes=payload,
                                          phase="backward" if self.tracker.is_bw else "forward",
-                                         layer=self.current))
+                                         layer=self.current, module=inner.partition(".")[2]))
         return out
 
     def grad_reductions(self, model: nn.Module) -> None:
@@ -253,7 +257,7 @@ class CommCounter(TorchDispatchMode):
                     size = mesh_names.get(dim, (dim, grad.device_mesh.size()))[1]
                     self.events.append(CommEvent(kind="grad", op="all_reduce", dim=dim, group_size=size,
                                                  bytes=_nbytes(grad._local_tensor), phase="backward",
-                                                 layer=layer))
+                                                 layer=layer, module=fqn.rpartition(".")[0]))
 
 
 # --------------------------------------------------------------------------- FSDP

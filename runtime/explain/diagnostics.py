@@ -12,9 +12,9 @@ step that causes it:
   `dp_replicate = 1`); on the first step issuing it.
 - W204 a rank class's estimated peak exceeds `--gpu-memory`; on the first `fully_shard`
   step (the line deciding how parameters, gradients and optimizer states are sharded).
-- W205 a pipelined Program: the communication table is that of a rank holding every
-  stage, for one microbatch (memory, bubble, FSDP and point-to-point traffic are per
-  stage: `runtime.explain.stages`); on the `pipeline` line.
+- W205 what the per-stage pipeline figures (`runtime.explain.stages`) leave out: the
+  weight gradients zero-bubble schedules defer (their inputs outlive the activations
+  counted), context-parallel traffic (not split by stage); on the `pipeline` line.
 
 Errors: E601, a model that fails while the dry run applies or traces it
 (`runtime.explain.failure.TraceFailure`), on the step that touched the failing module,
@@ -205,16 +205,27 @@ def _memory_diagnostics(program: Program, memory: list[Memory], budget: int | No
 
 
 def _pipeline_diagnostics(program: Program) -> list[PlanError]:
+    """W205 for what the per-stage figures (`runtime.explain.stages`) leave out."""
     from meshplan.planner.program import Pipeline
 
-    return [PlanError(
-        step.span, "W205",
-        f"the communication table is for one rank holding all {len(step.stages)} stages and one microbatch: "
-        f"the dry run does not split the tensor-parallel collectives by pipeline stage (they repeat for each of "
-        f"the {step.microbatches} microbatches, over the stage's layers)",
-        "memory, the bubble, FSDP's traffic and the point-to-point traffic per stage and pipeline rank are in "
-        "the `Pipeline stages` tables (`pipeline` in --json)", severity="warning")
-        for step in program.steps_of(Pipeline) if program.mesh.size(step.mesh_dim) > 1]
+    out = []
+    cp = [s for s in program.steps_of(ContextParallel) if program.mesh.size(s.mesh_dim) > 1]
+    for step in program.steps_of(Pipeline):
+        if program.mesh.size(step.mesh_dim) <= 1:
+            continue
+        missing, hints = [], []
+        if step.schedule in ("interleaved_zero_bubble", "zbv"):
+            missing.append(f"{step.schedule} defers each microbatch's weight gradients, whose inputs stay alive "
+                           "longer than the activations counted (freed at the input gradients)")
+            hints.append("read the stages' activations as a lower bound")
+        if cp:
+            missing.append("the context-parallel traffic is that of a rank holding every stage, for one microbatch "
+                           "(not split by stage)")
+            hints.append("scale it by a stage's share of the layers and by the microbatches")
+        if missing:
+            out.append(PlanError(step.span, "W205", "pipeline figures not modelled by the dry run: "
+                                 + "; ".join(missing), "; ".join(hints), severity="warning"))
+    return out
 
 
 def findings(program: Program, classes: list[RankClass], reduction: Reduction, units: list[Unit],

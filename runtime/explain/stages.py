@@ -34,6 +34,12 @@ accounted for here, from the step itself (`Pipeline.stages`, `.ranks`, `.embed`,
   microbatch) and reduce-scatters once (torch's stages skip the gradient sync until the
   last microbatch); a unit that reshards after forward gathers again per microbatch
   (W105), which is not counted.
+- **collectives**: per pipeline rank and step, its FSDP units' (above) and the traced
+  tensor-parallel ones of its stages: those of one microbatch's forward and backward,
+  times the microbatches, a block's once per layer of the rank's stages, those outside
+  the blocks on the first stage when they come before the blocks' forward or after
+  their backward (the embedding's), else on the last (norm, head, loss), the all-reduce of gradients left partial once. Context-parallel traffic
+  is not split by stage (W205).
 - **point-to-point**: per step, each stage boundary between two pipeline ranks carries,
   per microbatch, the hidden state forward (its local tensor as the traced block input
   has it: micro-batch × seq / (cp, and tp under sequence parallelism) × hidden, in the
@@ -53,7 +59,7 @@ from typing import Any
 
 from meshplan.planner.program import Pipeline, Program
 
-from .comm import Unit, fsdp_events
+from .comm import CommEvent, CommRow, Unit, fsdp_events
 from .memory import BlockActivations, fsdp_buffers
 from .reduction import Reduction, inside
 from .shards import ParamShard, RankClass
@@ -108,6 +114,7 @@ class PipelineRank:
     sends: int  # point-to-point bytes per step, forward and backward
     fsdp_gathered: int = 0  # FSDP all-gather bytes per step of the rank's units (`comm.fsdp_events`)
     fsdp_reduced: int = 0  # FSDP reduce-scatter bytes per step
+    collectives: tuple[CommRow, ...] = ()  # per step: the rank's FSDP units, its stages' TP/SP × microbatches
 
     @property
     def peak(self) -> int:
@@ -120,7 +127,10 @@ class PipelineRank:
                 "buffers_bytes": self.buffers, "activations_bytes": self.activations,
                 "fsdp_buffers_bytes": self.fsdp_buffers, "temporaries_bytes": self.temporaries,
                 "peak_bytes": self.peak, "p2p_bytes": self.sends, "fsdp_all_gather_bytes": self.fsdp_gathered,
-                "fsdp_reduce_scatter_bytes": self.fsdp_reduced}
+                "fsdp_reduce_scatter_bytes": self.fsdp_reduced,
+                "communication": [{"dim": r.dim, "source": r.kind, "op": r.op, "group_size": r.group_size,
+                                   "count": r.count, "bytes": r.bytes, "wire_bytes": r.wire_bytes,
+                                   "forward": r.forward, "backward": r.backward} for r in self.collectives]}
 
 
 @dataclass(frozen=True)
@@ -254,6 +264,57 @@ def _stage_units(units: list[Unit], step: Pipeline, stages: Sequence[int]) -> li
     return out
 
 
+def _collectives(step: Pipeline, reduction: Reduction, held: Sequence[int], fsdp: Sequence[CommEvent],
+                 traced: Sequence[CommEvent]) -> tuple[CommRow, ...]:
+    """One pipeline rank's collectives per step: its FSDP units' once; the traced ones of its
+    stages (one microbatch's forward and backward) once per microbatch, a block's once per
+    layer of the rank's stages it stands for, those outside the blocks on the stage of the
+    module issuing them (by their order: see below); the all-reduce of gradients left partial
+    once per step (the gradients of every microbatch are summed first)."""
+    layers = {i for s in held for i in step.stages[s]}
+    rows: dict[tuple[str, str, str], list[int]] = {}
+
+    def add(e: CommEvent, times: int) -> None:
+        if times <= 0:
+            return
+        row = rows.setdefault((e.dim, e.kind, e.op), [e.group_size, 0, 0, 0, 0, 0])
+        row[1] += times
+        row[2] += times * e.bytes
+        row[3] += times * e.wire_bytes
+        row[4 if e.phase == "forward" else 5] += times
+
+    for e in fsdp:
+        add(e, 1)
+    # A collective outside the blocks belongs to the first stage when it comes before the
+    # first block's forward or after the last block's backward (the embedding's), else
+    # to the last (norm, head, loss). By order, not by module: a tensor-parallel output
+    # hook runs after its module has left, and module trackers keep stale entries in
+    # backward.
+    in_blocks = [i for i, e in enumerate(traced) if e.layer is not None and e.kind != "grad"]
+    forward_blocks = [i for i in in_blocks if traced[i].phase == "forward"]
+    backward_blocks = [i for i in in_blocks if traced[i].phase == "backward"]
+    first, last = 0, len(step.stages) - 1
+    for i, e in enumerate(traced):
+        if e.layer is not None:
+            n = (sum(1 for j in layers if reduction.represents[j] == e.layer) if reduction.reduced
+                 else int(e.layer in layers))
+        else:
+            if e.kind == "loss":
+                stage = last
+            elif e.kind == "grad":  # after the backward, named by its parameter's module
+                stage = stage_of(step, e.module)
+            elif e.phase == "forward":
+                stage = first if not forward_blocks or i < forward_blocks[0] else last
+            else:
+                stage = first if not backward_blocks or i > backward_blocks[-1] else last
+            n = int(stage in held)
+        add(e, n * (1 if e.kind == "grad" else step.microbatches))
+    order = {k: i for i, k in enumerate(("fsdp", "hsdp", "tp", "loss", "grad", "cp"))}
+    out = [CommRow(dim=d, kind=k, op=o, group_size=v[0], count=v[1], bytes=v[2], wire_bytes=v[3], forward=v[4],
+                   backward=v[5]) for (d, k, o), v in rows.items()]
+    return tuple(sorted(out, key=lambda r: (order.get(r.kind, 99), r.dim, r.op)))
+
+
 def pipeline_figures(program: Program, cls: RankClass, *, parameters: Sequence[str], reduction: Reduction,
                      units: list[Unit], trace: StepTrace | None, blocks: list[BlockActivations],
                      storage: str, buffer_bytes: int, micro_batch: int) -> PipelineFigures | None:
@@ -317,7 +378,8 @@ def pipeline_figures(program: Program, cls: RankClass, *, parameters: Sequence[s
             fsdp_buffers=fsdp_buffers(rank_units, cls.shards, reduction, storage) if rank_units else 0,
             temporaries=temporaries, sends=sum(stage_rows[s][1] + stage_rows[s][2] for s in held),
             fsdp_gathered=sum(e.bytes for e in events if e.kind == "fsdp" and e.op == "all_gather"),
-            fsdp_reduced=sum(e.bytes for e in events if e.kind == "fsdp" and e.op == "reduce_scatter")))
+            fsdp_reduced=sum(e.bytes for e in events if e.kind == "fsdp" and e.op == "reduce_scatter"),
+            collectives=_collectives(step, reduction, held, events, trace.events if trace is not None else ())))
     stages = tuple(StageFigures(
         index=s, pp_rank=where[s], layers=tuple(step.stages[s]), parameters=memory[s][0],
         gradients=memory[s][1], optimizer=memory[s][2], activations_per_microbatch=per_mb[s],
