@@ -88,8 +88,8 @@ class CommEvent:
     bytes: int  # the unsharded tensor (see the module docstring)
     phase: str  # forward | backward
     layer: int | None = None  # the kept block it happened in (None: outside the blocks)
-    # The innermost module running when it was issued (a model-relative name, "" outside
-    # every module): places the collectives outside the blocks on a pipeline stage.
+    # The module whose parameter's gradient it reduces ("grad"; else ""): places the
+    # reductions outside the blocks on a pipeline stage (`runtime.explain.stages`).
     module: str = ""
 
     @property
@@ -231,10 +231,9 @@ class CommCounter(TorchDispatchMode):
                 payload *= size
             # Outside every module: the loss (vocabulary-parallel cross-entropy).
             kind = "loss" if self.tracker.parents == {"Global"} else "tp"
-            inner = max(self.tracker.parents - {"Global"}, key=len, default="")
             self.events.append(CommEvent(kind=kind, op=op, dim=dim, group_size=size, bytes=payload,
                                          phase="backward" if self.tracker.is_bw else "forward",
-                                         layer=self.current, module=inner.partition(".")[2]))
+                                         layer=self.current))
         return out
 
     def grad_reductions(self, model: nn.Module) -> None:

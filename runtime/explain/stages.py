@@ -268,8 +268,8 @@ def _collectives(step: Pipeline, reduction: Reduction, held: Sequence[int], fsdp
                  traced: Sequence[CommEvent]) -> tuple[CommRow, ...]:
     """One pipeline rank's collectives per step: its FSDP units' once; the traced ones of its
     stages (one microbatch's forward and backward) once per microbatch, a block's once per
-    layer of the rank's stages it stands for, those outside the blocks on the stage of the
-    module issuing them (by their order: see below); the all-reduce of gradients left partial
+    layer of the rank's stages it stands for, those outside the blocks on the first or the
+    last stage by their order (see below); the all-reduce of gradients left partial
     once per step (the gradients of every microbatch are summed first)."""
     layers = {i for s in held for i in step.stages[s]}
     rows: dict[tuple[str, str, str], list[int]] = {}
