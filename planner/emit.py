@@ -18,9 +18,10 @@ schedule.
 Styles are written from the style registry (`meshplan.dsl.styles`): each style call
 becomes its record's constructor call, the very record `runtime.parallel.registry`
 builds from, and the torch classes it names are imported. The styles torch lacks, and
-the re-tying of tied parameters after each step, are inlined from
-`planner.emitted_styles`: checked-in copies of the bodies of `runtime/parallel/styles.py`
-and `runtime/parallel/ties.py` (which import only torch), tested equal to them. Nothing is
+the re-tying of tied parameters after each step, and a pipeline stage's module are
+inlined from `planner.emitted_styles`: checked-in copies of the bodies of
+`runtime/parallel/styles.py`, `runtime/parallel/ties.py` and `runtime/parallel/stage.py`
+(which import only torch), tested equal to them. Nothing is
 read from the installed package's files, and the planner imports no runtime module; the
 compiler's soundness test applies script and runtime to one model and compares every
 parameter's placements.
@@ -35,6 +36,7 @@ from typing import cast
 from meshplan.dsl.styles import STYLES, TORCH_TP
 
 from .emitted_styles import SOURCE as STYLES_SOURCE
+from .emitted_styles import STAGE as STAGE_SOURCE
 from .emitted_styles import TIES as TIES_SOURCE
 from .program import (
     Adapters,
@@ -242,7 +244,7 @@ SCHEDULE_NAMES = {
 
 
 def stage_holds(step: Pipeline, index: int) -> tuple[str, ...]:
-    """The modules stage `index` holds (as `runtime.parallel.pipeline.StageModule`): its
+    """The modules stage `index` holds (as `runtime.parallel.stage.StageModule`): its
     layers, the rotary embedding, the embedding on the first stage, the norm and the head
     on the last."""
     last = len(step.stages) - 1
@@ -278,64 +280,6 @@ def stage_program(steps: Sequence[Step], holds: tuple[str, ...]) -> list[Step]:
     return out
 
 
-# The stage module (`runtime.parallel.pipeline.StageModule`, in torch alone): same FQNs
-# as the Hugging Face model, its own modules, the decoder's own loop.
-_STAGE_SOURCE = '''
-
-class _Decoder(nn.Module):
-    """The `model.` part of a stage: the decoder's modules this stage runs."""
-
-
-class Stage(nn.Module):
-    """One pipeline stage of a decoder-only causal LM: the decoder layers `layers` under
-    their own names (`model.layers.5` stays `model.layers.5`), the rotary embedding, the
-    token embedding on the first stage, the final norm and the head on the last. It
-    shares `model`'s modules (nothing is copied).
-
-    Inputs: (input_ids, position_ids) on the first stage, (hidden, position_ids) on the
-    others. Outputs: (hidden, position_ids), or the logits on the last stage.
-    """
-
-    def __init__(self, model, layers, *, first, last):
-        super().__init__()
-        inner = model.model
-        self.first, self.last = first, last
-        self.config = model.config
-        self.model = _Decoder()
-        self.model.rotary_emb = inner.rotary_emb
-        self.model.layers = nn.ModuleDict({str(i): inner.layers[i] for i in layers})
-        if first:
-            self.model.embed_tokens = inner.embed_tokens
-        if last:
-            self.model.norm = inner.norm
-            self.lm_head = model.lm_head
-        # Gemma-style models scale embeddings by sqrt(hidden) inside their forward.
-        gemma = str(getattr(self.config, "model_type", "")).startswith("gemma")
-        self.embed_scale = float(self.config.hidden_size) ** 0.5 if gemma else None
-        self.final_softcap = getattr(self.config, "final_logit_softcapping", None)
-
-    def forward(self, x, position_ids):
-        # After the first stage `position_ids` is the schedule's receive buffer, refilled
-        # in place every step: a fresh tensor per pass keeps caches keyed on it honest.
-        position_ids = position_ids.clone()
-        if self.first:
-            hidden = self.model.embed_tokens(x)
-            if self.embed_scale is not None:
-                hidden = hidden * torch.tensor(self.embed_scale, dtype=hidden.dtype)
-        else:
-            hidden = x
-        embeddings = self.model.rotary_emb(hidden, position_ids=position_ids)
-        for layer in self.model.layers.values():
-            hidden = layer(hidden, attention_mask=None, position_ids=position_ids,
-                           position_embeddings=embeddings)
-        if not self.last:
-            return hidden, position_ids
-        logits = self.lm_head(self.model.norm(hidden))
-        if self.final_softcap:
-            logits = torch.tanh(logits / self.final_softcap) * self.final_softcap
-        return logits
-'''
-
 _PIPELINED_APPLY = '''
 
 def apply(model, mesh, loss_fn=None, *, device=None, scale_grads=True):
@@ -348,7 +292,7 @@ def apply(model, mesh, loss_fn=None, *, device=None, scale_grads=True):
     indices = RANKS[pp.get_local_rank()]
     stages = []
     for index in indices:
-        stage = Stage(model, STAGES[index], first=index == 0, last=index == len(STAGES) - 1)
+        stage = StageModule(model, STAGES[index], first=index == 0, last=index == len(STAGES) - 1)
         STAGE_STEPS[index](stage, mesh)
         stages.append(stage)
     made = [PipelineStage(stage, index, len(STAGES), device, group=pp.get_group())
@@ -367,7 +311,7 @@ def _layers_text(layers: Sequence[int]) -> str:
 
 def _pipelined(cut: Pipeline, steps: Sequence[Step], adapted: frozenset[str]) -> list[str]:
     """The stage module, one function per stage applying its steps, and `apply`."""
-    lines = [f"# ---- pipeline stages (meshplan/runtime/parallel/pipeline.py) ----{_STAGE_SOURCE}", "",
+    lines = [f"# ---- pipeline stages (meshplan/runtime/parallel/stage.py) ----\n\n{STAGE_SOURCE}", "", "",
              f"{_where(cut)}",
              f"PIPELINE_DIM = {cut.mesh_dim!r}",
              f"SCHEDULE = {SCHEDULE_NAMES[cut.schedule]!r}  # the plan's {cut.schedule}",

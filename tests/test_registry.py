@@ -41,8 +41,9 @@ EMITTED = ROOT / "planner" / "emitted_styles.py"
 
 
 HEADER = '''"""The bodies of the torch-only runtime modules `plan compile --emit python` writes into
-the standalone script: `runtime/parallel/styles.py` (the ParallelStyles torch lacks) and
-`runtime/parallel/ties.py` (tied parameters put back after each step).
+the standalone script: `runtime/parallel/styles.py` (the ParallelStyles torch lacks),
+`runtime/parallel/ties.py` (tied parameters put back after each step) and
+`runtime/parallel/stage.py` (a pipeline stage's module).
 
 The emitter writes these strings; it never reads a source file of the installed package.
 `tests/test_registry.py` holds them equal to the runtime modules' bodies (after the module
@@ -51,7 +52,8 @@ docstring and the `__future__` import), so the script runs the runtime's very co
 there.
 """
 '''
-COPIES = (("SOURCE", "runtime/parallel/styles.py"), ("TIES", "runtime/parallel/ties.py"))
+COPIES = (("SOURCE", "runtime/parallel/styles.py"), ("TIES", "runtime/parallel/ties.py"),
+          ("STAGE", "runtime/parallel/stage.py"))
 
 
 def _body(path: Path) -> str:
