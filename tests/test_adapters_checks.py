@@ -8,7 +8,6 @@ and a tied variant (`tie_word_embeddings = true`).
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import textwrap
 from pathlib import Path
@@ -26,23 +25,9 @@ from meshplan.planner.emit import to_python
 from meshplan.planner.graph import ModelGraph, build_graph
 from meshplan.planner.program import Adapters, Parallelize, Program, Quantize
 
-from .conftest import PLANS, ROOT, assert_golden
+from .conftest import LLAMA_TP, PLANS, ROOT, assert_golden, tiny_llama_graph
 
-TP_RULES = """\
-tensor_parallel on tp {
-  model.embed_tokens                      : rowwise(input = replicate, output = shard(1))
-  model.layers.*.input_layernorm          : sequence_parallel
-  model.layers.*.self_attn                : prepare_input(hidden_states: shard(1) -> replicate)
-  model.layers.*.self_attn.{q,k,v}_proj   : colwise
-  model.layers.*.self_attn.o_proj         : rowwise(output = shard(1))
-  model.layers.*.post_attention_layernorm : sequence_parallel
-  model.layers.*.mlp                      : prepare_input(shard(1) -> replicate)
-  model.layers.*.mlp.{gate,up}_proj       : colwise
-  model.layers.*.mlp.down_proj            : rowwise(output = shard(1))
-  model.norm                              : sequence_parallel
-  lm_head                                 : colwise(input = shard(1), output = shard(-1), local_output = false)
-}
-"""
+TP_RULES = LLAMA_TP
 FSDP = "fully_shard on dp_shard {\n  unit model.layers.*\n  root\n}\n"
 TARGETS = ("  targets model.layers.*.self_attn.{q,k,v,o}_proj\n"
            "  targets model.layers.*.mlp.{gate,up,down}_proj\n")
@@ -54,17 +39,7 @@ def plan(adapters: str, mesh: str = "  dp_shard = auto", extra: str = "") -> str
 
 
 def _tiny(tied: bool = False) -> ModelGraph:
-    from meshplan.planner.models import resolve_model
-
-    source = resolve_model("tiny-llama")
-    config = copy.deepcopy(source.config)
-    config.tie_word_embeddings = tied
-    assert source.model_class is not None
-    with torch.device("meta"):
-        model = source.model_class(config)
-    if tied:
-        model.tie_weights()
-    return build_graph(model)
+    return tiny_llama_graph(tied=tied)
 
 
 @pytest.fixture(scope="module")

@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 import torch
 
+from tests.conftest import LLAMA_TP
 from tests.distributed import RankPool, rank_pool_fixture
 
 pytestmark = pytest.mark.slow
@@ -43,21 +44,7 @@ fully_shard on dp_shard {
   root
 }
 """
-_TP = """
-tensor_parallel on tp {
-  model.embed_tokens                      : rowwise(input = replicate, output = shard(1))
-  model.layers.*.input_layernorm          : sequence_parallel
-  model.layers.*.self_attn                : prepare_input(hidden_states: shard(1) -> replicate)
-  model.layers.*.self_attn.{q,k,v}_proj   : colwise
-  model.layers.*.self_attn.o_proj         : rowwise(output = shard(1))
-  model.layers.*.post_attention_layernorm : sequence_parallel
-  model.layers.*.mlp                      : prepare_input(shard(1) -> replicate)
-  model.layers.*.mlp.{gate,up}_proj       : colwise
-  model.layers.*.mlp.down_proj            : rowwise(output = shard(1))
-  model.norm                              : sequence_parallel
-  lm_head                                 : colwise(input = shard(1), output = shard(-1), local_output = false)
-}
-"""
+_TP = "\n" + LLAMA_TP
 
 
 def _plan(mesh: str, pipeline: str, *extra: str) -> str:

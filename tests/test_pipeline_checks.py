@@ -9,30 +9,18 @@ refusals are cuts the runtime cannot build (see tests/test_pipeline.py for the e
 
 from __future__ import annotations
 
-import copy
-
 import pytest
-import torch
 
 from meshplan.dsl.errors import PlanError, PlanRejected
 from meshplan.planner import compile_plan
 from meshplan.planner.graph import ModelGraph, build_graph
 from meshplan.planner.program import Pipeline
 
+from .conftest import tiny_llama_graph
+
 
 def _graph(layers: int, tied: bool = False) -> ModelGraph:
-    from meshplan.planner.models import resolve_model
-
-    source = resolve_model("tiny-llama")
-    config = copy.deepcopy(source.config)
-    config.num_hidden_layers = layers
-    config.tie_word_embeddings = tied
-    assert source.model_class is not None
-    with torch.device("meta"):
-        model = source.model_class(config)
-    if tied:
-        model.tie_weights()
-    return build_graph(model)
+    return tiny_llama_graph(layers, tied=tied)
 
 
 @pytest.fixture(scope="module")

@@ -31,40 +31,13 @@ import torch
 
 from tests.conftest import ROOT
 from tests.distributed import RankPool, rank_pool_fixture
+from tests.test_pipeline import _FSDP, _TP, _plan
 
 WORLD = 4
 LAYERS = 8
 ROWS, SEQ_LEN = 8, 16  # the global batch
 
 pool = rank_pool_fixture(WORLD, timeout=300.0)
-
-_FSDP = """
-fully_shard on dp_shard {
-  unit model.layers.* { reshard_after_forward = false }
-  root
-}
-"""
-_TP = """
-tensor_parallel on tp {
-  model.embed_tokens                      : rowwise(input = replicate, output = shard(1))
-  model.layers.*.input_layernorm          : sequence_parallel
-  model.layers.*.self_attn                : prepare_input(hidden_states: shard(1) -> replicate)
-  model.layers.*.self_attn.{q,k,v}_proj   : colwise
-  model.layers.*.self_attn.o_proj         : rowwise(output = shard(1))
-  model.layers.*.post_attention_layernorm : sequence_parallel
-  model.layers.*.mlp                      : prepare_input(shard(1) -> replicate)
-  model.layers.*.mlp.{gate,up}_proj       : colwise
-  model.layers.*.mlp.down_proj            : rowwise(output = shard(1))
-  model.norm                              : sequence_parallel
-  lm_head                                 : colwise(input = shard(1), output = shard(-1), local_output = false)
-}
-"""
-
-
-def _plan(mesh: str, pipeline: str, *extra: str) -> str:
-    return (f"plan pp for LlamaForCausalLM\n\nmesh {{\n{mesh}\n}}\n\npipeline on pp {{\n{pipeline}\n}}\n"
-            + "".join(extra))
-
 
 PLANS = {
     "pp2-dp2-1f1b": _plan("  pp = 2\n  dp_shard = 2", "  schedule = 1f1b\n  microbatches = 2", _FSDP),
