@@ -41,6 +41,7 @@ from meshplan.planner.program import Checkpoint, ExpertParallel, FullyShard, Pro
 from ..parallel.apply import DTYPES
 from ..parallel.experts import EXPERT_PARAMS
 from .comm import CommEvent, Unit, compute_dtype, itemsize, reduce_dtype
+from .memory import training_bytes
 from .reduction import Reduction, inside
 
 if TYPE_CHECKING:
@@ -236,18 +237,7 @@ class ExpertFigures:
 
 def expert_memory(step: ExpertParallel, parameters: Sequence[str], shards: dict[str, ParamShard],
                   reduction: Reduction) -> ExpertMemory:
-    params = grads = optimizer = 0
-    for fqn in parameters:
-        if not _is_expert(fqn, step):
-            continue
-        shard = shards.get(reduction.representative(fqn))
-        if shard is None:
-            continue
-        params += shard.storage_bytes
-        if shard.requires_grad:
-            grads += shard.storage_bytes
-            optimizer += 2 * shard.local_bytes
-    return ExpertMemory(params, grads, optimizer)
+    return ExpertMemory(*training_bytes(shards, [f for f in parameters if _is_expert(f, step)], reduction))
 
 
 def _split(n: int, parts: int) -> list[int]:

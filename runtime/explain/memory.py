@@ -57,7 +57,7 @@ activations do not all coexist).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -174,6 +174,23 @@ def buffer_bytes(graph: Any, itemsizes: dict[str, int], reduction: Reduction) ->
     return total
 
 
+def training_bytes(shards: Mapping[str, ParamShard], parameters: Iterable[str],
+                   reduction: Reduction) -> tuple[int, int, int]:
+    """(parameter, gradient, AdamW state) bytes of `parameters` on one rank: its shards'
+    storage; a gradient of that size per trainable shard, none for a frozen one; two
+    optimizer states of the shard's local size per trainable shard."""
+    params = grads = optimizer = 0
+    for fqn in parameters:
+        shard = shards.get(reduction.representative(fqn))
+        if shard is None:
+            continue
+        params += shard.storage_bytes
+        if shard.requires_grad:
+            grads += shard.storage_bytes
+            optimizer += 2 * shard.local_bytes
+    return params, grads, optimizer
+
+
 def memory_of(cls: RankClass, *, program: Program, parameters: Sequence[str], reduction: Reduction,
               units: list[Unit], trace: StepTrace | None, blocks: list[BlockActivations], storage: str,
               buffer_bytes: int) -> Memory:
@@ -181,15 +198,7 @@ def memory_of(cls: RankClass, *, program: Program, parameters: Sequence[str], re
     rank when shards are even, which the compiler requires for sharded activations).
     `parameters`: full-model names of the model's parameters as the Program leaves them
     (`runtime.explain.shards.model_parameters`)."""
-    params = grads = optimizer = 0
-    for fqn in parameters:
-        shard: ParamShard | None = cls.shards.get(reduction.representative(fqn))
-        if shard is None:
-            continue
-        params += shard.storage_bytes
-        if shard.requires_grad:
-            grads += shard.storage_bytes
-            optimizer += 2 * shard.local_bytes
+    params, grads, optimizer = training_bytes(cls.shards, parameters, reduction)
     activations = no_ac = temporaries = 0
     if trace is not None:
         activations, no_ac, temporaries = _activations(blocks, trace)
