@@ -296,10 +296,9 @@ def adapted_names(model: nn.Module) -> list[str]:
     return [e.name[: -len(suffix)] for e in weight_entries(model) if e.name.endswith(suffix)]
 
 
-def _refuse_tied(module: nn.Module) -> None:
+def _refuse_tied(module: nn.Module, adapted: set[str]) -> None:
     """Merging an adapter into one name of a tied tensor would change the other name too
     (the compiler warns of it: W108); the merged model would not be the trained one."""
-    adapted = set(adapted_names(module))
     for entry in weight_entries(module):
         owners = {a.rsplit(".", 1)[0].removesuffix(".base_layer") for a in entry.aliases}
         if len(entry.aliases) > 1 and owners & adapted:
@@ -318,8 +317,9 @@ def export_merged(model: nn.Module | Applied, out_dir: str | Path, *, program: P
     module, _ = model_and_fused(model, program)
     error, rewrite = None, None
     try:
-        _refuse_tied(module)
-        rewrite = merge_adapters(_record_of(module), adapted_names(module))
+        adapted = adapted_names(module)
+        _refuse_tied(module, set(adapted))
+        rewrite = merge_adapters(_record_of(module), adapted)
     except CheckpointError as exc:
         error = str(exc)
     _agree(error, f"exporting {out_dir}")
