@@ -129,7 +129,6 @@ def _one_step(compiled: Compiled, seq_len: int) -> None:
     Program's tensor-parallel steps applied; raises `TraceFailure` where the model fails.
     (`trace.trace_step` runs the same step twice to measure memory and traffic too.)"""
     import torch
-    from torch._subclasses.fake_tensor import FakeTensorMode
 
     from meshplan.planner.program import ContextParallel, FullyShard, Parallelize
 
@@ -138,7 +137,7 @@ def _one_step(compiled: Compiled, seq_len: int) -> None:
     from .comm import compute_dtype
     from .failure import ModuleStack, apply_each
     from .reduction import reduce_program
-    from .trace import _fake_model, _quiet_fake_tensors
+    from .trace import _fake_model, meta_first, step_tensors
     from .world import fake_world
 
     program, graph = compiled.program, compiled.graph
@@ -146,23 +145,26 @@ def _one_step(compiled: Compiled, seq_len: int) -> None:
     local = max(1, seq_len // (program.mesh.size(cp_steps[0].mesh_dim) if cp_steps else 1))
     reduction = reduce_program(program, graph)  # deterministic: the same as `check_runs`'
     fsdp = next(iter(program.steps_of(FullyShard)), None)
-    with fake_world(program.mesh, 0) as mesh, FakeTensorMode(allow_non_fake_inputs=True), \
-            _quiet_fake_tensors():
-        # The dtype the step computes in (FSDP's mixed precision): kernels such as grouped
-        # expert matmuls exist for it only.
-        model = _fake_model(graph.source, reduction, DTYPES[compute_dtype(fsdp, "fp32")])
-        apply_each(reduction.program, reduction.program.steps_of(Parallelize), model, mesh, reduction)
-        ids = torch.zeros(1, local, dtype=torch.long)
-        positions = torch.arange(local).expand(1, local)
-        phase = "forward"
-        with ModuleStack(model, reduction) as running, vocab_parallel():
-            try:
-                logits = model(input_ids=ids, position_ids=positions).logits
-                loss = causal_lm_loss(logits, ids)
-                phase = "backward"
-                loss.backward()
-            except Exception as e:
-                raise running.failure(e, phase) from e
+
+    def step(meta: bool) -> None:
+        with fake_world(program.mesh, 0) as mesh, step_tensors(meta=meta):
+            # The dtype the step computes in (FSDP's mixed precision): kernels such as
+            # grouped expert matmuls exist for it only.
+            model = _fake_model(graph.source, reduction, DTYPES[compute_dtype(fsdp, "fp32")], meta=meta)
+            apply_each(reduction.program, reduction.program.steps_of(Parallelize), model, mesh, reduction)
+            ids = torch.zeros(1, local, dtype=torch.long)
+            positions = torch.arange(local).expand(1, local)
+            phase = "forward"
+            with ModuleStack(model, reduction) as running, vocab_parallel():
+                try:
+                    logits = model(input_ids=ids, position_ids=positions).logits
+                    loss = causal_lm_loss(logits, ids)
+                    phase = "backward"
+                    loss.backward()
+                except Exception as e:
+                    raise running.failure(e, phase) from e
+
+    meta_first(step)
 
 
 def model_line(error: PlanError) -> Span | None:

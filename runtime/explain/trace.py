@@ -25,7 +25,7 @@ import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 from torch import nn
@@ -45,6 +45,8 @@ if TYPE_CHECKING:
     from meshplan.planner.models import ModelSource
 
 DRYRUN_ATTENTION = "meshplan_dryrun"
+DRYRUN_META_ATTENTION = "meshplan_dryrun_meta"
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -114,6 +116,8 @@ class _LiveMemory:
             def callback(_: Any) -> None:
                 tracker.live -= nbytes
                 tracker._known.pop(key, None)
+                # A later storage may get this one's address: it is not this one's kind.
+                tracker.selective.discard(key)
 
             return callback
 
@@ -173,10 +177,15 @@ class _LiveMemory:
         ShardingPropagator._propagate_tensor_meta_non_cached = self._restore  # type: ignore[method-assign]
 
 
-def register_dryrun_attention() -> str:
+def register_dryrun_attention(*, meta: bool = False) -> str:
     """Register the dry run's attention with transformers (idempotent): the model's own
     SDPA call with no mask (causal, as a varlen/flash kernel runs it), so that no mask of
-    the sequence length is built from a tensor whose data does not exist."""
+    the sequence length is built from a tensor whose data does not exist.
+
+    `meta=True`: the name for a step on meta tensors. It has no mask function, so
+    transformers skips building masks altogether (its packed-sequence check reads
+    position ids, data meta tensors do not have), and SDPA picks its kernel as on CPU
+    (`_CpuAttentionKernel`)."""
     from transformers import AttentionInterface
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
     from transformers.masking_utils import AttentionMaskInterface
@@ -185,14 +194,73 @@ def register_dryrun_attention() -> str:
                   attention_mask: torch.Tensor | None, **kwargs: Any) -> Any:
         kwargs.pop("is_causal", None)
         kwargs.pop("softcap", None)  # logit soft-capping (Gemma-2) costs no memory or traffic
+        if query.device.type == "meta":
+            with _CpuAttentionKernel():
+                return sdpa_attention_forward(module, query, key, value, None, **kwargs)
         return sdpa_attention_forward(module, query, key, value, None, **kwargs)
 
     def no_mask(*args: Any, **kwargs: Any) -> None:
         return None
 
+    if meta:
+        AttentionInterface.register(DRYRUN_META_ATTENTION, attention)
+        return DRYRUN_META_ATTENTION
     AttentionInterface.register(DRYRUN_ATTENTION, attention)
     AttentionMaskInterface.register(DRYRUN_ATTENTION, no_mask)
     return DRYRUN_ATTENTION
+
+
+_SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+_CPU_FLASH: dict[tuple[Any, ...], bool] = {}
+
+
+class _CpuAttentionKernel(torch.overrides.TorchFunctionMode):
+    """SDPA as it runs on CPU, for meta tensors: on meta it always takes the math kernel
+    (an s × s score matrix saved for backward), on CPU (the fake tensors the dry run's
+    figures are defined on) the fused flash kernel wherever that applies. Which kernel
+    CPU takes is asked once per call signature, of fake CPU tensors of the same shapes,
+    with every mode of the step (memory and traffic counters) switched off."""
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = dict(kwargs or {})
+        if func is not torch.nn.functional.scaled_dot_product_attention:
+            return func(*args, **kwargs)
+        call = {**dict(zip(_SDPA_ARGS, args, strict=False)), **kwargs}
+        q, k, v, mask = call["query"], call["key"], call["value"], call.get("attn_mask")
+        dropout, causal, scale = call.get("dropout_p", 0.0), call.get("is_causal", False), call.get("scale")
+        if mask is not None or not all(t.device.type == "meta" for t in (q, k, v)):
+            return func(*args, **kwargs)
+        key = (*(tuple(t.shape) + tuple(t.stride()) for t in (q, k, v)), q.dtype, dropout, causal, scale,
+               call.get("enable_gqa", False))
+        if key not in _CPU_FLASH:
+            _CPU_FLASH[key] = _cpu_takes_flash(q, k, v, call)
+        if not _CPU_FLASH[key]:
+            return func(*args, **kwargs)
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q, k, v, dropout, causal, attn_mask=None, scale=scale)[0]
+
+
+def _cpu_takes_flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: dict[str, Any]) -> bool:
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
+
+    seen: list[str] = []
+
+    class Ops(TorchDispatchMode):
+        def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+            seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    # No grad: the probe's tensors must not reach the step's saved-tensor hooks (CPU's
+    # kernel choice does not depend on autograd).
+    with _disable_current_modes(), FakeTensorMode(), torch.no_grad():
+        def cpu(t: torch.Tensor) -> torch.Tensor:
+            return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="cpu")
+
+        rest = {n: call[n] for n in _SDPA_ARGS[3:] if n in call}
+        with Ops():
+            torch.nn.functional.scaled_dot_product_attention(cpu(q), cpu(k), cpu(v), **rest)
+    return any(op.startswith("aten._scaled_dot_product_flash_attention_for_cpu") for op in seen)
 
 
 @contextmanager
@@ -218,7 +286,8 @@ def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
         torch.set_default_dtype(old)
 
 
-def _fake_model(source: ModelSource, reduction: Reduction, dtype: torch.dtype) -> nn.Module:
+def _fake_model(source: ModelSource, reduction: Reduction, dtype: torch.dtype, *, meta: bool = False) -> nn.Module:
+    """The reduced model with the dry run's attention, built inside `step_tensors(meta)`."""
     import copy
 
     from meshplan.planner.models import reduced_config
@@ -229,9 +298,31 @@ def _fake_model(source: ModelSource, reduction: Reduction, dtype: torch.dtype) -
     config = (reduced_config(source.config, list(reduction.kept)) if reduction.reduced
               else copy.deepcopy(source.config))
     config.use_cache = False
-    config._attn_implementation = register_dryrun_attention()
+    config._attn_implementation = register_dryrun_attention(meta=meta)
     with _default_dtype(dtype):
         return source.model_class(config)
+
+
+@contextmanager
+def step_tensors(*, meta: bool) -> Iterator[None]:
+    """Where a dry-run step's tensors live: meta tensors (`meta=True`: ops dispatch in
+    C++, a third of the fake tensors' time on a decoder step) or fake CPU tensors.
+    Transformers tells fake tensors from data (`is_tracing`) and skips data-dependent
+    checks for them; on meta such a check raises, so a step runs on meta first and,
+    where it fails, again on fake tensors (`meta_first`): only a failure on fake
+    tensors is the model's."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with (torch.device("meta") if meta else FakeTensorMode(allow_non_fake_inputs=True)), _quiet_fake_tensors():
+        yield
+
+
+def meta_first(step: Callable[[bool], T]) -> T:
+    """`step(True)` (on meta tensors); if it raises, `step(False)` (on fake tensors)."""
+    try:
+        return step(True)
+    except Exception:
+        return step(False)
 
 
 def trace_step(program: Program, source: ModelSource, reduction: Reduction, *, seq_len: int,
@@ -248,16 +339,20 @@ def trace_step(program: Program, source: ModelSource, reduction: Reduction, *, s
         with fake_world(program.mesh, 0) as own:
             return trace_step(program, source, reduction, seq_len=seq_len, micro_batch=micro_batch,
                               dtype=dtype, mesh=own)
-    from torch._subclasses.fake_tensor import FakeTensorMode
+    return meta_first(lambda meta: _trace_step(program, source, reduction, seq_len=seq_len,
+                                               micro_batch=micro_batch, dtype=dtype, mesh=mesh, meta=meta))
 
+
+def _trace_step(program: Program, source: ModelSource, reduction: Reduction, *, seq_len: int,
+                micro_batch: int, dtype: str, mesh: DeviceMesh, meta: bool) -> StepTrace:
     from ..train.loss import causal_lm_loss, vocab_parallel
 
     cp_steps = program.steps_of(ContextParallel)
     cp = program.mesh.size(cp_steps[0].mesh_dim) if cp_steps else 1
     local_seq = max(1, seq_len // cp)
     kept = reduction.kept if reduction.reduced else ()
-    with FakeTensorMode(allow_non_fake_inputs=True), _quiet_fake_tensors():
-        model = _fake_model(source, reduction, DTYPES[dtype])
+    with step_tensors(meta=meta):
+        model = _fake_model(source, reduction, DTYPES[dtype], meta=meta)
         apply_each(reduction.program, reduction.program.steps_of(Parallelize), model, mesh, reduction)
         ids = torch.zeros(micro_batch, local_seq, dtype=torch.long)
         positions = torch.arange(local_seq).expand(micro_batch, local_seq)
