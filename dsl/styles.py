@@ -31,7 +31,7 @@ from .schema import BoolType, IntType, PlacementType, SettingSchema
 from .spec import Placement
 
 # Module kinds a style may be applied to (the planner knows each module's kind).
-ModuleKind = Literal["linear", "embedding", "conv1d", "norm", "any"]
+ModuleKind = Literal["linear", "embedding", "conv1d", "norm", "experts", "any"]
 
 TORCH_TP = "torch.distributed.tensor.parallel"
 MESHPLAN_STYLES = "meshplan.runtime.parallel.styles"
@@ -70,6 +70,8 @@ class CallArgs(Protocol):
     def parts(self) -> int: ...
     @property
     def dim(self) -> int: ...
+    @property
+    def rope(self) -> int: ...
     @property
     def conversions(self) -> tuple[tuple[str | None, str | None, str | None], ...]: ...
 
@@ -194,6 +196,7 @@ class AdapterCall:
     parts: int = 1
     dim: int = 1
     conversions: tuple[tuple[str | None, str | None, str | None], ...] = ()
+    rope: int = 0
 
 
 @dataclass(frozen=True)
@@ -259,12 +262,22 @@ class Contract:
     `weights`: module kind → the weight's placement (absent: replicated).
     `replicated_params`: the module's parameters become replicated DTensors (their
     gradients are then summed over the dimension).
+    `params`: a module whose tensors are not a `weight` (fused experts' 3-D
+    `gate_up_proj`, `down_proj`): parameter name → its placement.
+    `whole`: the style runs the whole module on local shards and hands back its declared
+    output, as a Linear's style does: layout propagation takes the module as one op.
+    `shared_tail`: the output stays replicated and the gradient of its last `rope`
+    features is summed over the dimension: that part must be shared by head-sharded code
+    (broadcast over the heads), which alone leaves its gradient a partial sum per rank.
     """
 
     input: Side = "declared"
     output: Side = "declared"
     weights: Mapping[str, str] = field(default_factory=dict)
     replicated_params: bool = False
+    params: Mapping[str, str] = field(default_factory=dict)
+    whole: bool = False
+    shared_tail: bool = False
 
 
 @dataclass(frozen=True)
@@ -286,6 +299,9 @@ class StyleSchema:
     # The layout of a LoRA adapter on a module in this style (`AdapterLayout`), per
     # module kind it can be adapted on; a kind absent here cannot carry an adapter.
     adapter: Mapping[str, Callable[[CallArgs], AdapterLayout]] = field(default_factory=dict)
+    # Parameters (by name) that a fused call (`parts > 1`) stores rank-major along the
+    # given dimension, for modules that are not Linear-like (see `fused_weight_dim`).
+    fused_params: Mapping[str, int] = field(default_factory=dict)
 
     def construct(self, call: CallArgs) -> Construct:
         return self.build(call)
@@ -396,6 +412,28 @@ STYLES: Mapping[str, StyleSchema] = {
         build=_prepare_output,
         args={"local_output": LOCAL_TRUE}, conversions=True,
         contract=Contract(input="untouched", output="conversions"),
+    ),
+    "tp_experts": StyleSchema(
+        "Shard every expert of a fused experts module on its intermediate features: "
+        "gate_up_proj [E, 2I, H] part by part (`parts`), down_proj [E, H, I]; the output is summed.",
+        build=lambda call: Construct(f"{MESHPLAN_STYLES}.TensorParallelExperts", (call.parts,)),
+        args={"parts": SettingSchema(IntType(1), 2, doc="gate_up_proj packs N equal projections (gate, up); "
+                                     "each is sharded")},
+        applies_to=("experts",),
+        contract=Contract(params={"gate_up_proj": "shard(1)", "up_proj": "shard(1)", "down_proj": "shard(2)"},
+                          whole=True),
+        divides={"experts": Divides("intermediate_dim", "{n} intermediate features per expert")},
+        fused_params={"gate_up_proj": 1},
+    ),
+    "mla_kv_a": StyleSchema(
+        "Latent attention's kv_a projection (DeepSeek-V2/V3, MiniCPM3): its weight stays replicated and "
+        "its last `rope` output features, the rotary key every head shares, have their gradient summed "
+        "over the dimension (each rank's heads give only part of it).",
+        build=lambda call: Construct(f"{MESHPLAN_STYLES}.SharedTailParallel", (call.rope,)),
+        args={"rope": SettingSchema(IntType(1), None, required=True,
+                                    doc="the width of the rotary key part (the config's qk_rope_head_dim)")},
+        applies_to=("linear",),
+        contract=Contract(shared_tail=True),
     ),
     "replicate": StyleSchema(
         "Keep the module's parameters replicated over the dimension (as DTensors).",

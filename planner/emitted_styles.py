@@ -16,6 +16,7 @@ from functools import partial
 from typing import Any, cast
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import (
@@ -183,6 +184,113 @@ class ReplicateParallel(ParallelStyle):
             _hook(partial(self._prepare_input, self.input_layouts)),
             _hook(partial(self._prepare_output, self.output_layouts, self.use_local_output)),
         )
+
+
+class _SumForward(torch.autograd.Function):
+    """Sum a partial value over `group`; its gradient, replicated, passes unchanged."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, group: Any) -> torch.Tensor:
+        out = x.contiguous().clone()
+        dist.all_reduce(out, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad, None
+
+
+class _SumBackward(torch.autograd.Function):
+    """A replicated value used on local shards: unchanged forward, its partial gradient
+    summed over `group` in backward."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, group: Any) -> torch.Tensor:
+        ctx.group = group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        out = grad.contiguous().clone()
+        dist.all_reduce(out, group=ctx.group)
+        return out, None
+
+
+# A fused experts module's parameters and the dimension each is sharded on.
+_EXPERT_DIMS = {"gate_up_proj": 1, "up_proj": 1, "down_proj": 2}
+
+
+class TensorParallelExperts(ParallelStyle):
+    """Every expert of a fused experts module sharded on its intermediate features."""
+
+    def __init__(self, parts: int = 2) -> None:
+        super().__init__()
+        self.parts = parts
+
+    def _partition(self, name: str, module: nn.Module, device_mesh: DeviceMesh) -> None:
+        tp = device_mesh.size()
+        for pname, param in list(module.named_parameters(recurse=False)):
+            dim = _EXPERT_DIMS[pname]
+            data = _rank_major(param.data, dim, self.parts, tp) if pname == "gate_up_proj" else param.data
+            dt = distribute_tensor(data, device_mesh, [Shard(dim)])
+            module.register_parameter(pname, nn.Parameter(dt, requires_grad=param.requires_grad))
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        own = dict(module.named_parameters(recurse=False))
+        if set(own) not in ({"gate_up_proj", "down_proj"}, {"up_proj", "down_proj"}) or any(
+                p.dim() != 3 for p in own.values()):
+            raise NotImplementedError(f"TensorParallelExperts shards fused experts with 3-D gate_up_proj (or "
+                                      f"up_proj) and down_proj only, not {type(module).__name__} "
+                                      f"({', '.join(sorted(own))})")
+        distribute_module(module, device_mesh, self._partition)
+        group = device_mesh.get_group()
+        inner = module.forward
+
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            # The routing weights' gradient is partial too: each rank weighs its partial outputs.
+            args = tuple(_SumBackward.apply(a, group) if isinstance(a, torch.Tensor) and a.is_floating_point()
+                         else a for a in args)
+            kwargs = {k: _SumBackward.apply(v, group) if isinstance(v, torch.Tensor) and v.is_floating_point()
+                      else v for k, v in kwargs.items()}
+            table = module._parameters
+            whole = dict(table)
+            for pname, value in whole.items():  # the forward sees this rank's shards as plain tensors
+                if isinstance(value, DTensor):
+                    table[pname] = cast(nn.Parameter, value.to_local())
+            try:
+                out = inner(*args, **kwargs)
+            finally:
+                table.update(whole)
+            return _SumForward.apply(out, group)
+
+        module.forward = forward
+        return module
+
+
+class SharedTailParallel(ParallelStyle):
+    """Latent attention's kv_a projection: the weight stays a plain (replicated) tensor and
+    the gradient of the last `rope` output features is summed over the ranks."""
+
+    def __init__(self, rope: int) -> None:
+        super().__init__()
+        self.rope = rope
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        width = getattr(module, "out_features", None)
+        if not isinstance(module, nn.Linear) or not isinstance(width, int) or not 0 < self.rope < width:
+            raise NotImplementedError(f"SharedTailParallel({self.rope}) needs a Linear with more than "
+                                      f"{self.rope} output features, not {type(module).__name__}")
+        group, rope = device_mesh.get_group(), self.rope
+
+        def hook(mod: nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor:
+            # Every rank's heads read the same rotary key; each backward gives the gradient
+            # of its own heads only, so that part's gradient is summed (the rest reaches
+            # head-sharded projections, whose input gradient is summed already).
+            head, tail = output.split([output.shape[-1] - rope, rope], dim=-1)
+            return torch.cat([head, _SumBackward.apply(tail, group)], dim=-1)
+
+        module.register_forward_hook(hook)
+        return module
 
 
 def rescale_split_sizes(parent: nn.Module, child: nn.Module, parts: int, tp: int) -> None:

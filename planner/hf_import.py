@@ -20,6 +20,15 @@ How each transformers style is written (transformers' `distributed/tensor_parall
 | `sequence_parallel`             | `sequence_parallel(local_output = true)`                |
 | `replicated_with_grad_allreduce`| `replicate(input = shard(2), output = shard(2))`        |
 | `replicate`                     | no rule (a comment says so): the tensor stays whole     |
+| `mla_kv_a_proj`                 | `mla_kv_a(rope = N)`, N the config's `qk_rope_head_dim` |
+| `moe_tp_experts` on fused experts, with `gate_up_proj: packed_colwise` (or `up_proj: colwise`) and `down_proj: rowwise` | `tp_experts(parts = 2)` (`parts = 1`) |
+| `moe_tp_experts` with `gate_up_proj: colwise`  | `tp_experts(parts = 1)`: each rank's rows are not its gate and up rows (the compiler says so) |
+
+`moe_tp_experts` goes on a fused experts module (`mlp.experts`, 3-D `gate_up_proj`
+[E, 2I, H], `down_proj` [E, H, I]) together with rules on those two parameters, which
+say how each is cut: the three rules are one meshplan rule, `tp_experts` on the module,
+its `parts` read from the gate_up_proj rule (`packed_colwise`: gate and up each sharded;
+plain `colwise`: the rows cut as one block).
 
 `replicated_with_grad_allreduce` keeps a norm's weight whole and sums its gradient over
 the ranks; it sits on per-head norms that see this rank's heads. Where the heads lie
@@ -31,8 +40,13 @@ count is the one declared sharded. The meshplan style makes the weight a replica
 DTensor and declares its input sharded there, so DTensor both sums the gradient and
 computes the norm as one process would.
 
-Styles with no meshplan equivalent yet (`packed_rowwise`, `packed_colwise` on expert
-parameters, `mla_kv_a_proj`, `moe_tp_experts`, `moe_identity_expert`, `all_reduce`,
+`mla_kv_a_proj` sits on latent attention's kv_a projection (DeepSeek-V2, MiniCPM3, …):
+the last `qk_rope_head_dim` features of its output are the rotary key every head
+shares, so with the heads split over the ranks their gradient is a partial sum on each
+rank; `mla_kv_a` keeps the weight whole and sums that part's gradient.
+
+Styles with no meshplan equivalent yet (`packed_rowwise`, expert parameters cut another
+way (transposed experts), `moe_identity_expert`, `all_reduce`,
 `local_params`, a rule on a parameter rather than a module) raise `HfImportError` naming
 the rule: nothing is dropped silently. A rule that matches no module of the model is
 left out with a comment saying so (transformers ignores it too).
@@ -65,13 +79,13 @@ STYLES: Mapping[str, str] = {
     "packed_colwise": "colwise(parts = 2)",
     "sequence_parallel": "sequence_parallel(local_output = true)",
     "replicated_with_grad_allreduce": "replicate(input = shard(2), output = shard(2))",
+    "moe_tp_experts": "tp_experts(parts = {parts})",  # with its parameters' rules: `_experts_rule`
+    "mla_kv_a_proj": "mla_kv_a(rope = {rope})",  # the config's qk_rope_head_dim
 }
 
 # transformers styles meshplan has no equivalent for yet, and what they do.
 UNSUPPORTED: Mapping[str, str] = {
     "packed_rowwise": "a rowwise projection whose input packs two halves, each sharded",
-    "mla_kv_a_proj": "MLA's kv_a projection: the rope part's gradient is summed over the ranks",
-    "moe_tp_experts": "every expert sharded tensor-parallel, outputs summed over the ranks",
     "moe_identity_expert": "an identity expert whose input is divided by the tp size",
     "all_reduce": "sum a module's partial output over the ranks",
     "local_params": "run the module on its parameters' local shards",
@@ -157,7 +171,47 @@ def _head_dims(model: nn.Module, fqns: list[str]) -> dict[str, int]:
     return found
 
 
-def _rule_style(pattern: str, style: str, modules: list[nn.Module], head_dim: int | None = None) -> str:
+# How transformers cuts a fused experts module's parameters → `tp_experts`' parts: the
+# parameter rules that go with `moe_tp_experts` (see the module docstring).
+EXPERT_PARAMS: Mapping[tuple[str, str], int] = {
+    ("gate_up_proj", "packed_colwise"): 2,  # [E, 2I, H]: gate and up each cut on I
+    ("gate_up_proj", "colwise"): 1,  # the 2I rows cut as one block
+    ("up_proj", "colwise"): 1,  # no gate: [E, I, H]
+}
+
+
+def _experts_rule(pattern: str, plan: Mapping[str, str], modules: list[nn.Module]) -> tuple[str, list[str]]:
+    """`moe_tp_experts` on `pattern` and its parameter rules → (`tp_experts(...)`, the
+    parameter rules it stands for)."""
+    inner = {k[len(pattern) + 1:]: v for k, v in plan.items() if k.startswith(pattern + ".")}
+    up = [(n, s) for n, s in inner.items() if n in ("gate_up_proj", "up_proj")]
+    down = inner.get("down_proj")
+    where = f"transformers' rule `{pattern}: moe_tp_experts`"
+    if len(up) != 1 or down is None:
+        raise HfImportError(f"{where} comes without rules cutting its gate_up_proj and down_proj: replicated "
+                            "experts whose outputs are summed over the ranks have no meshplan equivalent")
+    name, style = up[0]
+    kinds = {type(m).__name__ for m in modules}
+    if (name, style) not in EXPERT_PARAMS or down != "rowwise" or any(getattr(m, "is_transposed", False)
+                                                                       for m in modules):
+        raise HfImportError(f"{where} cuts `{name}` {style} and `down_proj` {down} on {', '.join(sorted(kinds))}: "
+                            "expert parameters cut that way have no meshplan equivalent yet (tp_experts shards "
+                            "gate_up_proj [E, 2I, H] and down_proj [E, H, I] on I)")
+    extra = sorted(set(inner) - {name, "down_proj"})
+    if extra:
+        raise HfImportError(f"{where}: rules on {', '.join(f'`{pattern}.{e}`' for e in extra)} have no meshplan "
+                            "equivalent yet")
+    return STYLES["moe_tp_experts"].format(parts=EXPERT_PARAMS[name, style]), [f"{pattern}.{n}" for n in inner]
+
+
+def _experts_comment(pattern: str, plan: Mapping[str, str]) -> str:
+    """The transformers rules one `tp_experts` rule stands for, as its comment says them."""
+    inner = [f"{k[len(pattern) + 1:]} {v}" for k, v in plan.items() if k.startswith(pattern + ".")]
+    return f"moe_tp_experts ({', '.join(inner)})"
+
+
+def _rule_style(pattern: str, style: str, modules: list[nn.Module], head_dim: int | None = None,
+                rope: object = None) -> str:
     if style in UNSUPPORTED:
         raise HfImportError(f"transformers' rule `{pattern}: {style}` has no meshplan equivalent yet "
                             f"({UNSUPPORTED[style]})")
@@ -169,6 +223,11 @@ def _rule_style(pattern: str, style: str, modules: list[nn.Module], head_dim: in
                             "not a Linear: packed expert weights have no meshplan equivalent yet")
     if style == "replicated_with_grad_allreduce" and head_dim is not None:
         return f"replicate(input = shard({head_dim}), output = shard({head_dim}))"
+    if style == "mla_kv_a_proj":
+        if not isinstance(rope, int) or rope < 1:
+            raise HfImportError(f"transformers' rule `{pattern}: mla_kv_a_proj` needs the config's "
+                                "`qk_rope_head_dim`, which this model's config does not have")
+        return STYLES[style].format(rope=rope)
     return STYLES[style]
 
 
@@ -190,7 +249,20 @@ def import_hf(model: nn.Module, *, name: str | None = None, tp: int = 2) -> Impo
     per_head = [f for pattern, style in plan.items() if style == "replicated_with_grad_allreduce"
                 for f in select(pattern, fqns)]
     head_dims = _head_dims(model, per_head) if per_head else {}
+    config: Any = getattr(model, "config", None)
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    rope = getattr(text_config, "qk_rope_head_dim", None)
+    experts: dict[str, str] = {}  # fused experts' module rule → tp_experts, their parameter rules absorbed
     for pattern, style in plan.items():
+        matched = select(pattern, fqns)
+        if style == "moe_tp_experts" and matched:
+            experts[pattern], absorbed = _experts_rule(pattern, plan, [modules[f] for f in matched])
+            experts.update({a: "" for a in absorbed})
+    for pattern, style in plan.items():
+        if pattern in experts:
+            if experts[pattern]:
+                rules.append((pattern, _experts_comment(pattern, plan), experts[pattern]))
+            continue
         matched = select(pattern, fqns)
         if not matched:
             if pattern in params or _generic(pattern) in params:
@@ -206,8 +278,7 @@ def import_hf(model: nn.Module, *, name: str | None = None, tp: int = 2) -> Impo
             continue
         dims = {head_dims[f] for f in matched if f in head_dims}
         rules.append((pattern, style, _rule_style(pattern, style, [modules[f] for f in matched],
-                                                  dims.pop() if len(dims) == 1 else None)))
-    config = getattr(model, "config", None)
+                                                  dims.pop() if len(dims) == 1 else None, rope)))
     layers = _layer_list(model, getattr(config, "num_hidden_layers", None))
     plan_name = name or _identifier(f"{getattr(config, 'model_type', arch)}_hf")
     width = max((len(p) for p, _, _ in rules), default=0)
@@ -265,9 +336,22 @@ def tiny_config(config_class: Any) -> Any:
     config = config_class()
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     layers = getattr(text, "num_hidden_layers", None)
+    # Latent attention (DeepSeek-V2, MiniCPM3, …) sets `head_dim` to the rotary part's width
+    # and `qk_head_dim` to the sum of both parts: they follow the tiny widths.
+    rope_head = getattr(text, "qk_rope_head_dim", None)
+    rope_is_head = isinstance(rope_head, int) and getattr(text, "head_dim", None) == rope_head
+    # Its keys and values are expanded per head from one latent: as many as the queries.
+    mla_heads = isinstance(getattr(text, "kv_lora_rank", None), int) and \
+        getattr(text, "num_key_value_heads", None) == getattr(text, "num_attention_heads", None)
     for key, size in TINY.items():
         if isinstance(getattr(text, key, None), int) and not isinstance(getattr(text, key), bool):
             setattr(text, key, size)
+    if rope_is_head:
+        text.head_dim = text.qk_rope_head_dim
+    if mla_heads:
+        text.num_key_value_heads = text.num_attention_heads
+    if isinstance(getattr(text, "qk_head_dim", None), int):
+        text.qk_head_dim = text.qk_nope_head_dim + text.qk_rope_head_dim
     if isinstance(layers, int):
         for attr in (*PER_LAYER_CONFIG_LISTS, "mlp_only_layers", "layers_block_type"):
             per_layer = getattr(text, attr, None)

@@ -48,14 +48,48 @@ def test_fused_and_gathered_styles() -> None:
 
 
 def test_unsupported_style_is_an_error(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["import", "hf", "mixtral"]) == 1
+    assert main(["import", "hf", "inkling_text"]) == 1  # shared experts' weights cut as parameters
     err = capsys.readouterr().err
-    assert "mixtral" in err and "packed_colwise" in err and "no equivalent yet" in err
+    assert "inkling_text" in err and "shared_experts.gate_proj: colwise" in err and "no equivalent yet" in err
 
 
-def test_mla_is_named() -> None:
-    with pytest.raises(HfImportError, match=r"mla_kv_a_proj.*no meshplan equivalent yet"):
-        _import("deepseek_v2")
+def test_tensor_parallel_experts_are_one_rule() -> None:
+    """`moe_tp_experts` and its parameters' rules (gate_up_proj packed_colwise, down_proj
+    rowwise) become `tp_experts(parts = 2)` on the experts module; it compiles at 4 ranks."""
+    imported = import_hf(build_meta_model(hf_source("tiny-mixtral")))
+    assert "model.layers.*.mlp.experts      : tp_experts(parts = 2)" in imported.text
+    assert "# transformers: moe_tp_experts (gate_up_proj packed_colwise, down_proj rowwise)" in imported.text
+    assert not [r for r in imported.rules if "gate_up_proj" in r[0] or "down_proj" in r[0]]
+    assert compile_plan(imported.text, "tiny-mixtral", 4).program.mesh.size("tp") == 2
+
+
+def test_experts_cut_as_one_block_are_imported_as_written_and_rejected() -> None:
+    """Inkling-2 cuts its concatenated gate_up_proj with plain `colwise`: rank 0 gets the
+    gate rows, rank 1 the up rows (measured wrong). The importer writes what transformers
+    does; the compiler rejects it, saying why and what fixes it."""
+    from meshplan.dsl.errors import PlanRejected
+
+    source = hf_source("inkling2_text")
+    model = build_meta_model(source)
+    text = import_hf(model).text
+    assert "model.layers.*.mlp.experts : tp_experts(parts = 1)" in text
+    with pytest.raises(PlanRejected) as info:
+        compile_plan(text, model, 4)
+    errors = [e for e in info.value.errors if e.code == "E504"]
+    assert errors and "gate and up projections" in errors[0].message
+    assert "parts = 2" in (errors[0].hint or "")
+    line = next(i for i, t in enumerate(text.splitlines(), 1) if "tp_experts" in t)
+    assert errors[0].span.line == line
+
+
+def test_experts_transposed_are_named() -> None:
+    with pytest.raises(HfImportError, match=r"packed_rowwise.*no meshplan equivalent yet"):
+        _import("aria_text")
+
+
+def test_deepseek_v2_latent_attention_and_tensor_parallel_experts() -> None:
+    text = _import("deepseek_v2")
+    assert "mla_kv_a(" in text and "model.layers.*.mlp.experts                  : tp_experts(parts = 2)" in text
 
 
 def test_unknown_model_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:

@@ -106,6 +106,9 @@ CALLS = [
               conversions=((None, "shard(1)", "replicate"), (None, None, "replicate"))),
     StyleCall(style="prepare_output", conversions=((None, "replicate", "shard(1)"),)),
     StyleCall(style="replicate", input="shard(1)", output="shard(1)"),
+    StyleCall(style="tp_experts", parts=2),
+    StyleCall(style="tp_experts", parts=1),
+    StyleCall(style="mla_kv_a", rope=8),
 ]
 
 
@@ -197,6 +200,27 @@ def test_fused_weights_are_sharded_along_the_contract_s_dimension() -> None:
     assert STYLES["colwise"].fused_weight_dim() == 0  # Linear weight [out, in]
     assert STYLES["conv1d_colwise"].fused_weight_dim() == 1  # Conv1D weight [in, out]
     assert STYLES["rowwise"].fused_weight_dim() is None  # takes no parts
+
+
+def test_tensor_parallel_experts_shard_the_intermediate_features() -> None:
+    record = STYLES["tp_experts"]
+    # gate_up_proj [E, 2I, H] and down_proj [E, H, I]: both on I, gate_up part by part
+    assert record.contract.params == {"gate_up_proj": "shard(1)", "up_proj": "shard(1)", "down_proj": "shard(2)"}
+    assert record.fused_params == {"gate_up_proj": 1} and record.contract.whole
+    assert record.fits("experts") and not record.fits("linear")
+    assert record.args["parts"].default == 2
+    assert record.source(StyleCall(style="tp_experts", parts=2)) == "TensorParallelExperts(2)"
+
+
+def test_mla_kv_a_sums_the_shared_rotary_part_s_gradient() -> None:
+    record = STYLES["mla_kv_a"]
+    assert record.contract.shared_tail and not record.contract.replicated_params
+    assert record.fits("linear") and not record.fits("norm")
+    assert record.weight("linear") == "replicate"  # the weight stays whole, and plain
+    assert record.args["rope"].required
+    assert record.source(StyleCall(style="mla_kv_a", rope=8)) == "SharedTailParallel(8)"
+    with pytest.raises(ValueError, match="rope must be an integer"):
+        StyleCall(style="mla_kv_a", rope="8")  # type: ignore[arg-type]
 
 
 def test_sequence_sharding() -> None:

@@ -30,11 +30,16 @@ from meshplan.dsl.styles import STYLES
 
 from ..graph import ModelGraph, Ref
 from ..layout import REPLICATE, UNKNOWN, Layout, LayoutProblem, normalize
-from ..ops import ELEMENTWISE, IDENTITY, OpCall, op_name, propagate, rule_for
+from ..ops import ELEMENTWISE, FACTORIES, IDENTITY, OpCall, op_name, propagate, rule_for
 from .context import Context
 from .patterns import generic
 
 LEAF_KINDS = ("linear", "embedding", "conv1d")
+# Ops whose result carries no gradient, whatever their inputs: made from shapes, detached,
+# compared or indexed.
+NO_GRAD = FACTORIES | {"new_empty", "detach", "zeros_like", "ones_like", "empty_like", "full_like", "eq", "ne",
+                       "lt", "le", "gt", "ge", "argmax", "argmin", "logical_and", "logical_or",
+                       "logical_not", "isnan", "isinf", "sign"}
 
 
 class Layouts:
@@ -112,7 +117,18 @@ class _Walk:
         self.styled = styled
         self.reported = reported
         self.layouts: dict[str, Layout | tuple[Layout, ...]] = {}
-        self.leaves = {f for f in styled if f in self.graph.modules and self.graph.modules[f].kind in LEAF_KINDS}
+        # Leaves: modules whose style takes them as one op (a Linear's; fused experts run on
+        # local shards, `Contract.whole`): their insides are the style's business.
+        self.leaves = {f for f, r in styled.items() if f in self.graph.modules and (
+            self.graph.modules[f].kind in LEAF_KINDS or STYLES[r.style.name].contract.whole)}
+        # Values that carry a gradient (made from parameters); the outputs of `mla_kv_a`
+        # leaves (node → the rule and the width of the shared part); the values whose
+        # gradient such a style sums (its shared part and what replicated code makes of
+        # it) → that leaf's output; the leaves whose shared part reached head-sharded code.
+        self.grad: dict[str, bool] = {}
+        self.tails: dict[str, tuple[TPRuleSpec, int]] = {}
+        self.summed: dict[str, str] = {}
+        self.shared: set[str] = set()
 
     # ------------------------------------------------------------------ reporting
 
@@ -148,7 +164,10 @@ class _Walk:
             op = attrs.get("op")
             if op == "placeholder":
                 self.layouts[node] = REPLICATE
+                self.grad[node] = attrs.get("kind") == "parameter"
                 continue
+            refs = list(_refs(attrs.get("args", ()))) + list(_refs(attrs.get("kwargs", {})))
+            self.grad[node] = op_name(str(op)) not in NO_GRAD and any(self.grad.get(r, False) for r in refs)
             stack = tuple(attrs.get("module_stack") or ())
             leaf = next((m for m in reversed(stack) if m in self.leaves), None)
             if leaf is not None:
@@ -157,6 +176,8 @@ class _Walk:
                 self._final(node, attrs)
             else:
                 self.layouts[node] = self._op(node, attrs, stack)
+                self._shared_tail(node, attrs, refs, stack)
+        self._unshared()
         self._stacks()
 
     def view(self, value: str, consumer_stack: tuple[str, ...]) -> Layout:
@@ -297,13 +318,19 @@ class _Walk:
         rule = self.styled[leaf]
         style = rule.style
         info = self.graph.module(leaf)
-        if call.inputs:
-            value = call.inputs[0].node
+        # A whole-module style (fused experts) takes every input as declared: the hidden
+        # states and the routing both replicated.
+        whole = STYLES[style.name].contract.whole
+        for arg in call.inputs if whole else call.inputs[:1]:
+            value = arg.node
             inner = stack[: stack.index(leaf) + 1]
             actual = self.view(value, inner)
             rank = len(self._shape(value))
             declared = _declared(style.args.get("input"), rank)
-            self._check(leaf, rule, "input", actual, declared)
+            self._check(leaf, rule, f"input `{arg.name}`" if whole and arg.name else "input", actual, declared)
+            self._summed_reaches(value, rule.span)
+        if STYLES[style.name].contract.shared_tail:
+            self.tails[node] = (rule, int(str(style.args.get("rope", 0))))
         rank = len(self._shape(node))
         local = bool(style.args.get("local_output", True))
         out = _declared(style.args.get("output"), rank)
@@ -318,6 +345,7 @@ class _Walk:
         if not refs:
             return
         logits = refs[0]
+        self._summed_reaches(logits, None)
         layout = self.view(logits, ())
         rank = len(self._shape(logits))
         if layout.kind == "partial":
@@ -373,6 +401,13 @@ class _Walk:
         if rule is not None and rule.fresh:
             return rule.apply(OpCall(name, (), args, kwargs, out, shapes)) or UNKNOWN
         refs = list(_refs(args)) + list(_refs(kwargs))
+        if name == "expand" and refs:
+            seen = self.view(refs[0], stack)
+            if seen.kind == "replicate" and not seen.dtensor:
+                before = self._shape(refs[0])
+                lead = len(out) - len(before)
+                grown = frozenset(d + lead for d, n in enumerate(before) if n == 1 and out[d + lead] != 1)
+                return replace(REPLICATE, expanded=grown)
         if name == "getitem":
             # One output of a multi-output op (split, var_mean, attention's tuple).
             source = self.layouts.get(refs[0], REPLICATE) if refs else REPLICATE
@@ -410,6 +445,104 @@ class _Walk:
             origin = next((lay.origin for _, lay, _ in inputs if lay.kind != "replicate" and lay.origin), None)
             self.report(origin, f"{p.message} (in `{module}`)", p.code, p.hint)
             return UNKNOWN
+
+    # ------------------------------------------------------------------ shared values
+
+    def _shared_tail(self, node: str, attrs: dict[str, Any], refs: list[str], stack: tuple[str, ...]) -> None:
+        """Follow the shared part of `mla_kv_a` outputs, and check every replicated value
+        with a gradient that head-sharded code broadcasts over its sharded dimension."""
+        name = op_name(str(attrs.get("op")))
+        layout = self.layouts.get(node)
+        if name == "getitem" and refs:
+            self._cut_tail(node, refs[0], tuple(attrs.get("args", ())))
+        elif refs and isinstance(layout, Layout) and layout.kind == "replicate" and not layout.dtensor:
+            owner = next((self.summed[r] for r in refs if r in self.summed), None)
+            if owner is not None:
+                self.summed[node] = owner
+        if not isinstance(layout, Layout) or layout.kind != "shard" or layout.dtensor or layout.dim is None:
+            return
+        if name not in ELEMENTWISE and name != "copy_":
+            return
+        out = tuple(attrs.get("shape") or ())
+        for ref in refs:
+            seen = self.view(ref, stack)
+            shape = self._shape(ref)
+            if seen.kind != "replicate" or seen.dtensor or not shape or not self.grad.get(ref, False):
+                continue
+            if self._attrs(ref).get("kind") == "parameter":
+                continue  # a weight: `_weights` says what to do
+            aligned = layout.dim - (len(out) - len(shape))
+            if 0 <= aligned < len(shape) and shape[aligned] != 1 and aligned not in seen.expanded:
+                continue
+            if ref in self.summed:
+                self.shared.add(self.summed[ref])
+                continue
+            producer = self._producer(ref)
+            module = generic(str(attrs.get("module") or "the model"))
+            fix = (f"if `{producer}` is latent attention's kv_a projection and this is its rotary part, give "
+                   f"it `mla_kv_a(rope = {shape[-1]})`: the gradient of that part is then summed over the "
+                   "ranks" if producer else "keep the heads whole here (no tensor parallelism)")
+            made = f" (`{producer}`)" if producer else ""
+            self.report(layout.origin,
+                        f"`{name}` broadcasts a replicated value that carries a gradient over sharded dim "
+                        f"{layout.dim}: each rank's backward gives it its own piece's gradient only, a partial "
+                        f"sum that nothing reduces, so the replicated weights that made it{made} get wrong "
+                        f"gradients (in `{module}`)", hint=fix)
+
+    def _cut_tail(self, node: str, source: str, args: tuple[Any, ...]) -> None:
+        """A piece of a split `mla_kv_a` output: its last `rope` features are the shared part."""
+        split = self._attrs(source)
+        split_args = tuple(split.get("args", ()))
+        refs = list(_refs(split_args))
+        if not refs or refs[0] not in self.tails:
+            return
+        rule, rope = self.tails[refs[0]]
+        sizes = split_args[1] if len(split_args) > 1 else None
+        index = args[1] if len(args) > 1 and isinstance(args[1], int) else None
+        if not isinstance(sizes, list | tuple) or index is None or index != len(sizes) - 1:
+            return
+        if int(sizes[-1]) == rope:
+            self.summed[node] = refs[0]
+            return
+        self.report(rule.span, f"`{rule.pattern.text}` declares a shared part of {rope} features, but the "
+                               f"model cuts its output into {[int(x) for x in sizes]}: the sum would take "
+                               "the gradient of features no head shares",
+                    hint=f"`rope = {int(sizes[-1])}`: the width of the part every head shares")
+
+    def _producer(self, node: str) -> str | None:
+        """The projection (a Linear) that `node` comes from, through replicated code."""
+        for _ in range(64):
+            attrs = self._attrs(node)
+            module = str(attrs.get("module") or "")
+            if op_name(str(attrs.get("op"))) == "linear" and module in self.graph.modules:
+                return generic(module)
+            refs = [r for r in _refs(attrs.get("args", ())) if self.grad.get(r, False)
+                    and self._attrs(r).get("kind") != "parameter"]
+            if not refs:
+                return None
+            node = refs[0]
+        return None
+
+    def _summed_reaches(self, value: str, span: Span | None) -> None:
+        """The shared part of an `mla_kv_a` output must reach head-sharded code only: its
+        gradient is summed, so any whole (replicated) use counts it tp times."""
+        owner = self.summed.get(value) or (value if value in self.tails else None)
+        if owner is None:
+            return
+        rule, rope = self.tails[owner]
+        self.report(rule.span, f"`{rule.pattern.text}`'s last {rope} features reach replicated code whole: "
+                               "their gradient is summed over the ranks, so that use would count it tp times",
+                    related=((span, "used here"),) if span is not None else ())
+
+    def _unshared(self) -> None:
+        for node, (rule, rope) in self.tails.items():
+            if node not in self.shared:
+                self.report(rule.span,
+                            f"`{rule.pattern.text}` sums the gradient of its last {rope} output features over "
+                            "the ranks, but no head-sharded code shares them: each rank's gradient is whole "
+                            "already, so the sum would count it tp times",
+                            hint="leave the projection without a rule: `mla_kv_a` is for the kv_a projection "
+                                 "of latent attention whose heads are sharded")
 
     def _weights(self, name: str, module: str, inputs: list[tuple[str, Layout, tuple[int, ...]]]) -> None:
         """A plain replicated weight applied to a sharded activation it does not span gets,

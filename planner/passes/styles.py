@@ -2,7 +2,9 @@
 
 Guarantees: every tensor-parallel style sits on a module of a kind it is made for
 (colwise/rowwise on Linear and Embedding, the conv1d styles on GPT-2's transposed
-Conv1D, sequence_parallel on norms); a fused projection (q/k/v or gate/up packed in
+Conv1D, sequence_parallel on norms, tp_experts on fused experts in transformers'
+[E, 2I, H] / [E, H, I] layout without biases or a per-expert norm, and not
+expert-parallel too, its `parts` matching how gate_up_proj packs gate and up); a fused projection (q/k/v or gate/up packed in
 one weight) is sharded part by part (`parts = N`) — a plain colwise would give each
 rank a slice that mixes q with k, silently; fused parts must be equal; `shard(d)` in a
 style's input/output names a dimension the traced activation has; context-parallel
@@ -145,6 +147,8 @@ class StyleFit:
             ctx.error(style.span, "E504",
                       f"`{style.name}` is made for {made_for}; `{fqn}`{more} is {info.type}", hint)
             return True
+        if schema.contract.params:
+            return self._experts(ctx, rule, fqn, more) or self._placements(ctx, rule, fqn, more)
         parts = fused_parts(ctx.graph, fqn) if "parts" in schema.args else None
         wanted = int(str(style.args.get("parts", 1)))
         # Gathering the whole output (`output = replicate`) restores the packed order: a plain
@@ -173,6 +177,59 @@ class StyleFit:
                           f"`parts = {wanted}`: `{fqn}`{more} has {out} output features, not {wanted} equal parts")
                 return True
         return self._placements(ctx, rule, fqn, more)
+
+    @staticmethod
+    def _experts(ctx: Context, rule: TPRuleSpec, fqn: str, more: str) -> bool:
+        """A tensor-parallel experts style shards 3-D expert tensors as its contract's
+        `params` say: fused experts in transformers' layout, without what it cannot split."""
+        style = rule.style
+        info = ctx.graph.module(fqn)
+        params = STYLES[style.name].contract.params
+        shapes = {n: s for n, s in info.params.items() if n in params}
+        what = f"`{fqn}`{more} ({info.type})"
+        fail = None
+        if set(shapes) not in ({"gate_up_proj", "down_proj"}, {"up_proj", "down_proj"}) or any(
+                len(s) != 3 for s in shapes.values()):
+            fail = f"{what} has no 3-D gate_up_proj (or up_proj) and down_proj: `{style.name}` shards fused experts"
+        elif set(info.params) - set(params):
+            extra = ", ".join(sorted(set(info.params) - set(params)))
+            fail = (f"{what} also has {extra}: an expert bias would be added once per rank and summed "
+                    f"{ctx.size('tp')} times")
+        elif info.attrs.get("is_transposed") is not False:
+            fail = (f"{what} stores its experts transposed ([E, H, 2I]) or in a layout meshplan cannot read: "
+                    f"`{style.name}` shards gate_up_proj [E, 2I, H] and down_proj [E, H, I]")
+        elif info.attrs.get("has_post_expert_norm"):
+            fail = f"{what} normalises each expert's output, which would see a partial sum on every rank"
+        if fail is not None:
+            ctx.error(style.span, "E504", fail, "leave the experts out of tensor_parallel (replicated), or make "
+                      "them expert-parallel (`expert_parallel`)")
+            return True
+        if fqn in ctx.ep_modules:
+            ctx.error(style.span, "E504", f"{what} is expert-parallel too: `{style.name}` cannot shard experts "
+                      "that `expert_parallel` already splits over ep",
+                      "choose one: expert_parallel (whole experts per rank) or tensor_parallel's "
+                      f"`{style.name}` (every expert split over tp)",
+                      related=((ctx.ep_modules[fqn].span, "made expert-parallel here"),))
+            return True
+        wanted = int(str(style.args.get("parts", 1)))
+        packed = "gate_up_proj" in shapes and info.attrs.get("is_concatenated") is not False
+        parts = 2 if packed else 1
+        if wanted != parts and packed:
+            ctx.error(style.span, "E504",
+                      f"{what} packs each expert's gate and up projections one after the other in gate_up_proj "
+                      f"[E, 2I, H]: with `parts = {wanted}` a rank's share of those rows is not its share of the gate "
+                      "and of the up rows (one part over tp 2: rank 0 holds gate rows only, rank 1 up rows only), "
+                      "so act(gate) multiplies rows of the wrong projection — silently wrong",
+                      f"use `{style.name}(parts = 2)`, which gives every rank its share of the gate and of the up "
+                      "rows")
+            return True
+        if wanted != parts:
+            layout = "interleaves gate and up rows" if "gate_up_proj" in shapes else "has no gate (up_proj only)"
+            ctx.error(style.span, "E504",
+                      f"{what} {layout}: `parts = {wanted}` would give each rank intermediate rows that do not "
+                      "match its down_proj columns — silently wrong", f"use `{style.name}(parts = 1)`")
+            return True
+        return False
 
     def _placements(self, ctx: Context, rule: TPRuleSpec, fqn: str, more: str) -> bool:
         if not ctx.graph.traced or not ctx.graph.is_traced(fqn):

@@ -253,6 +253,10 @@ def fused_rows(model: nn.Module, program: Program | None = None) -> dict[str, Fu
                     # An adapter on it: lora_B's rows are the base's output features,
                     # sharded part by part as the base's (the style registry's layout).
                     out[f"{fqn}.lora_B.default.weight"] = FusedRows(0, call.parts, tp)
+                if call.parts > 1:  # a module that is not Linear-like (fused experts)
+                    fqn = ".".join(p for p in (step.fqn, rel) if p)
+                    for pname, dim in STYLES[call.style].fused_params.items():
+                        out[f"{fqn}.{pname}"] = FusedRows(dim, call.parts, tp)
         present = {canonical_name(n) for n, _ in model.named_parameters(remove_duplicate=False)}
         return {k: v for k, v in out.items() if k in present}
     for name, module in model.named_modules():
