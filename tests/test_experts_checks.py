@@ -100,3 +100,61 @@ def test_the_step_round_trips_and_validates() -> None:
         dataclasses.replace(step, size=1)
     with pytest.raises(ValueError, match="dispatch 'ring'"):
         dataclasses.replace(step, dispatch="ring")  # type: ignore[arg-type]
+
+
+# ------------------------------------------------- tensor-parallel experts (tp_experts)
+
+TP_EXPERTS_PLAN = """\
+plan tp_experts for MixtralForCausalLM
+mesh {
+  dp_shard = auto
+  tp = TP
+%s}
+tensor_parallel on tp {
+  model.layers.*.self_attn.{q,k,v}_proj : colwise
+  model.layers.*.self_attn.o_proj       : rowwise
+  STYLED : tp_experts
+}
+fully_shard on dp_shard {
+  unit model.layers.*
+  root
+}
+%s"""
+EP_SECTION = """expert_parallel on ep {
+  experts model.layers.*.mlp.experts
+}
+"""
+
+
+def _tp_experts(tp: int = 2, styled: str = "model.layers.*.mlp.experts", ep: bool = False) -> str:
+    return (TP_EXPERTS_PLAN % ("  ep = 2\n" if ep else "", EP_SECTION if ep else "")).replace(
+        "TP", str(tp)).replace("STYLED", styled)
+
+
+def _rejected(plan: str, model: Any, world: int = 4) -> list[Any]:
+    with pytest.raises(PlanRejected) as info:
+        compile_plan(plan, model, world)
+    return info.value.errors
+
+
+def test_tensor_parallel_experts_compile() -> None:
+    program = compile_plan(_tp_experts(), "tiny-mixtral", 4).program
+    calls = {rel: call for step in program.steps if step.kind == "parallelize" for rel, call in step.plan}
+    assert next(c for r, c in calls.items() if r.endswith("mlp.experts")).parts == 2
+
+
+def test_tensor_parallel_experts_that_are_expert_parallel_too_are_rejected() -> None:
+    (error,) = _rejected(_tp_experts(ep=True), "tiny-mixtral")
+    assert error.code == "E504" and error.span.line == 10 and "expert-parallel too" in error.message
+    assert "choose one" in (error.hint or "")
+
+
+def test_tensor_parallel_experts_on_another_module_are_rejected() -> None:
+    (error,) = _rejected(_tp_experts(styled="model.layers.*.mlp.gate"), "tiny-mixtral")
+    assert error.code == "E504" and error.span.line == 9 and "`tp_experts` is made for experts" in error.message
+
+
+def test_tensor_parallel_experts_intermediate_must_divide() -> None:
+    errors = _rejected(_tp_experts(), _meta_model("tiny-mixtral", intermediate_size=65))
+    assert [e.code for e in errors] == ["E505"]
+    assert errors[0].span.line == 9 and "65 intermediate features per expert cannot be split 2 ways" in errors[0].message

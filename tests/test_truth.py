@@ -55,6 +55,36 @@ def test_crash(pool: RankPool) -> None:
     assert again.truth == "exact", again
 
 
+EXPERTS_TP = """\
+plan experts_tp for MixtralForCausalLM
+mesh {
+  dp_shard = auto
+  tp = 2
+}
+tensor_parallel on tp {
+  model.layers.*.self_attn.{q,k,v}_proj : colwise
+  model.layers.*.self_attn.o_proj       : rowwise
+  model.layers.*.mlp.experts            : tp_experts(parts = PARTS)
+}
+fully_shard on dp_shard {
+  unit model.layers.*
+  root
+}
+"""
+
+
+def test_tensor_parallel_experts(pool: RankPool) -> None:
+    """Every expert split on its intermediate features over tp (under FSDP over dp_shard):
+    exact with gate and up each sharded; one block of 2I rows (transformers' Inkling-2
+    plan) gives rank 0 only gate rows and rank 1 only up rows — wrong, and rejected."""
+    compiled, truth = judge(pool, EXPERTS_TP.replace("PARTS", "2"), "tiny-mixtral", 4)
+    assert compiled.accepted and truth.truth == "exact", truth
+    compiled, truth = judge(pool, EXPERTS_TP.replace("PARTS", "1"), "tiny-mixtral", 4)
+    assert compiled.codes == ("E504",) and compiled.program is not None
+    assert truth.truth == "wrong" and truth.error > 1e-2, truth
+    assert "experts" in truth.detail or "layers" in truth.detail
+
+
 def test_nothing_to_apply_when_the_mesh_does_not_fit(pool: RankPool) -> None:
     compiled, truth = judge(pool, BROKEN / "mesh_product_wrong.plan", "tiny-llama", 4)
     assert compiled.program is None and truth.truth == "n/a"
