@@ -26,6 +26,9 @@ class Layout:
     dtensor: bool = False
     # The plan line that made this value non-replicated (for messages); not compared.
     origin: Span | None = field(default=None, compare=False)
+    # A replicated value `expand`ed from size 1 along these dims: equal along them, so
+    # it fits a value sharded there, whatever the traced size; not compared.
+    expanded: frozenset[int] = field(default=frozenset(), compare=False)
 
     def describe(self) -> str:
         what = {

@@ -105,7 +105,7 @@ LINEAR_IN_PARTIAL = frozenset({
     "dropout", "type_as", "copy",
 })  # fmt: skip
 FACTORIES = frozenset({
-    "arange", "ones", "zeros", "full", "empty", "new_ones", "new_zeros", "new_empty", "new_full",
+    "arange", "ones", "zeros", "full", "empty", "new_ones", "new_zeros", "new_full",
     "scalar_tensor", "rand", "randn", "tensor", "empty_strided", "eye", "linspace", "triu", "tril",
 })  # fmt: skip
 RESHAPES = frozenset({
@@ -152,6 +152,30 @@ def elementwise(call: OpCall) -> Result:
 def factory(call: OpCall) -> Result:
     """Tensors made from shapes (arange, zeros, new_ones, triu, …) are replicated."""
     return REPLICATE
+
+
+def new_empty(call: OpCall) -> Result:
+    """An uninitialised buffer the code then fills (`x.new_empty(*x.shape[:-1], d)`,
+    DeepSeek's key buffer) is sized from its source: made from a value sharded on a
+    dimension it keeps (same rank and traced size there), it is sharded alike; else it
+    is replicated, like any tensor made from a shape."""
+    first, shape = call.first, call.in_shape
+    if first.kind == "shard" and first.dim is not None and len(call.out) == len(shape) \
+            and call.out[first.dim] == shape[first.dim]:
+        return replace(first, dtensor=False)
+    return REPLICATE
+
+
+def inplace_copy(call: OpCall) -> Result:
+    """`dst.copy_(src)` writes into `dst`, which keeps its layout: `src` must agree with
+    it, a replicated source only broadcast along the sharded dimension (size 1 there, or
+    expanded from size 1); a sharded value written into a replicated buffer would fill
+    it with one rank's piece."""
+    (dst, _), (src, _) = call.inputs[0], call.inputs[1]
+    if dst.kind == "replicate" and src.kind != "replicate":
+        raise LayoutProblem(f"`copy_` writes a value {src.describe()} into a replicated buffer")
+    broadcast(call.name, call.inputs[:2], call.out)
+    return dst
 
 
 def reshape(call: OpCall) -> Result | None:
@@ -434,6 +458,8 @@ RULES: dict[str, OpRule] = {
     "identity": OpRule(IDENTITY, identity, takes_partial=True),
     "elementwise": OpRule(ELEMENTWISE, elementwise, takes_partial=True),
     "factory": OpRule(FACTORIES, factory, fresh=True),
+    "new_empty": OpRule(frozenset({"new_empty"}), new_empty, takes_partial=True),
+    "copy_": OpRule(frozenset({"copy_"}), inplace_copy),
     "reshape": OpRule(RESHAPES, reshape, takes_partial=True),
     "expand": OpRule(frozenset({"expand"}), expand),
     "transpose": OpRule(frozenset({"transpose", "swapaxes"}), transpose),
@@ -525,7 +551,7 @@ def broadcast(op: str, inputs: Sequence[tuple[Layout, Shape]], out: Shape) -> La
         if layout.kind != "replicate" or not shape:
             continue
         aligned = dim - (rank - len(shape))
-        if 0 <= aligned < len(shape) and shape[aligned] != 1:
+        if 0 <= aligned < len(shape) and shape[aligned] != 1 and aligned not in layout.expanded:
             raise LayoutProblem(
                 f"`{op}` combines a value sharded on dim {dim} with a replicated one of the "
                 f"full size {shape[aligned]} on that dim: the local shapes differ"

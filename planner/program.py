@@ -50,13 +50,14 @@ class StyleCall:
     parts: int = 1
     dim: int = 1
     conversions: tuple[tuple[str | None, str | None, str | None], ...] = ()
+    rope: int = 0  # mla_kv_a: the width of the output's shared rotary part
 
     def __post_init__(self) -> None:
         if not isinstance(self.style, str) or self.style not in STYLES:
             raise ValueError(f"StyleCall: unknown style {self.style!r}; styles are {', '.join(STYLES)}")
         if not isinstance(self.local_output, bool):
             raise ValueError(f"StyleCall {self.style}: local_output must be true or false, got {self.local_output!r}")
-        for what, number in (("parts", self.parts), ("dim", self.dim)):
+        for what, number in (("parts", self.parts), ("dim", self.dim), ("rope", self.rope)):
             if isinstance(number, bool) or not isinstance(number, int):
                 raise ValueError(f"StyleCall {self.style}: {what} must be an integer, got {number!r}")
         for conv in self.conversions:
@@ -97,6 +98,7 @@ def style_call(style: StyleSpec) -> StyleCall:
         parts=int(str(args.get("parts", 1))),
         dim=int(str(args.get("dim", 1))),
         conversions=tuple((c.name, placement(c.source), placement(c.target)) for c in style.conversions),
+        rope=int(str(args.get("rope", 0))),
     )
 
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
 
 from meshplan.cli.main import main
+from meshplan.dsl.errors import PlanRejected
 from meshplan.planner.compile import compile_plan
 from meshplan.planner.hf_import import STYLES, UNSUPPORTED, HfImportError, hf_source, import_hf
 from meshplan.planner.models import build_meta_model
@@ -90,6 +92,27 @@ def test_experts_transposed_are_named() -> None:
 def test_deepseek_v2_latent_attention_and_tensor_parallel_experts() -> None:
     text = _import("deepseek_v2")
     assert "mla_kv_a(" in text and "model.layers.*.mlp.experts                  : tp_experts(parts = 2)" in text
+
+
+def test_mla_kv_a_sums_the_shared_rotary_part() -> None:
+    """Latent attention's kv_a projection: its rotary part's width is the config's
+    qk_rope_head_dim (8 in tiny configs), and the plan compiles with the heads split
+    (MiniCPM3: latent attention without experts; measured exact, tests/test_hf_audit.py)."""
+    source = hf_source("minicpm3")
+    model = build_meta_model(source)
+    assert model.config.qk_rope_head_dim == 8 and model.config.head_dim == 8  # the tiny widths follow
+    text = import_hf(model).text
+    assert re.search(r"self_attn\.kv_a_proj_with_mqa : mla_kv_a\(rope = 8\) +# transformers: mla_kv_a_proj", text)
+    program = compile_plan(text, source, 4).program
+    calls = [c for step in program.steps for f, c in getattr(step, "plan", ()) if f.endswith("kv_a_proj_with_mqa")]
+    assert len(calls) == 2 and {c.style for c in calls} == {"mla_kv_a"} and {c.rope for c in calls} == {8}
+    # Without the rule the rotary key's gradient stays a partial sum per rank (measured
+    # wrong): refused, naming the projection.
+    without = "\n".join(line for line in text.splitlines() if "kv_a_proj_with_mqa" not in line)
+    with pytest.raises(PlanRejected) as rejected:
+        compile_plan(without, source, 4)
+    assert any(d.code == "E506" and "(`model.layers.*.self_attn.kv_a_proj_with_mqa`) get wrong gradients"
+               in d.message for d in rejected.value.errors)
 
 
 def test_unknown_model_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:

@@ -112,6 +112,24 @@ CASES: tuple[Case, ...] = (
          lambda n, h, x, i: h + h.new_zeros(2, 48, 1)),
     Case("a full-size factory operand does not", ("factory",),
          lambda n, h, x, i: h + h.new_zeros(2, 48, 32), "with a replicated one of the full size 32"),
+    # -- new_empty: a buffer sized from its source is laid out like it
+    Case("a buffer sized from a shard is sharded", ("new_empty", "copy_"),
+         lambda n, h, x, i: h.new_empty(2, 48, 32).copy_(h).softmax(-1), "`softmax` reduces over sharded dim 2"),
+    Case("a buffer of another size is replicated", ("new_empty",),
+         lambda n, h, x, i: h * h.new_empty(2, 48, 1).fill_(1.0)),
+    # -- copy_: the buffer keeps its layout, the source must fit it
+    Case("a shard copied into a buffer like it", ("copy_",),
+         lambda n, h, x, i: h.new_empty(2, 48, 32).copy_(F.silu(h))),
+    Case("a shard copied into a replicated buffer", ("copy_",),
+         lambda n, h, x, i: h.new_zeros(2, 48, 32).copy_(h),
+         "`copy_` writes a value sharded on dim 2 (plain tensor) into a replicated buffer"),
+    # A replicated value that carries a gradient, broadcast over the shard: each rank's
+    # backward sums its gradient over its own piece only (DeepSeek's shared rotary key).
+    Case("a value with a gradient expanded into a shard", ("copy_",),
+         lambda n, h, x, i: h.new_empty(2, 48, 32).copy_(x[..., :1].expand(2, 48, 32)),
+         "`copy_` broadcasts a replicated value that carries a gradient over sharded dim 2"),
+    Case("a value with a gradient broadcast over a shard", ("elementwise",),
+         lambda n, h, x, i: h * x[..., :1], "`mul` broadcasts a replicated value that carries a gradient"),
     # -- reshape: the sharded dim is mapped
     Case("hidden into heads and back", ("reshape",),
          lambda n, h, x, i: h.view(2, 48, 4, 8).softmax(1).reshape(2, 48, 32)),
@@ -248,8 +266,9 @@ CASES: tuple[Case, ...] = (
     # -- no rule: reported when a sharded or partial value is touched, silent otherwise
     Case("an op without a rule on a sharded value", (), lambda n, h, x, i: torch.flip(h, [1]),
          "no layout rule for `flip` on sharded on dim 2 (plain tensor)"),
+    # (detached: a replicated value with a gradient broadcast over the shard is refused, below)
     Case("an op without a rule on replicated values", (),
-         lambda n, h, x, i: h * torch.flip(x, [1]).sum(-1, keepdim=True)),
+         lambda n, h, x, i: h * torch.flip(x.detach(), [1]).sum(-1, keepdim=True)),
     Case("an op without a rule on a partial sum", (), _same,
          "`flip` is applied to a partial sum that was never reduced", PARTIAL,
          lambda n, y, x: torch.flip(y, [1])),
