@@ -18,6 +18,7 @@ for a base weight the step quantises, the NF4 layout its bytes follow
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import math
@@ -29,7 +30,7 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from meshplan.planner.program import Adapters, MeshLayout, Program, Quantize
+from meshplan.planner.program import Adapters, FullyShard, MeshLayout, Program, Quantize
 
 from ..parallel.apply import DTYPES
 from .failure import apply_each
@@ -224,8 +225,13 @@ def _apply_reduced(program: Program, source: ModelSource, reduction: Reduction, 
             return _apply_reduced(program, source, reduction, rank, dtype, own)
     with torch.device("meta"):
         model = build_reduced_model(source, reduction, dtype=dtype)
-        reduced = _without_context_parallel(reduction.program)
-        apply_each(reduced, reduced.steps, model, mesh, reduction)
+    reduced = _without_context_parallel(reduction.program)
+    for step in reduced.steps:
+        # Steps that build modules (adapters) build them on meta. FSDP only cuts the meta
+        # parameters it is given (views and `new_empty` of them): outside the device
+        # context its ~30k tensor calls at 2048-way sharding skip torch's device hook.
+        with contextlib.nullcontext() if isinstance(step, FullyShard) else torch.device("meta"):
+            apply_each(reduced, (step,), model, mesh, reduction)
     buffers = {reduction.to_full(clean_name(n)): b.element_size() for n, b in model.named_buffers()}
     return _shards(model, reduction), buffers
 
@@ -251,20 +257,42 @@ def _local_shape(shard: ParamShard, mesh_shape: Sequence[int], coords: Sequence[
 
     A tensor dimension is split by its `Shard` placements in mesh order, then by FSDP's
     `_StridedShard` ones (FSDP2 shards the tensor-parallel local piece further)."""
+    splits = _splits(shard)
+    if splits is None:
+        return _torch_local_shape(shard, mesh_shape, coords)
     shape = list(shard.global_shape)
-    plain: list[tuple[int, int, int]] = []
-    strided: list[tuple[int, int, int]] = []
+    for d, i in splits:
+        shape[d] = _chunk(shape[d], mesh_shape[i], coords[i])
+    return tuple(shape)
+
+
+# (placements as text, ndim) → what `_splits` returns. The rank classes ask it for every
+# coordinate of every dimension (2048 of dp_shard at 16384 ranks); placement objects
+# hash slowly, their text (`S(0)`, `_S(0, 8)`, `R`) names kind and dimension alike.
+_SPLITS: dict[tuple[tuple[str, ...], int], tuple[tuple[int, int], ...] | None] = {}
+
+
+def _splits(shard: ParamShard) -> tuple[tuple[int, int], ...] | None:
+    """(tensor dimension, mesh dimension index) of each split `_local_shape` makes, in its
+    order; None for a placement it cannot follow (torch computes those)."""
+    ndim = len(shard.global_shape)
+    key = (shard.placements, ndim)
+    if key in _SPLITS:
+        return _SPLITS[key]
+    plain: list[tuple[int, int]] = []
+    strided: list[tuple[int, int]] = []
+    found: tuple[tuple[int, int], ...] | None = None
     for i, placement in enumerate(shard.placement_objects):
         d = shard_dim(placement)
         if d is None:
             if not (placement.is_replicate() or placement.is_partial()):
-                return _torch_local_shape(shard, mesh_shape, coords)
+                break
             continue
-        entry = (d % len(shape), mesh_shape[i], coords[i])
-        (plain if type(placement).__name__ == "Shard" else strided).append(entry)
-    for d, n, c in (*plain, *strided):
-        shape[d] = _chunk(shape[d], n, c)
-    return tuple(shape)
+        (plain if type(placement).__name__ == "Shard" else strided).append((d % ndim, i))
+    else:
+        found = (*plain, *strided)
+    _SPLITS[key] = found
+    return found
 
 
 def _torch_local_shape(shard: ParamShard, mesh_shape: Sequence[int], coords: Sequence[int]) -> tuple[int, ...]:
@@ -325,13 +353,13 @@ def rank_classes(layout: MeshLayout, shards: dict[str, ParamShard],
     if {"ep", "efsdp"} & set(dims):
         return _pool_classes(layout, odd, limit)
     # Classes per dimension: coordinates along it (others 0) giving the same shapes.
+    sizes = {id(s): [layout.size(x) for x in s.mesh_dims] for s in odd}
     per_dim: list[list[tuple[int, int]]] = []
     for d in dims:
         classes: dict[tuple[Any, ...], list[int]] = {}
+        along = [s for s in odd if d in s.mesh_dims]
         for c in range(layout.size(d)):
-            key = tuple(_local_shape(s, [layout.size(x) for x in s.mesh_dims],
-                                     [c if x == d else 0 for x in s.mesh_dims])
-                        for s in odd if d in s.mesh_dims)
+            key = tuple(_local_shape(s, sizes[id(s)], [c if x == d else 0 for x in s.mesh_dims]) for s in along)
             classes.setdefault(key, []).append(c)
         per_dim.append([(cs[0], len(cs)) for cs in classes.values()])
     covered = math.prod(layout.size(d) for d in dims)
@@ -340,8 +368,7 @@ def rank_classes(layout: MeshLayout, shards: dict[str, ParamShard],
     for combo in itertools.product(*per_dim):
         flat = dict(zip(dims, (c for c, _ in combo), strict=True))
         count = math.prod(n for _, n in combo) * others
-        key = tuple(_local_shape(s, [layout.size(x) for x in s.mesh_dims],
-                                 [flat.get(x, 0) for x in s.mesh_dims]) for s in odd)
+        key = tuple(_local_shape(s, sizes[id(s)], [flat.get(x, 0) for x in s.mesh_dims]) for s in odd)
         entry = merged.setdefault(key, [flat, 0])
         entry[1] += count
     out = []
