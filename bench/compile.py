@@ -31,6 +31,8 @@ import sys
 import time
 from pathlib import Path
 
+from bytecode import compile_bytecode
+
 ROOT = Path(__file__).resolve().parent.parent
 
 FULL_TRACE = """
@@ -113,6 +115,7 @@ def main() -> None:
     parser.add_argument("--net", action="store_true", help="only the dry-run net's budget (see above)")
     parser.add_argument("--repeat", type=int, default=3, help="runs of each command for --net")
     args = parser.parse_args()
+    compile_bytecode()
     if args.net:
         net_budget(args.repeat)
         return

@@ -27,6 +27,8 @@ import sys
 import time
 from pathlib import Path
 
+from bytecode import compile_bytecode
+
 ROOT = Path(__file__).resolve().parent.parent
 IMPORTS = "import torch; from transformers import LlamaForCausalLM"
 GOALS = {"llama-3.1-405b": 1.5, "llama-3.1-70b": 1.25}
@@ -75,6 +77,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="llama-3.2-1b at 64 ranks instead (smoke test)")
     parser.add_argument("--repeat", type=int, default=3, help="runs of each measurement (median taken)")
     args = parser.parse_args()
+    compile_bytecode()
     plan = str(ROOT / "plans" / "llama.plan")
     cases = ([("llama-3.2-1b", 64, ["tp=4"])] if args.quick else
              [("llama-3.1-405b", 16384, ["tp=8"]), ("llama-3.1-70b", 512, ["tp=4"])])
