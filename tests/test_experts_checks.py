@@ -158,3 +158,12 @@ def test_tensor_parallel_experts_intermediate_must_divide() -> None:
     errors = _rejected(_tp_experts(), _meta_model("tiny-mixtral", intermediate_size=65))
     assert [e.code for e in errors] == ["E505"]
     assert errors[0].span.line == 9 and "65 intermediate features per expert cannot be split 2 ways" in errors[0].message
+
+
+def test_tensor_parallel_experts_behind_a_random_router_are_rejected() -> None:
+    """Jitter noise in training: each tp rank draws its own routes, and the partial
+    outputs summed over tp belong to different routes (PhiMoE's sampling router,
+    measured wrong in tests/test_hf_audit.py)."""
+    (error,) = _rejected(_tp_experts(), _meta_model("tiny-mixtral", router_jitter_noise=0.1))
+    assert error.code == "E504" and error.span.line == 9
+    assert "draws random numbers in training" in error.message and "different routes" in error.message

@@ -50,8 +50,18 @@ EXPECTED: dict[str, tuple[str, str, str]] = {
     "codegen": ("truth", "accept", "exact"),
     # biased k_proj under rotary; its default dropout (0.1) is off in tiny configs
     "seed_oss": ("truth", "accept", "exact"),
+    # fused experts split on their intermediate features over tp (`tp_experts`)
+    "mixtral": ("truth", "accept", "exact"),
+    "qwen2_moe": ("truth", "accept", "exact"),  # a shared expert beside them
+    "qwen3_moe": ("truth", "accept", "exact"),
+    "olmoe": ("truth", "accept", "exact"),
+    "deepseek_v3": ("truth", "accept", "exact"),  # sigmoid routing, shared experts
+    "nemotron_h": ("truth", "accept", "exact"),  # no gate: up_proj cut as one part
+    # gate_up_proj cut as one block (`colwise`): rank 0 gets gate rows, rank 1 up rows
+    "inkling2_text": ("truth", "reject E504", "wrong"),
+    # a router that samples in training: each tp rank sums partial outputs of its own routes
+    "phimoe": ("truth", "reject E504", "wrong"),
     # styles with no meshplan equivalent yet
-    "mixtral": ("import", "-", "-"),  # packed experts
     "deepseek_v2": ("import", "-", "-"),  # mla_kv_a_proj
 }
 

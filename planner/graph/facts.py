@@ -147,6 +147,14 @@ def _module_attrs(kind: str, module: nn.Module, config: Any) -> dict[str, Any]:
                 getattr(module, "top_k", None), getattr(config, "num_experts_per_tok", None)
             ),
         }
+        # Noise a router draws in training (Mixtral's `jitter_noise`, PhiMoE's
+        # `router_jitter_noise` of its sampling router): routes then differ per rank.
+        # A MoE block answers for its router too (PhiMoE's is a Linear subclass).
+        owners = [module, *module.children()] if kind == "moe" else [module]
+        jitter = [float(v) for m in owners for k, v in vars(m).items()
+                  if "jitter" in k and isinstance(v, (int, float)) and not isinstance(v, bool)]
+        if jitter:
+            attrs["jitter"] = max(jitter)
         if kind == "experts":
             attrs["hidden_dim"] = _first_int(getattr(module, "hidden_dim", None))
             own = {n: tuple(p.shape) for n, p in module.named_parameters(recurse=False)}

@@ -18,6 +18,7 @@ from meshplan.dsl.styles import STYLES
 
 from ..graph import ModelGraph
 from .context import Context
+from .patterns import generic
 
 # Leaf names of fused projections and how many parts they pack.
 FUSED = {"qkv_proj": 3, "c_attn": 3, "W_pack": 3, "gate_up_proj": 2}
@@ -210,6 +211,18 @@ class StyleFit:
                       "choose one: expert_parallel (whole experts per rank) or tensor_parallel's "
                       f"`{style.name}` (every expert split over tp)",
                       related=((ctx.ep_modules[fqn].span, "made expert-parallel here"),))
+            return True
+        block = fqn.rsplit(".", 1)[0] if "." in fqn else ""
+        noisy = [(f, m.attrs["jitter"]) for f, m in ctx.graph.modules.items() if (f == block or (
+            f.startswith(block + ".") and f.count(".") == fqn.count("."))) and m.attrs.get("jitter", 0) > 0]
+        if noisy:
+            where, noise = noisy[0]
+            ctx.error(style.span, "E504",
+                      f"the routing of {what} draws random numbers in training (`{generic(where)}`, jitter {noise}): "
+                      "each tp rank samples its own routes, so the partial expert outputs summed over tp belong "
+                      "to different routes — silently wrong",
+                      "leave the experts replicated (no tensor_parallel rule) or make them expert-parallel; or "
+                      "set router_jitter_noise = 0 where the router is deterministic without it")
             return True
         wanted = int(str(style.args.get("parts", 1)))
         packed = "gate_up_proj" in shapes and info.attrs.get("is_concatenated") is not False

@@ -269,6 +269,9 @@ class TensorParallelExperts(ParallelStyle):
             raise NotImplementedError(f"TensorParallelExperts shards fused experts with 3-D gate_up_proj (or "
                                       f"up_proj) and down_proj only, not {type(module).__name__} "
                                       f"({', '.join(sorted(own))})")
+        if getattr(module, "is_transposed", None) is not False or getattr(module, "has_post_expert_norm", False):
+            raise NotImplementedError(f"TensorParallelExperts shards experts laid out [E, 2I, H] / [E, H, I] "
+                                      f"without a per-expert norm, not {type(module).__name__}")
         distribute_module(module, device_mesh, self._partition)
         group = device_mesh.get_group()
         inner = module.forward
