@@ -88,7 +88,8 @@ Example:
     }
 
 Fix: use a registered style (`colwise`, `rowwise`, `sequence_parallel`,
-`prepare_input`, `prepare_output`, `replicate`, `conv1d_colwise`, `conv1d_rowwise`);
+`prepare_input`, `prepare_output`, `replicate`, `conv1d_colwise`, `conv1d_rowwise`,
+`tp_experts`);
 the hint suggests the closest.
 """,
     "E203": """\
@@ -426,7 +427,9 @@ Fix: make the patterns disjoint, or follow the hint.
     "E504": """\
 A style does not fit the module it is applied to: `colwise` on a norm,
 `sequence_parallel` on a Linear, `colwise` on GPT-2's transposed Conv1D, experts that
-are not fused 3-D weights.
+are not fused 3-D weights; `tp_experts` whose `parts` does not match how gate_up_proj
+packs gate and up, on experts that are also expert-parallel, or behind a router that
+draws noise in training (each tp rank would sum partial outputs of its own routes).
 
 Example:
 

@@ -199,8 +199,8 @@ def _experts_rule(pattern: str, plan: Mapping[str, str], modules: list[nn.Module
                             "gate_up_proj [E, 2I, H] and down_proj [E, H, I] on I)")
     extra = sorted(set(inner) - {name, "down_proj"})
     if extra:
-        raise HfImportError(f"{where}: rules on {', '.join(f'`{pattern}.{e}`' for e in extra)} have no meshplan "
-                            "equivalent yet")
+        raise HfImportError(f"{where}: {', '.join(f'`{pattern}.{e}: {inner[e]}`' for e in extra)} inside the "
+                            "experts has no meshplan equivalent yet")
     return STYLES["moe_tp_experts"].format(parts=EXPERT_PARAMS[name, style]), [f"{pattern}.{n}" for n in inner]
 
 
@@ -350,6 +350,9 @@ def tiny_config(config_class: Any) -> Any:
         text.head_dim = text.qk_rope_head_dim
     if mla_heads:
         text.num_key_value_heads = text.num_attention_heads
+    # DeepSeek-V2 leaves the experts per token unset (None): a router with experts needs it.
+    if getattr(text, "num_experts_per_tok", 0) is None and isinstance(getattr(text, "n_routed_experts", None), int):
+        text.num_experts_per_tok = TINY["num_experts_per_tok"]
     if isinstance(getattr(text, "qk_head_dim", None), int):
         text.qk_head_dim = text.qk_nope_head_dim + text.qk_rope_head_dim
     if isinstance(layers, int):
