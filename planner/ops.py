@@ -198,6 +198,19 @@ def expand(call: OpCall) -> Result | None:
     return None
 
 
+def complex_view(call: OpCall) -> Result | None:
+    """view_as_complex folds the last dimension (the real and imaginary pair) into the
+    element, view_as_real unfolds it (DeepSeek-V2's rotary): another sharded dimension
+    keeps its place; the pair itself sharded is an error (each rank holds half of it)."""
+    first = call.first
+    if first.kind != "shard" or first.dim is None:
+        return None
+    if call.name == "view_as_complex" and first.dim == len(call.in_shape) - 1:
+        raise LayoutProblem("`view_as_complex` folds sharded dim "
+                            f"{first.dim} (the real and imaginary pair)")
+    return first
+
+
 def transpose(call: OpCall) -> Result | None:
     """transpose/swapaxes move the sharded dimension with the swap."""
     first = call.first
@@ -462,6 +475,7 @@ RULES: dict[str, OpRule] = {
     "copy_": OpRule(frozenset({"copy_"}), inplace_copy),
     "reshape": OpRule(RESHAPES, reshape, takes_partial=True),
     "expand": OpRule(frozenset({"expand"}), expand),
+    "complex_view": OpRule(frozenset({"view_as_complex", "view_as_real"}), complex_view),
     "transpose": OpRule(frozenset({"transpose", "swapaxes"}), transpose),
     "t": OpRule(frozenset({"t"}), matrix_transpose),
     "permute": OpRule(frozenset({"permute"}), permute),

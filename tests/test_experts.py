@@ -4,8 +4,8 @@ For tiny Mixtral, Qwen3-MoE and DeepSeek-V3 (shared experts, sigmoid routing wit
 non-zero fp32 score-correction bias), under ep 2 and ep 4 over dp_shard 4, ep 2 with
 HSDP (dp_replicate 2 × dp_shard 2, the experts sharded over ep), and ep 2 with
 tensor-parallel attention (dp_shard 2 × tp 2: the ep group is the tp group, whose
-replicated tokens each rank routes half of; DeepSeek's latent attention stays
-replicated over tp, see ATTENTION_TP): the logits of this rank's rows, the loss
+replicated tokens each rank routes half of; DeepSeek's latent attention split over
+heads, its shared rotary key's gradient summed by `mla_kv_a`, see ATTENTION_TP): the logits of this rank's rows, the loss
 (cross-entropy plus the load-balancing loss over the global batch, where the model has
 one) and every parameter's gradient equal one process's within 1e-5 (fp32). With
 context parallelism (dp_shard 2 × cp 2, ep 2 over the cp ranks, which hold different
@@ -44,11 +44,12 @@ ATTENTION_TP = {
     "tiny-qwen3-moe": ["model.layers.*.self_attn.{q,k,v}_proj : colwise",
                        "model.layers.*.self_attn.{q,k}_norm : replicate(input = shard(2), output = shard(2))",
                        "model.layers.*.self_attn.o_proj : rowwise"],
-    # Latent attention cannot be split over heads exactly: the rotary key part
-    # (`kv_a_proj_with_mqa`) is shared by every head, so its gradient would stay a
-    # partial sum per tp rank (measured: tests/plans/broken/ep_deepseek_mla_tp.plan).
-    # Its tp ranks replicate attention, and the ep group over them splits the tokens.
-    "tiny-deepseek-v3": [],
+    # Latent attention split over heads: the rotary key part of `kv_a_proj_with_mqa` is
+    # shared by every head, so its gradient is a partial sum per tp rank (wrong without a
+    # rule: tests/plans/broken/ep_deepseek_mla_tp.plan); `mla_kv_a` sums it.
+    "tiny-deepseek-v3": ["model.layers.*.self_attn.{q_b,kv_b}_proj : colwise",
+                         "model.layers.*.self_attn.kv_a_proj_with_mqa : mla_kv_a(rope = 8)",
+                         "model.layers.*.self_attn.o_proj : rowwise"],
 }
 MESHES = {
     "ep2": ("dp_shard = 4\n  ep = 2", "dp_shard"),

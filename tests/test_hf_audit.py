@@ -61,8 +61,14 @@ EXPECTED: dict[str, tuple[str, str, str]] = {
     "inkling2_text": ("truth", "reject E504", "wrong"),
     # a router that samples in training: each tp rank sums partial outputs of its own routes
     "phimoe": ("truth", "reject E504", "wrong"),
+    # latent attention: the shared rotary key's gradient summed over tp (`mla_kv_a`);
+    # without the rule both are measured wrong and rejected (tests/test_import_hf.py)
+    "minicpm3": ("truth", "accept", "exact"),
+    "deepseek_v2": ("truth", "accept", "exact"),  # complex rotary, tp_experts
     # styles with no meshplan equivalent yet
-    "deepseek_v2": ("import", "-", "-"),  # mla_kv_a_proj
+    "granite_swa": ("import", "-", "-"),  # attention sinks: a rule on a parameter, local_params
+    "aria_text": ("import", "-", "-"),  # packed_rowwise on transposed experts
+    "longcat_flash": ("import", "-", "-"),  # moe_identity_expert inside tensor-parallel experts
 }
 
 # Families whose compiler verdict disagrees with the truth today (none in this subset).

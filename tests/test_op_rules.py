@@ -147,6 +147,18 @@ CASES: tuple[Case, ...] = (
     Case("expand keeps the shard on the features", ("expand",),
          lambda n, h, x, i: h.unsqueeze(0).expand(3, 2, 48, 32).softmax(-1).sum(0),
          "`softmax` reduces over sharded dim 3"),
+    # -- complex_view: the real/imaginary pair folds into the element and back
+    Case("complex rotary on sharded heads", ("complex_view",),
+         lambda n, h, x, i: torch.view_as_real(torch.view_as_complex(h.view(2, 48, 4, 4, 2))
+                                               * torch.polar(x.new_ones(48, 1, 4), x.new_zeros(48, 1, 4)))
+         .flatten(2).softmax(1)),
+    Case("complex views keep the shard on the features", ("complex_view",),
+         lambda n, h, x, i: torch.view_as_real(torch.view_as_complex(h.view(2, 48, 16, 2))).flatten(2)
+         .softmax(-1), "`softmax` reduces over sharded dim 2"),
+    Case("the real/imaginary pair sharded", ("complex_view",),
+         lambda n, h, x, i: torch.view_as_real(torch.view_as_complex(h.view(2, 48, 2, 16).transpose(2, 3)
+                                                                     .contiguous())).flatten(2),
+         "`view_as_complex` folds sharded dim 3"),
     # -- transpose / t / permute: the shard moves with the dims
     Case("transpose moves the shard", ("transpose",),
          lambda n, h, x, i: h.transpose(1, 2).softmax(2).transpose(1, 2)),
