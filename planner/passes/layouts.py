@@ -67,13 +67,16 @@ def _variants(ctx: Context) -> Iterator[dict[str, TPRuleSpec]]:
     choices: list[tuple[str, list[dict[str, TPRuleSpec]]]] = []
     for stack in graph.stacks:
         prefix = stack.fqn + "."
-        in_stack = [(f, r) for f, r in ctx.tp_rules.items() if f.startswith(prefix)]
+        by_layer: dict[str, list[tuple[str, TPRuleSpec]]] = {}  # one pass: 126 layers × their rules
+        for f, r in ctx.tp_rules.items():
+            if f.startswith(prefix):
+                by_layer.setdefault(f[len(prefix):].partition(".")[0], []).append((f, r))
         for kind in stack.kinds:
             maps: list[dict[str, TPRuleSpec]] = []
             seen: list[dict[str, int]] = []
             for index in kind.layers:
                 block = stack.block(index)
-                rel = {f[len(block):]: r for f, r in in_stack if f == block or f.startswith(block + ".")}
+                rel = {f[len(block):]: r for f, r in by_layer.get(str(index), ())}
                 key = {k: id(v) for k, v in rel.items()}
                 if key not in seen:
                     seen.append(key)

@@ -278,17 +278,19 @@ def fsdp_units(program: Program, parameters: Iterable[str], reduction: Reduction
     to the innermost unit holding its module (FSDP2 skips parameters an inner unit took)."""
     steps = list(program.steps_of(FullyShard))
     owned: dict[int, list[str]] = {i: [] for i in range(len(steps))}
+    unit_of: dict[str, int] = {}  # a unit's root module → its step (the first, if named twice)
+    for i, step in enumerate(steps):
+        for root in step.fqns or ("",):
+            unit_of.setdefault(root, i)
     for fqn in parameters:
+        # The innermost unit: the module's nearest ancestor (itself included) that is a root.
         module = fqn.rsplit(".", 1)[0] if "." in fqn else ""
-        best: tuple[int, int] | None = None
-        for i, step in enumerate(steps):
-            for root in step.fqns or ("",):
-                if inside(module, root):
-                    depth = root.count(".") + 1 if root else 0
-                    if best is None or depth > best[0]:
-                        best = (depth, i)
-        if best is not None:
-            owned[best[1]].append(fqn)
+        parts = module.split(".") if module else []
+        for end in range(len(parts), -1, -1):
+            i = unit_of.get(".".join(parts[:end]))
+            if i is not None:
+                owned[i].append(fqn)
+                break
     units = []
     for i, step in enumerate(steps):
         label = ", ".join(step.fqns) if step.fqns else "root"

@@ -12,6 +12,7 @@ measures.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -81,10 +82,25 @@ def inside(fqn: str, ancestor: str) -> bool:
     return ancestor == "" or fqn == ancestor or fqn.startswith(ancestor + ".")
 
 
-def _layer_signature(program: Program, block: str) -> tuple[Any, ...]:
-    """What the Program does to one block, with the block's own name factored out."""
-    return tuple(sig for index, step in enumerate(program.steps)
-                 if (sig := step.signature(block, index)) is not None)
+def _layer_signature(program: Program, block: str, steps: Iterable[int]) -> tuple[Any, ...]:
+    """What the Program does to one block, with the block's own name factored out.
+    `steps`: the indices of the steps naming a module inside the block (no other step
+    has a signature there), in order."""
+    return tuple(sig for index in steps if (sig := program.steps[index].signature(block, index)) is not None)
+
+
+def _steps_by_layer(program: Program, stack: str) -> dict[int, list[int]]:
+    """Layer → the indices of the steps naming a module inside it (`stack.i` or below).
+    One pass over the steps: a Program has a unit step per layer, so asking every step
+    for every layer is quadratic (16k signatures for the 126 layers of Llama-3.1-405B)."""
+    prefix = stack + "."
+    found: dict[int, list[int]] = {}
+    for index, step in enumerate(program.steps):
+        layers = {int(head) for f in step.modules() if f.startswith(prefix)
+                  if (head := f[len(prefix):].partition(".")[0]).isdigit()}
+        for i in layers:
+            found.setdefault(i, []).append(index)
+    return found
 
 
 def reduce_program(program: Program, graph: ModelGraph, *, reduce: bool = True) -> Reduction:
@@ -97,8 +113,10 @@ def reduce_program(program: Program, graph: ModelGraph, *, reduce: bool = True) 
     stack: Stack = stacks[0]
     groups: dict[Any, int] = {}
     represents: list[int] = []
+    touching = _steps_by_layer(program, stack.fqn) if reduce else {}
     for i in range(stack.length):
-        key = (stack.kind_of(i).name, _layer_signature(program, stack.block(i))) if reduce else i
+        key = (stack.kind_of(i).name, _layer_signature(program, stack.block(i), touching.get(i, ()))) \
+            if reduce else i
         represents.append(groups.setdefault(key, i))
     kept = tuple(sorted(set(represents)))
     index = {full: j for j, full in enumerate(kept)}

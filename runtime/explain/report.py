@@ -66,7 +66,7 @@ from .shards import ParamShard, RankClass, measure_rank_zero, measure_shards, mo
 from .shards import _recompute as recompute_shard
 from .stages import PipelineFigures, pipeline_figures
 from .trace import StepTrace, trace_step
-from .world import coordinates, fake_world, rank_at
+from .world import coordinates, fake_world
 
 if TYPE_CHECKING:
     from meshplan.planner.compile import Compiled
@@ -94,15 +94,18 @@ class DimGroups:
     def group_of(self, layout: MeshLayout, rank: int) -> tuple[int, ...]:
         if self.described:
             return _expert_group(layout, self.name, rank)
+        # From the group's first rank (coordinate 0 along its dimensions), by the strides:
+        # 2048 ranks a group at 16384 ranks, so no coordinates → rank round trip each.
         coords = coordinates(layout, rank)
-        base = dict(coords)
+        start = rank - sum(coords.get(d, 0) * stride for d, stride in zip(self.dims, self.strides, strict=True))
+        along = [(layout.size(d), stride) for d, stride in zip(self.dims, self.strides, strict=True)][::-1]
         ranks = []
         for flat in range(self.size):
-            for d in reversed(self.dims):
-                n = layout.size(d)
-                base[d] = flat % n
+            offset = 0
+            for n, stride in along:
+                offset += (flat % n) * stride
                 flat //= n
-            ranks.append(rank_at(layout, base))
+            ranks.append(start + offset)
         return tuple(ranks)
 
     def pattern(self, layout: MeshLayout) -> str:
