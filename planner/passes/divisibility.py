@@ -6,7 +6,8 @@ the vocabulary of a vocabulary-parallel embedding or `lm_head`, the embedding wi
 attention heads and key/value heads behind q/k/v/o projections, the sequence length
 for sequence parallelism (tp; under context parallelism each rank's seq_len / cp
 tokens split tp ways) and context parallelism (2·cp with head-tail balancing),
-and the number of experts for expert parallelism. Errors name the model fact:
+the intermediate features of every expert under `tp_experts`, and the number of
+experts for expert parallelism. Errors name the model fact:
 "8 key/value heads cannot be split 16 ways". A size that does not divide where the
 module's code never sees the shard (a colwise that gathers its output, a rowwise that
 slices a whole input) is a warning (W107): DTensor splits it unevenly and exactly.
