@@ -287,9 +287,9 @@ def fsdp_units(program: Program, parameters: Iterable[str], reduction: Reduction
         module = fqn.rsplit(".", 1)[0] if "." in fqn else ""
         parts = module.split(".") if module else []
         for end in range(len(parts), -1, -1):
-            i = unit_of.get(".".join(parts[:end]))
-            if i is not None:
-                owned[i].append(fqn)
+            unit = unit_of.get(".".join(parts[:end]))
+            if unit is not None:
+                owned[unit].append(fqn)
                 break
     units = []
     for i, step in enumerate(steps):
