@@ -269,8 +269,13 @@ def import_hf(model: nn.Module, *, name: str | None = None, tp: int = 2) -> Impo
                 if style == "replicate":
                     notes.append(f"# transformers' `{pattern}: replicate` keeps that tensor whole: no rule")
                     continue
+                why = ""
+                if pattern.rsplit(".", 1)[-1] == "sinks":
+                    # GPT-OSS-style attention sinks: one learned logit per head, sharded with the heads.
+                    why = (" (attention sinks, one per head, to be cut with the heads; meshplan's attention "
+                           "backends do not implement sinks (s_aux) yet, so no truth can be measured)")
                 raise HfImportError(f"transformers' rule `{pattern}: {style}` shards a parameter, not a "
-                                    "module: meshplan's rules apply to modules (no equivalent yet)")
+                                    f"module: meshplan's rules apply to modules (no equivalent yet){why}")
             notes.append(f"# transformers' rule `{pattern}: {style}` matches no module of {arch}: left out")
             continue
         if style == "replicate":

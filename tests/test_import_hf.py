@@ -115,6 +115,12 @@ def test_mla_kv_a_sums_the_shared_rotary_part() -> None:
                in d.message for d in rejected.value.errors)
 
 
+def test_attention_sinks_are_named() -> None:
+    """Granite-SWA's per-head sinks: a rule on a parameter, which meshplan cannot write yet."""
+    with pytest.raises(HfImportError, match=r"self_attn\.sinks: colwise.*not a module.*attention sinks"):
+        _import("granite_swa")
+
+
 def test_unknown_model_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["import", "hf", "no-such-model"]) == 2
     assert "unknown model 'no-such-model'" in capsys.readouterr().err
