@@ -89,7 +89,7 @@ Example:
 
 Fix: use a registered style (`colwise`, `rowwise`, `sequence_parallel`,
 `prepare_input`, `prepare_output`, `replicate`, `conv1d_colwise`, `conv1d_rowwise`,
-`tp_experts`);
+`tp_experts`, `mla_kv_a`);
 the hint suggests the closest.
 """,
     "E203": """\
@@ -458,6 +458,14 @@ gradients are never summed across the tensor-parallel ranks, so the replicas dri
 
 Fix: give the module between planned ones a rule (`sequence_parallel` for a norm) or
 convert the layout before it (`prepare_input(shard(1) -> replicate)`).
+
+The same code covers gradients that nothing sums: a replicated value made from weights
+and broadcast over a sharded dimension (latent attention's rotary key, shared by every
+head, expanded into head-sharded keys) gets on each rank the gradient of that rank's
+heads only. For DeepSeek-V2/V3-style attention the fix is
+`kv_a_proj_with_mqa : mla_kv_a(rope = N)` (N the config's qk_rope_head_dim), which sums
+that part's gradient over the ranks — and is refused where nothing head-sharded shares
+it, since the sum would then count the gradient tp times.
 """,
     "E507": """\
 A `partial` value (a sum each rank holds a piece of) reaches something non-linear, or
