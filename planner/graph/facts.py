@@ -158,17 +158,25 @@ def _module_attrs(kind: str, module: nn.Module, config: Any) -> dict[str, Any]:
         if kind == "experts":
             attrs["hidden_dim"] = _first_int(getattr(module, "hidden_dim", None))
             own = {n: tuple(p.shape) for n, p in module.named_parameters(recurse=False)}
-            down_shape = own.get("down_proj", ())
+            down_shape, gate_shape = own.get("down_proj", ()), own.get("gate_up_proj", ())
             transposed = getattr(module, "is_transposed", None)
+            if not isinstance(transposed, bool) and len(down_shape) == len(gate_shape) == 3:
+                # A class without transformers' flag (LongCat's experts): the shapes tell.
+                if gate_shape[1] == 2 * down_shape[2] and gate_shape[2] == down_shape[1]:
+                    transposed = False
+                elif gate_shape[2] == 2 * down_shape[1] and gate_shape[1] == down_shape[2]:
+                    transposed = True
             attrs["intermediate_dim"] = _first_int(
                 getattr(module, "intermediate_dim", None),
                 (down_shape[1] if transposed else down_shape[2])
                 if len(down_shape) == 3 and isinstance(transposed, bool) else None)
             # How transformers' `use_experts_implementation` lays the experts out (absent
             # on classes that do not use it): what a tensor-parallel split must respect.
-            for flag in ("is_transposed", "is_concatenated", "has_gate", "has_bias", "has_post_expert_norm"):
+            for flag in ("is_concatenated", "has_gate", "has_bias", "has_post_expert_norm"):
                 if isinstance(getattr(module, flag, None), bool):
                     attrs[flag] = getattr(module, flag)
+            if isinstance(transposed, bool):
+                attrs["is_transposed"] = transposed
             # transformers 5 stores all experts of a layer as 3-D tensors [experts, …].
             attrs["fused"] = any(p.dim() == 3 for p in module.parameters(recurse=False))
         return attrs

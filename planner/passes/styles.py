@@ -201,6 +201,9 @@ class StyleFit:
                     f"`{style.name}` shards gate_up_proj [E, 2I, H] and down_proj [E, H, I]")
         elif info.attrs.get("has_post_expert_norm"):
             fail = f"{what} normalises each expert's output, which would see a partial sum on every rank"
+        elif any(m.type == "Identity" and f.rsplit(".", 1)[0] == fqn for f, m in ctx.graph.modules.items()):
+            fail = (f"{what} has identity experts: their output is whole on every rank, and the sum over the "
+                    f"ranks would count it {ctx.size('tp')} times")
         if fail is not None:
             ctx.error(style.span, "E504", fail, "leave the experts out of tensor_parallel (replicated), or make "
                       "them expert-parallel (`expert_parallel`)")

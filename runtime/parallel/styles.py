@@ -247,6 +247,17 @@ class _SumBackward(torch.autograd.Function):
 _EXPERT_DIMS = {"gate_up_proj": 1, "up_proj": 1, "down_proj": 2}
 
 
+def experts_untransposed(module: nn.Module) -> bool:
+    """Are the experts laid out gate_up_proj [E, 2I, H] (or up_proj [E, I, H]), down_proj
+    [E, H, I]? transformers' `is_transposed` says so; a class without it, by the shapes."""
+    flag = getattr(module, "is_transposed", None)
+    if isinstance(flag, bool):
+        return not flag
+    gate, down = getattr(module, "gate_up_proj", None), getattr(module, "down_proj", None)
+    return isinstance(gate, torch.Tensor) and isinstance(down, torch.Tensor) and gate.dim() == down.dim() == 3 \
+        and gate.shape[1] == 2 * down.shape[2] and gate.shape[2] == down.shape[1]
+
+
 class TensorParallelExperts(ParallelStyle):
     """Every expert of a fused experts module sharded on its intermediate features."""
 
@@ -269,11 +280,16 @@ class TensorParallelExperts(ParallelStyle):
             raise NotImplementedError(f"TensorParallelExperts shards fused experts with 3-D gate_up_proj (or "
                                       f"up_proj) and down_proj only, not {type(module).__name__} "
                                       f"({', '.join(sorted(own))})")
-        if getattr(module, "is_transposed", None) is not False or getattr(module, "has_post_expert_norm", False):
+        if not experts_untransposed(module) or getattr(module, "has_post_expert_norm", False):
             raise NotImplementedError(f"TensorParallelExperts shards experts laid out [E, 2I, H] / [E, H, I] "
                                       f"without a per-expert norm, not {type(module).__name__}")
         distribute_module(module, device_mesh, self._partition)
         group = device_mesh.get_group()
+        if any(isinstance(child, nn.Identity) for child in module.children()):
+            # An identity expert (LongCat's zero experts) would hand back its input whole on
+            # every rank, and the sum over the ranks would count it tp times.
+            raise NotImplementedError(f"TensorParallelExperts does not split {type(module).__name__}'s "
+                                      "identity experts")
         inner = module.forward
 
         def forward(*args: Any, **kwargs: Any) -> Any:
