@@ -141,6 +141,13 @@ def test_tensor_parallel_experts_compile() -> None:
     program = compile_plan(_tp_experts(), "tiny-mixtral", 4).program
     calls = {rel: call for step in program.steps if step.kind == "parallelize" for rel, call in step.plan}
     assert next(c for r, c in calls.items() if r.endswith("mlp.experts")).parts == 2
+    # gate_up_proj is stored rank-major along its 2I rows (gate and up shards of a rank
+    # together); loading, export and the truth map it back by the registry's fused_params.
+    from meshplan.runtime.weights.loading import FusedRows, fused_rows
+
+    rows = fused_rows(_meta_model("tiny-mixtral"), program)
+    assert rows["model.layers.0.mlp.experts.gate_up_proj"] == FusedRows(1, 2, 2)
+    assert "model.layers.0.mlp.experts.down_proj" not in rows
 
 
 def test_tensor_parallel_experts_that_are_expert_parallel_too_are_rejected() -> None:

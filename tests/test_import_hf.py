@@ -84,6 +84,11 @@ def test_experts_cut_as_one_block_are_imported_as_written_and_rejected() -> None
     assert errors[0].span.line == line
 
 
+def test_experts_without_a_gate_are_one_part() -> None:
+    # Nemotron-H's experts have up_proj [E, I, H] only (`colwise`): nothing to cut part by part.
+    assert "model.layers.*.mixer.experts : tp_experts(parts = 1)" in _import("nemotron_h")
+
+
 def test_experts_transposed_are_named() -> None:
     with pytest.raises(HfImportError, match=r"packed_rowwise.*no meshplan equivalent yet"):
         _import("aria_text")
