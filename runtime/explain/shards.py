@@ -22,7 +22,7 @@ import contextlib
 import dataclasses
 import itertools
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -229,11 +229,40 @@ def _apply_reduced(program: Program, source: ModelSource, reduction: Reduction, 
     for step in reduced.steps:
         # Steps that build modules (adapters) build them on meta. FSDP only cuts the meta
         # parameters it is given (views and `new_empty` of them): outside the device
-        # context its ~30k tensor calls at 2048-way sharding skip torch's device hook.
-        with contextlib.nullcontext() if isinstance(step, FullyShard) else torch.device("meta"):
+        # context its tensor calls skip torch's device hook.
+        with _shared_empty_chunks() if isinstance(step, FullyShard) else torch.device("meta"):
             apply_each(reduced, (step,), model, mesh, reduction)
     buffers = {reduction.to_full(clean_name(n)): b.element_size() for n, b in model.named_buffers()}
     return _shards(model, reduction), buffers
+
+
+@contextlib.contextmanager
+def _shared_empty_chunks() -> Iterator[None]:
+    """FSDP2 cuts each parameter into one chunk per rank of its shard group, padding the
+    list with a fresh `new_empty(0)` per rank past the last non-empty chunk, and reads
+    only chunk 0 (the padded size) and its own rank's. At 2048-way sharding that is
+    ~14k empties per application, each a Python meta function on meta tensors (a third
+    of the application's time). While the dry run applies, the padding is one shared
+    empty tensor: every chunk FSDP reads has the same shape as before, so every shard
+    it builds is the same. (If torch renames the helper, nothing is replaced.)"""
+    from torch.distributed.fsdp._fully_shard import _fsdp_param
+
+    original = getattr(_fsdp_param, "_chunk_with_empty", None)
+    if original is None:
+        yield
+        return
+
+    def chunk_with_empty(tensor: torch.Tensor, num_chunks: int, dim: int) -> list[torch.Tensor]:
+        chunks = list(torch.chunk(tensor, num_chunks, dim=dim))
+        if len(chunks) < num_chunks:
+            chunks += [chunks[0].new_empty(0)] * (num_chunks - len(chunks))
+        return chunks
+
+    _fsdp_param._chunk_with_empty = chunk_with_empty
+    try:
+        yield
+    finally:
+        _fsdp_param._chunk_with_empty = original
 
 
 def _without_context_parallel(program: Program) -> Program:
