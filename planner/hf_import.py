@@ -47,7 +47,8 @@ rank; `mla_kv_a` keeps the weight whole and sums that part's gradient.
 
 Styles with no meshplan equivalent yet (`packed_rowwise`, expert parameters cut another
 way (transposed experts), `moe_identity_expert`, `all_reduce`,
-`local_params`, a rule on a parameter rather than a module) raise `HfImportError` naming
+`local_params`, a rule on a parameter rather than a module — attention sinks among
+them, which meshplan's attention backends do not implement yet) raise `HfImportError` naming
 the rule: nothing is dropped silently. A rule that matches no module of the model is
 left out with a comment saying so (transformers ignores it too).
 """
