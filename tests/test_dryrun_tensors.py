@@ -1,9 +1,10 @@
-"""Where the dry run's step runs: meta tensors first, fake CPU tensors where the model needs them.
+"""Where the dry run's steps run: the net on meta tensors first, fake CPU tensors where the
+model needs them; explain's figures on fake CPU tensors.
 
-The figures are defined on fake CPU tensors; the meta run must give the very same ones
-(activations per block, live memory, every collective), SDPA must take the kernel CPU
-takes (flash, not the math kernel meta takes by itself), and a model that cannot run on
-meta must still be measured (on fake tensors), its failure only being one on fake ones.
+On a Llama the meta step follows the fake one exactly (activations per block, live memory,
+every collective); SDPA on meta takes the kernel CPU takes (flash, not the math kernel
+meta takes by itself); a step that cannot run on meta runs on fake tensors, and only a
+failure there is the model's. Grouped experts run in fp32 too.
 """
 
 from __future__ import annotations
@@ -106,3 +107,35 @@ def test_a_step_that_fails_on_meta_runs_on_fake_tensors() -> None:
     tried.clear()
     assert trace.meta_first(needs_fake) == "FakeTensor"
     assert tried == [True, False]
+
+
+FP32_MIXTRAL = """\
+plan mixtral_fp32 for MixtralForCausalLM
+
+mesh {
+  dp_shard = auto
+  tp = 2
+}
+
+tensor_parallel on tp {
+  model.layers.*.self_attn.{q,k,v}_proj : colwise
+  model.layers.*.self_attn.o_proj       : rowwise
+}
+
+fully_shard on dp_shard {
+  unit model.layers.*
+  root
+}
+"""
+
+
+def test_grouped_experts_in_fp32_run_in_the_dry_run() -> None:
+    """torch's grouped matmul has a bf16-only fake/meta kernel (its CPU kernel takes fp32):
+    an fp32 MoE plan — exact on real ranks — must pass the net and be explained."""
+    from meshplan.runtime.explain.net import check_runs
+    from meshplan.runtime.explain.report import explain
+
+    compiled = compile_plan(FP32_MIXTRAL, "tiny-mixtral", 4)
+    assert check_runs(compiled, seq_len=64) == []
+    ex = explain(compiled, seq_len=64)
+    assert ex.compute_dtype == "fp32" and ex.memory[0].activations > 0

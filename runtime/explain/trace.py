@@ -45,7 +45,6 @@ if TYPE_CHECKING:
     from meshplan.planner.models import ModelSource
 
 DRYRUN_ATTENTION = "meshplan_dryrun"
-DRYRUN_META_ATTENTION = "meshplan_dryrun_meta"
 T = TypeVar("T")
 
 
@@ -177,15 +176,11 @@ class _LiveMemory:
         ShardingPropagator._propagate_tensor_meta_non_cached = self._restore  # type: ignore[method-assign]
 
 
-def register_dryrun_attention(*, meta: bool = False) -> str:
+def register_dryrun_attention() -> str:
     """Register the dry run's attention with transformers (idempotent): the model's own
     SDPA call with no mask (causal, as a varlen/flash kernel runs it), so that no mask of
-    the sequence length is built from a tensor whose data does not exist.
-
-    `meta=True`: the name for a step on meta tensors. It has no mask function, so
-    transformers skips building masks altogether (its packed-sequence check reads
-    position ids, data meta tensors do not have), and SDPA picks its kernel as on CPU
-    (`_CpuAttentionKernel`)."""
+    the sequence length is built from a tensor whose data does not exist. On meta
+    tensors SDPA picks its kernel as on CPU (`_CpuAttentionKernel`)."""
     from transformers import AttentionInterface
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
     from transformers.masking_utils import AttentionMaskInterface
@@ -202,9 +197,6 @@ def register_dryrun_attention(*, meta: bool = False) -> str:
     def no_mask(*args: Any, **kwargs: Any) -> None:
         return None
 
-    if meta:
-        AttentionInterface.register(DRYRUN_META_ATTENTION, attention)
-        return DRYRUN_META_ATTENTION
     AttentionInterface.register(DRYRUN_ATTENTION, attention)
     AttentionMaskInterface.register(DRYRUN_ATTENTION, no_mask)
     return DRYRUN_ATTENTION
@@ -298,7 +290,7 @@ def _fake_model(source: ModelSource, reduction: Reduction, dtype: torch.dtype, *
     config = (reduced_config(source.config, list(reduction.kept)) if reduction.reduced
               else copy.deepcopy(source.config))
     config.use_cache = False
-    config._attn_implementation = register_dryrun_attention(meta=meta)
+    config._attn_implementation = register_dryrun_attention()
     with _default_dtype(dtype):
         return source.model_class(config)
 
@@ -308,13 +300,63 @@ def step_tensors(*, meta: bool) -> Iterator[None]:
     """Where a dry-run step's tensors live: meta tensors (`meta=True`: ops dispatch in
     C++, a third of the fake tensors' time on a decoder step) or fake CPU tensors.
     Transformers tells fake tensors from data (`is_tracing`) and skips data-dependent
-    checks for them; on meta such a check raises, so a step runs on meta first and,
-    where it fails, again on fake tensors (`meta_first`): only a failure on fake
-    tensors is the model's."""
+    checks for them: its masks are told meta tensors are traced too; any other such
+    check raises on meta, so a step runs on meta first and, where it fails, again on
+    fake tensors (`meta_first`): only a failure on fake tensors is the model's."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    with (torch.device("meta") if meta else FakeTensorMode(allow_non_fake_inputs=True)), _quiet_fake_tensors():
+    with (torch.device("meta") if meta else FakeTensorMode(allow_non_fake_inputs=True)), _quiet_fake_tensors(), \
+            _grouped_experts_any_dtype(), _masks_trace_meta_tensors(meta):
         yield
+
+
+@contextmanager
+def _masks_trace_meta_tensors(meta: bool) -> Iterator[None]:
+    """Transformers' mask preparation skips its data-dependent checks (the packed-sequence
+    test on position ids) for traced tensors, fake ones included: on meta tensors it
+    takes the same path, so the step computes what it computes on fake tensors."""
+    from transformers import masking_utils
+
+    original = getattr(masking_utils, "is_tracing", None)
+    if not meta or original is None:
+        yield
+        return
+
+    def is_tracing(tensor: Any = None) -> bool:
+        return bool(original(tensor)) or (isinstance(tensor, torch.Tensor) and tensor.device.type == "meta")
+
+    setattr(masking_utils, "is_tracing", is_tracing)  # noqa: B010 (not an export of the module)
+    try:
+        yield
+    finally:
+        setattr(masking_utils, "is_tracing", original)  # noqa: B010
+
+
+@contextmanager
+def _grouped_experts_any_dtype() -> Iterator[None]:
+    """Transformers' grouped experts call `torch._grouped_mm`, whose CPU kernel takes any
+    float dtype but whose meta/fake kernel only bf16: an fp32 MoE plan, exact on real
+    ranks, failed the dry run. For other dtypes the dry run takes transformers' own
+    fallback op (the same shapes, saved tensors and gradients; a shape stub on fake and
+    meta tensors), as transformers itself does where grouped_mm cannot run."""
+    try:
+        from transformers.integrations import moe
+    except ImportError:
+        yield
+        return
+    original = getattr(moe, "_can_use_grouped_mm", None)
+    if original is None:
+        yield
+        return
+
+    def can_use(input: torch.Tensor, weight: torch.Tensor, offs: torch.Tensor) -> bool:
+        return weight.dtype == torch.bfloat16 and bool(original(input, weight, offs))
+
+    moe._can_use_grouped_mm = can_use
+    try:
+        yield
+    finally:
+        moe._can_use_grouped_mm = original
 
 
 def meta_first(step: Callable[[bool], T]) -> T:
@@ -339,8 +381,10 @@ def trace_step(program: Program, source: ModelSource, reduction: Reduction, *, s
         with fake_world(program.mesh, 0) as own:
             return trace_step(program, source, reduction, seq_len=seq_len, micro_batch=micro_batch,
                               dtype=dtype, mesh=own)
-    return meta_first(lambda meta: _trace_step(program, source, reduction, seq_len=seq_len,
-                                               micro_batch=micro_batch, dtype=dtype, mesh=mesh, meta=meta))
+    # On fake tensors, where the figures are defined: on meta some families' steps save
+    # other bytes (GPT-2's attention, MoE routing), though the dry-run net runs there.
+    return _trace_step(program, source, reduction, seq_len=seq_len, micro_batch=micro_batch, dtype=dtype,
+                       mesh=mesh, meta=False)
 
 
 def _trace_step(program: Program, source: ModelSource, reduction: Reduction, *, seq_len: int,
