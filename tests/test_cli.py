@@ -224,6 +224,26 @@ def test_console_script_installed() -> None:
     assert result.returncode == 0 and result.stdout.startswith("meshplan ")
 
 
+def test_quick_exit_delivers_every_output_and_exit_code(workdir: Path) -> None:
+    """`plan compile` / `plan check` end their process without the interpreter's teardown
+    (`cli.main.QUICK_EXIT`): piped stdout, stderr, the written file and the exit code must
+    all arrive whole."""
+    program = workdir / "program.json"
+    ok = subprocess.run(["plan", "compile", str(PLANS / "llama.plan"), "--model", "tiny-llama", "--world-size", "8",
+                         "--set", "tp=2", "--no-dry-run", "-o", str(program)], capture_output=True, text=True)
+    assert ok.returncode == 0 and "compiled" in ok.stderr
+    assert json.loads(program.read_text(encoding="utf-8"))["world_size"] == 8
+    piped = subprocess.run(["plan", "compile", str(PLANS / "llama.plan"), "--model", "tiny-llama", "--world-size",
+                            "8", "--set", "tp=2", "--no-dry-run"], capture_output=True, text=True)
+    assert piped.returncode == 0 and json.loads(piped.stdout) == json.loads(program.read_text(encoding="utf-8"))
+    rejected = subprocess.run(["plan", "check", str(ROOT / "tests" / "plans" / "broken" / "ep_deepseek_mla_tp.plan"),
+                               "--set", "nonexistent=1"], capture_output=True, text=True)
+    assert rejected.returncode == 1 and "error[" in rejected.stdout + rejected.stderr
+    usage = subprocess.run(["plan", "compile", "missing.plan", "--model", "tiny-llama", "--world-size", "8"],
+                           capture_output=True, text=True)
+    assert usage.returncode == 2 and "no such file" in usage.stderr
+
+
 def test_new_output_files_get_ordinary_permissions(workdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     import os
 
