@@ -476,7 +476,9 @@ def style_value(draw: st.DrawFn, key: str) -> ast.Value:
         return draw(boolean)
     if key == "parts":
         return ast.Int(value=draw(st.integers(1, 4)))
-    assert key == "dim"
+    if key == "rope":  # mla_kv_a: the shared rotary features, ≥ 1
+        return ast.Int(value=draw(st.integers(1, 128)))
+    assert key == "dim", f"a style argument the generator does not know: {key}"
     return ast.Int(value=draw(st.integers(-3, 3)))
 
 
