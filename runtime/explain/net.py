@@ -133,11 +133,10 @@ def _one_step(compiled: Compiled, seq_len: int) -> None:
     from meshplan.planner.program import ContextParallel, FullyShard, Parallelize
 
     from ..parallel.apply import DTYPES
-    from ..train.loss import causal_lm_loss, vocab_parallel
     from .comm import compute_dtype
-    from .failure import ModuleStack, apply_each
+    from .failure import apply_each
     from .reduction import reduce_program
-    from .trace import _fake_model, meta_first, step_tensors
+    from .trace import _fake_model, meta_first, run_step, step_tensors
     from .world import fake_world
 
     program, graph = compiled.program, compiled.graph
@@ -153,16 +152,7 @@ def _one_step(compiled: Compiled, seq_len: int) -> None:
             model = _fake_model(graph.source, reduction, DTYPES[compute_dtype(fsdp, "fp32")], meta=meta)
             apply_each(reduction.program, reduction.program.steps_of(Parallelize), model, mesh, reduction)
             ids = torch.zeros(1, local, dtype=torch.long)
-            positions = torch.arange(local).expand(1, local)
-            phase = "forward"
-            with ModuleStack(model, reduction) as running, vocab_parallel():
-                try:
-                    logits = model(input_ids=ids, position_ids=positions).logits
-                    loss = causal_lm_loss(logits, ids)
-                    phase = "backward"
-                    loss.backward()
-                except Exception as e:
-                    raise running.failure(e, phase) from e
+            run_step(model, reduction, ids, torch.arange(local).expand(1, local))
 
     meta_first(step)
 

@@ -413,16 +413,8 @@ def _trace_step(program: Program, source: ModelSource, reduction: Reduction, *, 
         counter = CommCounter(group_names(mesh, program.mesh), reduction)
         stack = _stack_module(model, reduction)
         handles = counter.watch(stack or (), kept or range(len(stack or ())))
-        phase = "forward"
         try:
-            with ModuleStack(model, reduction) as running, counter, vocab_parallel():
-                try:
-                    logits = model(input_ids=ids, position_ids=positions).logits
-                    loss = causal_lm_loss(logits, ids)
-                    phase = "backward"
-                    loss.backward()
-                except Exception as e:
-                    raise running.failure(e, phase) from e
+            run_step(model, reduction, ids, positions, watch=counter)
         finally:
             for h in handles:
                 h.remove()
@@ -430,6 +422,23 @@ def _trace_step(program: Program, source: ModelSource, reduction: Reduction, *, 
     blocks = {(kept[j] if kept else j): b for j, b in first.blocks.items()}
     return dataclasses.replace(first, blocks=blocks, events=tuple(counter.events), seq_len=local_seq,
                                micro_batch=micro_batch, dtype=dtype)
+
+
+def run_step(model: nn.Module, reduction: Reduction, ids: torch.Tensor, positions: torch.Tensor, *,
+             watch: contextlib.AbstractContextManager[Any] | None = None) -> None:
+    """One forward, loss and backward of the dry-run model (under `watch`, if given); a
+    failure is the `TraceFailure` of the module that was running."""
+    from ..train.loss import causal_lm_loss, vocab_parallel
+
+    phase = "forward"
+    with ModuleStack(model, reduction) as running, watch or contextlib.nullcontext(), vocab_parallel():
+        try:
+            logits = model(input_ids=ids, position_ids=positions).logits
+            loss = causal_lm_loss(logits, ids)
+            phase = "backward"
+            loss.backward()
+        except Exception as e:
+            raise running.failure(e, phase) from e
 
 
 def _forward_memory(model: nn.Module, reduction: Reduction, ids: torch.Tensor, positions: torch.Tensor,
