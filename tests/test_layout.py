@@ -87,7 +87,7 @@ def test_wheel_holds_the_namespace_and_data(tmp_path: Path) -> None:
         assert expected in names
     assert not any(n.split("/")[0] in LAYERS for n in names), "a layer leaked to the top level"
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
-    assert "plan = meshplan.cli.main:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
+    assert "plan = meshplan.cli.main:entry" in zipfile.ZipFile(wheel).read(entry_points).decode()
 
 
 def test_graph_privates_stay_in_the_graph_package() -> None:
