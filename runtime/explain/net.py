@@ -125,8 +125,9 @@ def _length(compiled: Compiled, seq_len: int | None) -> int:
 
 
 def _one_step(compiled: Compiled, seq_len: int) -> None:
-    """One forward and backward of the reduced model as rank 0 on fake tensors, with the
-    Program's tensor-parallel steps applied; raises `TraceFailure` where the model fails.
+    """One forward and backward of the reduced model as rank 0 on meta tensors (on fake
+    ones where the step cannot run on meta: `trace.meta_first`), with the Program's
+    tensor-parallel steps applied; raises `TraceFailure` where the model fails.
     (`trace.trace_step` runs the same step twice to measure memory and traffic too.)"""
     import torch
 
@@ -147,9 +148,9 @@ def _one_step(compiled: Compiled, seq_len: int) -> None:
 
     def step(meta: bool) -> None:
         with fake_world(program.mesh, 0) as mesh, step_tensors(meta=meta):
-            # The dtype the step computes in (FSDP's mixed precision): kernels such as
-            # grouped expert matmuls exist for it only.
-            model = _fake_model(graph.source, reduction, DTYPES[compute_dtype(fsdp, "fp32")], meta=meta)
+            # The dtype the step computes in (FSDP's mixed precision): what the model's
+            # kernels see on the ranks.
+            model = _fake_model(graph.source, reduction, DTYPES[compute_dtype(fsdp, "fp32")])
             apply_each(reduction.program, reduction.program.steps_of(Parallelize), model, mesh, reduction)
             ids = torch.zeros(1, local, dtype=torch.long)
             run_step(model, reduction, ids, torch.arange(local).expand(1, local))

@@ -278,8 +278,8 @@ def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
         torch.set_default_dtype(old)
 
 
-def _fake_model(source: ModelSource, reduction: Reduction, dtype: torch.dtype, *, meta: bool = False) -> nn.Module:
-    """The reduced model with the dry run's attention, built inside `step_tensors(meta)`."""
+def _fake_model(source: ModelSource, reduction: Reduction, dtype: torch.dtype) -> nn.Module:
+    """The reduced model with the dry run's attention, built inside `step_tensors`."""
     import copy
 
     from meshplan.planner.models import reduced_config
@@ -396,7 +396,7 @@ def _trace_step(program: Program, source: ModelSource, reduction: Reduction, *, 
     local_seq = max(1, seq_len // cp)
     kept = reduction.kept if reduction.reduced else ()
     with step_tensors(meta=meta):
-        model = _fake_model(source, reduction, DTYPES[dtype], meta=meta)
+        model = _fake_model(source, reduction, DTYPES[dtype])
         apply_each(reduction.program, reduction.program.steps_of(Parallelize), model, mesh, reduction)
         ids = torch.zeros(micro_batch, local_seq, dtype=torch.long)
         positions = torch.arange(local_seq).expand(micro_batch, local_seq)
