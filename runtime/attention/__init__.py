@@ -11,7 +11,9 @@ the same way (`layout.find_segments`: cu_seqlens, then segment ids, then positio
 restarting at 0) and so computes the same attention: a token sees exactly the earlier
 tokens of its own sequence. `meshplan_sdpa` is the reference; the GPU backends' kernel
 arguments are built by tested functions (`flash_varlen_args`, `te_thd_args`) that
-reproduce it through the PyTorch stand-ins in `reference`.
+reproduce it through the PyTorch stand-ins in `reference`. Attention sinks (`s_aux`,
+one learned logit per head) are applied by `meshplan_sdpa` only; the GPU backends
+refuse them.
 
 Importing this package does not import transformers; `use_backend` and
 `register_backends` register the backends (idempotently).

@@ -11,6 +11,11 @@ business; the module docstring there describes the split and both K/V rotations.
   masked attention of the local queries over all T keys (the exact kernel).
 - `rotate = ring`: cp − 1 shifts of the stacked K/V block to the next rank, each block
   attended with its log-sum-exp and merged by weights exp(lse_b − lse).
+
+Attention sinks (`sinks`, one logit per query head) are exact on both: the all-gather
+path hands them to the exact kernel; the ring scales the merged output by
+sigmoid(lse − sink), the share of each row's softmax that the keys keep once the sink
+is one more logit in it.
 """
 
 from __future__ import annotations
@@ -107,17 +112,19 @@ class ContextParallelAttention:
 
     def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                kwargs: Mapping[str, Any], *, causal: bool, window: int | None, scaling: float | None,
-               dropout: float, softcap: float | None) -> torch.Tensor:
-        """[B, Tq, H, D]: the local queries' exact attention over the whole sequence."""
+               dropout: float, softcap: float | None,
+               sinks: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, Tq, H, D]: the local queries' exact attention over the whole sequence
+        (`sinks`: [H] sink logits, see the module docstring)."""
         lay = self.layout(kwargs, query.shape[0], query.shape[2])
         if self.rotate == "allgather":
             k_all, v_all = self.gather_kv(key, value)
             mask = lay.mask(lay.key_index, causal=causal, window=window)
             out = attend(query, k_all, v_all, mask, is_causal=False, scale=scaling, dropout=dropout,
-                         softcap=softcap)
+                         softcap=softcap, sinks=sinks)
         else:
             out = self._ring(query, key, value, lay, causal=causal, window=window, scaling=scaling,
-                             dropout=dropout, softcap=softcap)
+                             dropout=dropout, softcap=softcap, sinks=sinks)
         return out.transpose(1, 2).contiguous()
 
     def _shift(self, block: torch.Tensor) -> torch.Tensor:
@@ -133,7 +140,7 @@ class ContextParallelAttention:
 
     def _ring(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, lay: CpLayout, *,
               causal: bool, window: int | None, scaling: float | None, dropout: float,
-              softcap: float | None) -> torch.Tensor:
+              softcap: float | None, sinks: torch.Tensor | None) -> torch.Tensor:
         from torch.distributed import _functional_collectives as fc
 
         local = query.shape[2]
@@ -151,8 +158,12 @@ class ContextParallelAttention:
             if pending is not None:
                 block = fc.wait_tensor(pending).view_as(block)
         lse_all = torch.stack(lses)
-        weights = torch.exp(lse_all - torch.logsumexp(lse_all, dim=0, keepdim=True))
+        lse = torch.logsumexp(lse_all, dim=0)  # [B, H, Tq], over every key of the row
+        weights = torch.exp(lse_all - lse)
         merged = (weights[..., None] * torch.stack(outs)).sum(0)
+        if sinks is not None:
+            # exp(lse) / (exp(lse) + exp(sink)): the keys' share once the sink joins the softmax.
+            merged = merged * torch.sigmoid(lse - sinks.to(lse.dtype)[None, :, None])[..., None]
         return merged.to(query.dtype)
 
 

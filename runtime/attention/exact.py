@@ -2,7 +2,10 @@
 
 `attend(query, key, value, mask, ...)` is one masked attention of `[B, H, Tq, D]` queries
 over `[B, Hkv, Tk, D]` keys and values: grouped-query heads repeated from the tensor
-shapes, SDPA where it can, an explicit float32 softmax where soft-capping needs it. The
+shapes, SDPA where it can, an explicit softmax in at least float32 where soft-capping or
+attention sinks need it (a sink is one more logit in each query row's softmax, with no
+value: it takes its share of the probability and is dropped, as in transformers' eager
+attention; a row that sees no key then outputs zeros, not NaN). The
 mask builders (`segment_mask`, `padding_mask`, `order_mask`) give the boolean patterns
 the backends and the context-parallel attention combine. No module here knows about
 transformers or context parallelism, so every other attention module may import it.
@@ -91,18 +94,21 @@ def attend(
     scale: float | None,
     dropout: float,
     softcap: float | None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """[B, H, Tq, D] attention output; `mask` is boolean (True = attend) or additive."""
+    """[B, H, Tq, D] attention output; `mask` is boolean (True = attend) or additive;
+    `sinks` ([H] logits, one per query head) join every row's softmax and are dropped."""
     key = repeat_kv_heads(key, query.shape[1])
     value = repeat_kv_heads(value, query.shape[1])
-    if not softcap:
+    if not softcap and sinks is None:
         return F.scaled_dot_product_attention(
             query, key, value, attn_mask=mask, dropout_p=dropout, is_causal=is_causal, scale=scale
         )
     scale = query.shape[-1] ** -0.5 if scale is None else scale
     scores = torch.matmul(query, key.transpose(-1, -2)) * scale
-    # Soft-capping precedes masking, as in Gemma-2's eager attention.
-    scores = torch.tanh(scores / softcap) * softcap
+    if softcap:
+        # Soft-capping precedes masking, as in Gemma-2's eager attention.
+        scores = torch.tanh(scores / softcap) * softcap
     if is_causal:
         mask = window_and_order(
             torch.ones((), dtype=torch.bool, device=query.device),
@@ -117,7 +123,13 @@ def attend(
             scores = scores + mask
     # At least float32, as transformers' eager attention (never less precise than q).
     acc = torch.promote_types(query.dtype, torch.float32)
-    probs = torch.softmax(scores, dim=-1, dtype=acc).to(query.dtype)
+    if sinks is None:
+        probs = torch.softmax(scores, dim=-1, dtype=acc)
+    else:
+        # The sink is an extra last column of logits (after scaling, capping, masking).
+        sink = sinks.to(acc).reshape(1, -1, 1, 1).expand(*scores.shape[:-1], 1)
+        probs = torch.softmax(torch.cat([scores.to(acc), sink], dim=-1), dim=-1)[..., :-1]
+    probs = probs.to(query.dtype)
     if dropout:
         probs = F.dropout(probs, p=dropout, training=True)
     return torch.matmul(probs, value)

@@ -33,6 +33,8 @@ Guarantees:
   With `rotate = ring`, and for non-causal sliding windows, the call goes to
   `ContextParallelAttention.attend`, meshplan's exact PyTorch path: flash-attn has no
   ring variant here.
+- Attention sinks (`s_aux`) raise `NotImplementedError` on every path:
+  `flash_attn_varlen_func` takes no sink logits; use `meshplan_sdpa` for such models.
 """
 
 from __future__ import annotations
@@ -148,11 +150,15 @@ def flash_attn_varlen_kernel(
     return out.to(q.dtype)
 
 
+_NO_SINKS = "flash_attn_varlen_func takes no per-head sink logits"
+
+
 def make_flash_attention(kernel: VarlenKernel) -> AttentionFunction:
     """A transformers attention function that runs `kernel` with flash-attn's varlen
     calling convention (the real kernel, or `reference.varlen_attention` in tests)."""
 
     def local(call: AttentionCall) -> torch.Tensor:
+        call.refuse_sinks("meshplan_flash", _NO_SINKS)
         args = flash_varlen_args(
             call.query, call.key, call.value, call.attention_mask, dropout=call.dropout,
             scaling=call.scaling, sliding_window=call.sliding_window, softcap=call.softcap,
@@ -162,6 +168,7 @@ def make_flash_attention(kernel: VarlenKernel) -> AttentionFunction:
 
     def context_parallel(call: AttentionCall, cp: ContextParallelAttention) -> torch.Tensor:
         # The sequence is split over ranks (see runtime.parallel.context).
+        call.refuse_sinks("meshplan_flash", _NO_SINKS)  # also on the ring path: the backend's contract
         return cp_varlen_attention(
             cp, call.query, call.key, call.value, call.kwargs, causal=call.causal,
             window=call.window, scaling=call.scaling, dropout=call.dropout,

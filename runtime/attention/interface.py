@@ -7,10 +7,16 @@ transformers calls an attention function as
 
 with query `[B, H, T, D]` and key/value `[B, Hkv, T, D]`. `attention_function(name,
 local=, context_parallel=)` builds such a function from a backend's two paths: it reads
-the arguments once into an `AttentionCall` (causality decided and attention sinks refused
-the same way for every backend), and hands the call to `context_parallel(call, cp)` when
-the plan's ContextParallel step installed a `ContextParallelAttention` on the module, to
+the arguments once into an `AttentionCall` (causality decided the same way for every
+backend), and hands the call to `context_parallel(call, cp)` when the plan's
+ContextParallel step installed a `ContextParallelAttention` on the module, to
 `local(call)` otherwise. A backend therefore never spells out transformers' signature.
+
+Attention sinks (GPT-OSS, MiMo-V2-Flash, Granite-SWA, ...: the model passes its learned
+per-head sink logits as `s_aux`) become `AttentionCall.sinks`, checked to hold one logit
+per query head the call sees (the local heads under tensor parallelism), and leave
+`kwargs`. A backend that cannot apply them refuses the call with `refuse_sinks`
+(`NotImplementedError` naming it); `meshplan_sdpa` applies them on both paths.
 """
 
 from __future__ import annotations
@@ -23,7 +29,6 @@ import torch
 from torch import nn
 
 from .context import ContextParallelAttention, context_parallel_of
-from .layout import attention_causality
 
 __all__ = ["AttentionCall", "AttentionFunction", "attention_function"]
 
@@ -45,6 +50,27 @@ class AttentionCall:
     softcap: float | None
     causal: bool
     kwargs: Mapping[str, Any]  # the rest: packing info, cp_* tensors, ...
+    sinks: torch.Tensor | None = None  # [H] sink logits (transformers' `s_aux`), None for none
+
+    def __post_init__(self) -> None:
+        if self.sinks is None:
+            return
+        heads = self.query.shape[1]
+        if not isinstance(self.sinks, torch.Tensor) or tuple(self.sinks.shape) != (heads,):
+            got = list(self.sinks.shape) if isinstance(self.sinks, torch.Tensor) else type(self.sinks).__name__
+            raise ValueError(
+                f"attention sinks (s_aux) must hold one logit per query head, shape [{heads}], "
+                f"got {got}; under tensor parallelism the sinks are cut with the heads"
+            )
+
+    def refuse_sinks(self, backend: str, why: str) -> None:
+        """Raise `NotImplementedError` when this call has attention sinks that `backend`
+        cannot apply (`why` says what its kernel lacks)."""
+        if self.sinks is not None:
+            raise NotImplementedError(
+                f"{backend} does not implement attention sinks (s_aux): {why}; "
+                "use meshplan_sdpa for this model"
+            )
 
     @property
     def window(self) -> int | None:
@@ -56,7 +82,7 @@ class AttentionCall:
         """meshplan's exact context-parallel attention of this call, `[B, Tl, H, D]`."""
         return cp.attend(self.query, self.key, self.value, self.kwargs, causal=self.causal,
                          window=self.window, scaling=self.scaling, dropout=self.dropout,
-                         softcap=self.softcap if softcap is None else softcap)
+                         softcap=self.softcap if softcap is None else softcap, sinks=self.sinks)
 
 
 def attention_function(
@@ -81,10 +107,13 @@ def attention_function(
         is_causal: bool | None = None,
         **kwargs: Any,
     ) -> tuple[torch.Tensor, None]:
+        sinks = kwargs.pop("s_aux", None)
         call = AttentionCall(
             module=module, query=query, key=key, value=value, attention_mask=attention_mask,
             dropout=dropout, scaling=scaling, sliding_window=sliding_window, softcap=softcap,
-            causal=attention_causality(name, module, is_causal, kwargs), kwargs=kwargs,
+            # Causal unless transformers or the module says otherwise.
+            causal=bool(getattr(module, "is_causal", True) if is_causal is None else is_causal),
+            kwargs=kwargs, sinks=sinks,
         )
         cp = context_parallel_of(module)
         out = local(call) if cp is None else context_parallel(call, cp)

@@ -298,10 +298,3 @@ def forward_kwargs(batch: Mapping[str, Any]) -> dict[str, Any]:
             out[name] = batch[name]
     return out
 
-
-def attention_causality(backend: str, module: Any, is_causal: bool | None, kwargs: Mapping[str, Any]) -> bool:
-    """What every backend checks first: attention sinks are not implemented, and the
-    call is causal unless transformers or the module says otherwise."""
-    if kwargs.get("s_aux") is not None:
-        raise NotImplementedError(f"{backend} does not implement attention sinks (s_aux)")
-    return bool(getattr(module, "is_causal", True) if is_causal is None else is_causal)

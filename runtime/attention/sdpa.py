@@ -22,12 +22,18 @@ Guarantees:
   transformers' masks define it), logit soft-capping (`softcap`: `tanh(s / c) * c`
   before masking, computed explicitly since SDPA cannot), `scaling`, `dropout` (the
   model passes 0.0 in eval) and `is_causal=False`.
-- Softmax runs in at least float32 on the soft-capping path (as transformers' eager
-  attention does); otherwise `torch.nn.functional.scaled_dot_product_attention` decides.
+- Attention sinks (`s_aux=`, one learned logit per query head: GPT-OSS, MiMo-V2-Flash,
+  Granite-SWA): in every case above, each query row's softmax gets the head's sink as
+  one more logit, after scaling, soft-capping and masking, and the sink's probability
+  is dropped (it has no value), as transformers' eager attention computes it.
+- Softmax runs in at least float32 on the soft-capping and sink paths (as transformers'
+  eager attention does); otherwise `torch.nn.functional.scaled_dot_product_attention`
+  decides.
 
 - Context parallelism (a `runtime.attention.context.ContextParallelAttention` installed on the module
   by the plan's ContextParallel step): the call is handed to it, and the local queries
-  attend exactly over the whole sequence (see `runtime.parallel.context`).
+  attend exactly over the whole sequence (see `runtime.parallel.context`), sinks
+  included.
 
 The mask is a dense `[B, 1, T, T]` boolean tensor: this is the reference and the CPU
 fallback, not a long-context kernel (use `meshplan_flash` or `meshplan_te` on GPUs).
@@ -55,7 +61,8 @@ def _sdpa_local(call: AttentionCall) -> torch.Tensor:
     segments: Segments | None = None
     if q_len == k_len:
         segments = find_segments(batch, q_len, query.device, kwargs)
-    run = partial(attend, scale=call.scaling, dropout=call.dropout, softcap=call.softcap)
+    run = partial(attend, scale=call.scaling, dropout=call.dropout, softcap=call.softcap,
+                  sinks=call.sinks)
     if segments is not None and segments.crosses_rows and batch > 1:
         # Boundaries over the flattened batch (flash-attn varlen semantics): attend
         # over one row of B*T tokens so that a segment may continue across rows.

@@ -38,6 +38,8 @@ Guarantees:
   `ContextParallelAttention.attend` (meshplan's exact PyTorch path; TE's own context
   parallelism needs its own process groups and layout and is not used). Soft-capping
   still raises.
+- Attention sinks (`s_aux`) raise `NotImplementedError` on every path: the
+  `DotProductAttention` call above passes no sink logits; use `meshplan_sdpa`.
 - One `DotProductAttention` per head layout is created and cached outside the model,
   so it never enters the model's state dict; fp32 inputs run in the autocast dtype or
   bfloat16 and the output is cast back.
@@ -243,6 +245,9 @@ def te_kernel(args: TEThdArgs) -> Callable[..., torch.Tensor]:
     return run
 
 
+_NO_SINKS = "its DotProductAttention call passes no per-head sink logits"
+
+
 def make_te_attention(
     kernel_for: Callable[[TEThdArgs], Callable[..., torch.Tensor]],
 ) -> AttentionFunction:
@@ -250,6 +255,7 @@ def make_te_attention(
     Engine's `thd` calling convention (the real module, or `reference.thd_attention`)."""
 
     def local(call: AttentionCall) -> torch.Tensor:
+        call.refuse_sinks("meshplan_te", _NO_SINKS)
         args = te_thd_args(
             call.query, call.key, call.value, call.attention_mask, dropout=call.dropout,
             scaling=call.scaling, sliding_window=call.sliding_window, softcap=call.softcap,
@@ -260,6 +266,7 @@ def make_te_attention(
     def context_parallel(call: AttentionCall, cp: ContextParallelAttention) -> torch.Tensor:
         # The sequence is split over ranks (see runtime.parallel.context).
         _refuse_softcap(call.softcap)  # also on the ring path: the backend's contract
+        call.refuse_sinks("meshplan_te", _NO_SINKS)
 
         def run(pieces: CpVarlenArgs) -> torch.Tensor:
             cp_args = te_cp_args(pieces, training=call.module.training)
