@@ -31,7 +31,7 @@ from .schema import BoolType, IntType, PlacementType, SettingSchema
 from .spec import Placement
 
 # Module kinds a style may be applied to (the planner knows each module's kind).
-ModuleKind = Literal["linear", "embedding", "conv1d", "norm", "experts", "any"]
+ModuleKind = Literal["linear", "embedding", "conv1d", "norm", "experts", "attention", "any"]
 
 TORCH_TP = "torch.distributed.tensor.parallel"
 MESHPLAN_STYLES = "meshplan.runtime.parallel.styles"
@@ -269,6 +269,8 @@ class Contract:
     `shared_tail`: the output stays replicated and the gradient of its last `rope`
     features is summed over the dimension: that part must be shared by head-sharded code
     (broadcast over the heads), which alone leaves its gradient a partial sum per rank.
+    `head_params`: the module's own (1-D, per-head) parameters are sharded on dim 0 with
+    the heads, and its code sees them as plain local tensors.
     """
 
     input: Side = "declared"
@@ -278,6 +280,7 @@ class Contract:
     params: Mapping[str, str] = field(default_factory=dict)
     whole: bool = False
     shared_tail: bool = False
+    head_params: bool = False
 
 
 @dataclass(frozen=True)
@@ -415,15 +418,25 @@ STYLES: Mapping[str, StyleSchema] = {
     ),
     "tp_experts": StyleSchema(
         "Shard every expert of a fused experts module on its intermediate features: "
-        "gate_up_proj [E, 2I, H] part by part (`parts`), down_proj [E, H, I]; the output is summed.",
+        "gate_up_proj [E, 2I, H] part by part (`parts`), down_proj [E, H, I] (or both stored transposed, "
+        "or gate_proj and up_proj apart); the output is summed.",
         build=lambda call: Construct(f"{MESHPLAN_STYLES}.TensorParallelExperts", (call.parts,)),
         args={"parts": SettingSchema(IntType(1), 2, doc="gate_up_proj packs N equal projections (gate, up); "
                                      "each is sharded")},
         applies_to=("experts",),
-        contract=Contract(params={"gate_up_proj": "shard(1)", "up_proj": "shard(1)", "down_proj": "shard(2)"},
-                          whole=True),
+        # Placements in transformers' layout; transposed experts hold I on the other dim.
+        contract=Contract(params={"gate_up_proj": "shard(1)", "gate_proj": "shard(1)", "up_proj": "shard(1)",
+                                  "down_proj": "shard(2)"}, whole=True),
         divides={"experts": Divides("intermediate_dim", "{n} intermediate features per expert")},
         fused_params={"gate_up_proj": 1},
+    ),
+    "head_params": StyleSchema(
+        "Shard an attention module's own per-head parameters (attention sinks, a per-head gate bias: "
+        "1-D, one entry per query head) with the heads; its code sees this rank's entries.",
+        build=lambda call: Construct(f"{MESHPLAN_STYLES}.HeadParamsParallel"),
+        applies_to=("attention",),
+        contract=Contract(input="untouched", output="untouched", head_params=True),
+        divides={"attention": Divides("num_heads", "{n} attention heads")},
     ),
     "mla_kv_a": StyleSchema(
         "Latent attention's kv_a projection (DeepSeek-V2/V3, MiniCPM3): its weight stays replicated and "

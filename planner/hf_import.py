@@ -23,6 +23,9 @@ How each transformers style is written (transformers' `distributed/tensor_parall
 | `mla_kv_a_proj`                 | `mla_kv_a(rope = N)`, N the config's `qk_rope_head_dim` |
 | `moe_tp_experts` on fused experts, with `gate_up_proj: packed_colwise` (or `up_proj: colwise`) and `down_proj: rowwise` | `tp_experts(parts = 2)` (`parts = 1`) |
 | `moe_tp_experts` with `gate_up_proj: colwise`  | `tp_experts(parts = 1)`: each rank's rows are not its gate and up rows (the compiler says so) |
+| `moe_tp_experts` on transposed experts ([E, H, 2I] / [E, I, H]), `gate_up_proj: packed_rowwise`, `down_proj: colwise` | `tp_experts(parts = 2)` |
+| `all_reduce` on 3-D experts with `gate_proj`/`up_proj: colwise`, `down_proj: rowwise` (Inkling's shared experts) | `tp_experts(parts = 1)` |
+| `local_params` on attention, with `colwise` on its own 1-D per-head parameters (`sinks`, `gate_bias`) | `head_params` |
 
 `moe_tp_experts` goes on a fused experts module (`mlp.experts`, 3-D `gate_up_proj`
 [E, 2I, H], `down_proj` [E, H, I]) together with rules on those two parameters, which
@@ -45,11 +48,14 @@ the last `qk_rope_head_dim` features of its output are the rotary key every head
 shares, so with the heads split over the ranks their gradient is a partial sum on each
 rank; `mla_kv_a` keeps the weight whole and sums that part's gradient.
 
-Styles with no meshplan equivalent yet (`packed_rowwise`, expert parameters cut another
-way (transposed experts), `moe_identity_expert`, `all_reduce`,
-`local_params`, a rule on a parameter rather than a module — attention sinks among
-them, which meshplan's attention backends do not implement yet) raise `HfImportError` naming
-the rule: nothing is dropped silently. A rule that matches no module of the model is
+`local_params` runs a module on the local shards of its own parameters, which other rules
+cut: on attention modules those are per-head (attention sinks, one logit per head; Beam's
+per-head gate bias), cut with the heads. `head_params` on the module is that, as one rule.
+
+Styles with no meshplan equivalent yet (`moe_identity_expert`, `all_reduce` or
+`packed_rowwise` outside fused experts, a rule on a parameter outside its owner's
+`local_params` or experts rule) raise `HfImportError` naming the rule: nothing is
+dropped silently. A rule that matches no module of the model is
 left out with a comment saying so (transformers ignores it too).
 """
 
@@ -82,14 +88,15 @@ STYLES: Mapping[str, str] = {
     "replicated_with_grad_allreduce": "replicate(input = shard(2), output = shard(2))",
     "moe_tp_experts": "tp_experts(parts = {parts})",  # with its parameters' rules: `_experts_rule`
     "mla_kv_a_proj": "mla_kv_a(rope = {rope})",  # the config's qk_rope_head_dim
+    "local_params": "head_params",  # with its parameters' rules: `_head_params_rule`
 }
 
 # transformers styles meshplan has no equivalent for yet, and what they do.
 UNSUPPORTED: Mapping[str, str] = {
-    "packed_rowwise": "a rowwise projection whose input packs two halves, each sharded",
+    "packed_rowwise": "a rowwise projection whose input packs two halves, each sharded (meshplan writes it "
+                      "only on transposed fused experts, as `tp_experts`)",
     "moe_identity_expert": "an identity expert whose input is divided by the tp size",
-    "all_reduce": "sum a module's partial output over the ranks",
-    "local_params": "run the module on its parameters' local shards",
+    "all_reduce": "sum a module's partial output over the ranks (meshplan writes it only on 3-D experts)",
     "grouped_gemm": "an expert-parallel weight (transformers' `ep_plan`)",
     "ep_dispatch_experts": "expert-parallel token dispatch (transformers' `ep_plan`)",
 }
@@ -173,42 +180,82 @@ def _head_dims(model: nn.Module, fqns: list[str]) -> dict[str, int]:
 
 
 # How transformers cuts a fused experts module's parameters → `tp_experts`' parts: the
-# parameter rules that go with `moe_tp_experts` (see the module docstring).
-EXPERT_PARAMS: Mapping[tuple[str, str], int] = {
-    ("gate_up_proj", "packed_colwise"): 2,  # [E, 2I, H]: gate and up each cut on I
-    ("gate_up_proj", "colwise"): 1,  # the 2I rows cut as one block
-    ("up_proj", "colwise"): 1,  # no gate: [E, I, H]
+# parameter rules that go with `moe_tp_experts` (or `all_reduce` on 3-D experts), keyed by
+# (parameters, is the module transposed) → ({parameter: style}, parts). Stored as
+# transformers does ([E, 2I, H] / [E, H, I]) the up side is cut colwise (dim -2, I) and
+# down_proj rowwise (dim -1, I); stored transposed ([E, H, 2I] / [E, I, H]) the other way.
+EXPERT_PARAMS: Mapping[tuple[str, bool], tuple[Mapping[str, str], int]] = {
+    ("gate_up_proj packed_colwise", False): ({"gate_up_proj": "packed_colwise", "down_proj": "rowwise"}, 2),
+    ("gate_up_proj colwise", False): ({"gate_up_proj": "colwise", "down_proj": "rowwise"}, 1),  # 2I rows as one
+    ("up_proj colwise", False): ({"up_proj": "colwise", "down_proj": "rowwise"}, 1),  # no gate: [E, I, H]
+    ("gate_proj colwise", False): ({"gate_proj": "colwise", "up_proj": "colwise", "down_proj": "rowwise"}, 1),
+    ("gate_up_proj packed_rowwise", True): ({"gate_up_proj": "packed_rowwise", "down_proj": "colwise"}, 2),
+    ("gate_up_proj rowwise", True): ({"gate_up_proj": "rowwise", "down_proj": "colwise"}, 1),
 }
+# Module styles that put fused experts on local shards with their output summed.
+EXPERTS_STYLES = ("moe_tp_experts", "all_reduce")
 
 
-def _experts_rule(pattern: str, plan: Mapping[str, str], modules: list[nn.Module]) -> tuple[str, list[str]]:
-    """`moe_tp_experts` on `pattern` and its parameter rules → (`tp_experts(...)`, the
-    parameter rules it stands for)."""
+def _experts_rule(pattern: str, style: str, plan: Mapping[str, str],
+                  modules: list[nn.Module]) -> tuple[str, list[str]]:
+    """`moe_tp_experts` (or `all_reduce`) on `pattern` and its parameter rules →
+    (`tp_experts(...)`, the parameter rules it stands for)."""
     inner = {k[len(pattern) + 1:]: v for k, v in plan.items() if k.startswith(pattern + ".")}
-    up = [(n, s) for n, s in inner.items() if n in ("gate_up_proj", "up_proj")]
-    down = inner.get("down_proj")
-    where = f"transformers' rule `{pattern}: moe_tp_experts`"
-    if len(up) != 1 or down is None:
+    where = f"transformers' rule `{pattern}: {style}`"
+    three_d = all(isinstance(getattr(m, n, None), nn.Parameter) and getattr(m, n).dim() == 3
+                  for m in modules for n in ("up_proj" if "up_proj" in inner else "gate_up_proj", "down_proj"))
+    if style == "all_reduce" and not three_d:
+        raise HfImportError(f"{where} has no meshplan equivalent yet ({UNSUPPORTED[style]})")
+    key = next((f"{n} {inner[n]}" for n in ("gate_up_proj", "gate_proj", "up_proj") if n in inner), None)
+    if key is None or "down_proj" not in inner:
         raise HfImportError(f"{where} comes without rules cutting its gate_up_proj and down_proj: replicated "
                             "experts whose outputs are summed over the ranks have no meshplan equivalent")
-    name, style = up[0]
     kinds = {type(m).__name__ for m in modules}
-    if (name, style) not in EXPERT_PARAMS or down != "rowwise" or any(getattr(m, "is_transposed", False)
-                                                                       for m in modules):
-        raise HfImportError(f"{where} cuts `{name}` {style} and `down_proj` {down} on {', '.join(sorted(kinds))}: "
-                            "expert parameters cut that way have no meshplan equivalent yet (tp_experts shards "
-                            "gate_up_proj [E, 2I, H] and down_proj [E, H, I] on I)")
-    extra = sorted(set(inner) - {name, "down_proj"})
+    layouts = {bool(getattr(m, "is_transposed", False)) or _transposed_by_shape(m) for m in modules}
+    found = EXPERT_PARAMS.get((key, layouts.pop())) if len(layouts) == 1 else None
+    cut = ", ".join(f"`{n}` {v}" for n, v in inner.items())
+    if found is None or dict(found[0]) != {n: v for n, v in inner.items() if n in found[0]}:
+        raise HfImportError(f"{where} cuts {cut} on {', '.join(sorted(kinds))}: expert parameters cut that way "
+                            "have no meshplan equivalent yet (tp_experts shards every expert on its "
+                            "intermediate features)")
+    extra = sorted(set(inner) - set(found[0]))
     if extra:
         raise HfImportError(f"{where}: {', '.join(f'`{pattern}.{e}: {inner[e]}`' for e in extra)} inside the "
                             "experts has no meshplan equivalent yet")
-    return STYLES["moe_tp_experts"].format(parts=EXPERT_PARAMS[name, style]), [f"{pattern}.{n}" for n in inner]
+    return STYLES["moe_tp_experts"].format(parts=found[1]), [f"{pattern}.{n}" for n in inner]
 
 
-def _experts_comment(pattern: str, plan: Mapping[str, str]) -> str:
-    """The transformers rules one `tp_experts` rule stands for, as its comment says them."""
-    inner = [f"{k[len(pattern) + 1:]} {v}" for k, v in plan.items() if k.startswith(pattern + ".")]
-    return f"moe_tp_experts ({', '.join(inner)})"
+def _transposed_by_shape(module: nn.Module) -> bool:
+    """Experts stored [E, H, 2I] / [E, I, H] by a class without transformers' flag (Llama-4)."""
+    up, down = getattr(module, "gate_up_proj", None), getattr(module, "down_proj", None)
+    return isinstance(up, nn.Parameter) and isinstance(down, nn.Parameter) and up.dim() == down.dim() == 3 \
+        and up.shape[2] == 2 * down.shape[1] and up.shape[1] == down.shape[2]
+
+
+def _inner_comment(pattern: str, style: str, plan: Mapping[str, str], absorbed: list[str]) -> str:
+    """The transformers rules one meshplan rule stands for (a module style and the rules on
+    its parameters), as its comment says them."""
+    return f"{style} ({', '.join(f'{k[len(pattern) + 1:]} {plan[k]}' for k in absorbed)})"
+
+
+def _head_params_rule(pattern: str, plan: Mapping[str, str], modules: list[nn.Module]) -> list[str] | None:
+    """`local_params` on an attention module and `colwise` rules on its own 1-D per-head
+    parameters (attention sinks, a gate bias) → the parameter rules `head_params` stands
+    for; None when no parameter of the module has a rule (nothing is sharded)."""
+    inner = {k[len(pattern) + 1:]: v for k, v in plan.items() if k.startswith(pattern + ".")}
+    own = {n for m in modules for n, _ in m.named_parameters(recurse=False)}
+    cut = {n: v for n, v in inner.items() if n in own}
+    if not cut:
+        return None
+    where = f"transformers' rule `{pattern}: local_params`"
+    for name, style in cut.items():
+        shapes = {tuple(getattr(m, name).shape) for m in modules if isinstance(getattr(m, name, None), nn.Parameter)}
+        heads = {getattr(getattr(m, "config", None), "num_attention_heads", None) for m in modules}
+        if style != "colwise" or any(len(sh) != 1 or sh[0] not in heads for sh in shapes):
+            raise HfImportError(f"{where} with `{pattern}.{name}: {style}` (shape {sorted(shapes)}): meshplan shards "
+                                "a module's own parameters only when they are 1-D, one entry per attention head "
+                                "(`head_params`)")
+    return [f"{pattern}.{n}" for n in cut]
 
 
 def _rule_style(pattern: str, style: str, modules: list[nn.Module], head_dim: int | None = None,
@@ -253,16 +300,27 @@ def import_hf(model: nn.Module, *, name: str | None = None, tp: int = 2) -> Impo
     config: Any = getattr(model, "config", None)
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
     rope = getattr(text_config, "qk_rope_head_dim", None)
-    experts: dict[str, str] = {}  # fused experts' module rule → tp_experts, their parameter rules absorbed
+    # A module rule that stands for the rules on its parameters too (fused experts →
+    # tp_experts, per-head parameters → head_params): pattern → its meshplan style, and
+    # "" for each parameter rule it absorbs.
+    grouped: dict[str, str] = {}
+    absorbed: dict[str, list[str]] = {}
     for pattern, style in plan.items():
         matched = select(pattern, fqns)
-        if style == "moe_tp_experts" and matched:
-            experts[pattern], absorbed = _experts_rule(pattern, plan, [modules[f] for f in matched])
-            experts.update({a: "" for a in absorbed})
+        owners = [modules[f] for f in matched]
+        if style in EXPERTS_STYLES and matched and (style == "moe_tp_experts" or any(
+                k.startswith(pattern + ".") for k in plan)):
+            grouped[pattern], absorbed[pattern] = _experts_rule(pattern, style, plan, owners)
+        elif style == "local_params" and matched:
+            found = _head_params_rule(pattern, plan, owners)
+            if found is None:
+                notes.append(f"# transformers' `{pattern}: local_params` shards none of its parameters: no rule")
+            grouped[pattern], absorbed[pattern] = ("head_params", found) if found else ("", [])
+        grouped.update({a: "" for a in absorbed.get(pattern, ())})
     for pattern, style in plan.items():
-        if pattern in experts:
-            if experts[pattern]:
-                rules.append((pattern, _experts_comment(pattern, plan), experts[pattern]))
+        if pattern in grouped:
+            if grouped[pattern]:
+                rules.append((pattern, _inner_comment(pattern, style, plan, absorbed[pattern]), grouped[pattern]))
             continue
         matched = select(pattern, fqns)
         if not matched:
@@ -270,13 +328,9 @@ def import_hf(model: nn.Module, *, name: str | None = None, tp: int = 2) -> Impo
                 if style == "replicate":
                     notes.append(f"# transformers' `{pattern}: replicate` keeps that tensor whole: no rule")
                     continue
-                why = ""
-                if pattern.rsplit(".", 1)[-1] == "sinks":
-                    # GPT-OSS-style attention sinks: one learned logit per head, sharded with the heads.
-                    why = (" (attention sinks, one per head, to be cut with the heads; meshplan's attention "
-                           "backends do not implement sinks (s_aux) yet, so no truth can be measured)")
                 raise HfImportError(f"transformers' rule `{pattern}: {style}` shards a parameter, not a "
-                                    f"module: meshplan's rules apply to modules (no equivalent yet){why}")
+                                    "module, outside a `local_params` or experts rule on its owner: meshplan's "
+                                    "rules apply to modules (no equivalent yet)")
             notes.append(f"# transformers' rule `{pattern}: {style}` matches no module of {arch}: left out")
             continue
         if style == "replicate":

@@ -6,6 +6,7 @@ import re
 from pathlib import Path
 
 import pytest
+from torch import nn
 
 from meshplan.cli.main import main
 from meshplan.dsl.errors import PlanRejected
@@ -50,9 +51,19 @@ def test_fused_and_gathered_styles() -> None:
 
 
 def test_unsupported_style_is_an_error(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["import", "hf", "inkling_text"]) == 1  # shared experts' weights cut as parameters
+    assert main(["import", "hf", "longcat_flash"]) == 1  # identity experts inside tensor-parallel experts
     err = capsys.readouterr().err
-    assert "inkling_text" in err and "shared_experts.gate_proj: colwise" in err and "no equivalent yet" in err
+    assert "longcat_flash" in err and "identity_expert" in err and "no meshplan equivalent yet" in err
+
+
+def test_shared_experts_summed_over_tp_are_tensor_parallel_experts() -> None:
+    """Inkling's shared experts: 3-D gate_proj / up_proj cut colwise, down_proj rowwise and
+    `all_reduce` on the module: every expert split on its intermediate features, the output
+    summed, which is `tp_experts(parts = 1)` (gate and up are apart)."""
+    text = _import("inkling_text")
+    assert re.search(r"model\.layers\.\*\.mlp\.shared_experts : tp_experts\(parts = 1\) +# transformers: all_reduce "
+                     r"\(gate_proj colwise, up_proj colwise, down_proj rowwise\)", text)
+    assert "shared_experts.gate_proj" not in text  # the parameter rules are the module rule
 
 
 def test_tensor_parallel_experts_are_one_rule() -> None:
@@ -89,9 +100,14 @@ def test_experts_without_a_gate_are_one_part() -> None:
     assert "model.layers.*.mixer.experts : tp_experts(parts = 1)" in _import("nemotron_h")
 
 
-def test_experts_transposed_are_named() -> None:
-    with pytest.raises(HfImportError, match=r"packed_rowwise.*no meshplan equivalent yet"):
-        _import("aria_text")
+@pytest.mark.parametrize(("family", "experts"), [("aria_text", "model.layers.*.mlp.experts"),
+                                                 ("llama4_text", "model.layers.*.feed_forward.experts")])
+def test_transposed_experts_are_tensor_parallel_experts(family: str, experts: str) -> None:
+    """Experts stored transposed ([E, H, 2I] / [E, I, H]: Aria's flag, Llama-4's shapes) cut
+    `packed_rowwise` / `colwise` by transformers: gate and up each split on I."""
+    text = _import(family)
+    assert re.search(re.escape(experts) + r" +: tp_experts\(parts = 2\) +# transformers: moe_tp_experts "
+                     r"\(gate_up_proj packed_rowwise, down_proj colwise\)", text)
 
 
 def test_deepseek_v2_latent_attention_and_tensor_parallel_experts() -> None:
@@ -120,10 +136,26 @@ def test_mla_kv_a_sums_the_shared_rotary_part() -> None:
                in d.message for d in rejected.value.errors)
 
 
-def test_attention_sinks_are_named() -> None:
-    """Granite-SWA's per-head sinks: a rule on a parameter, which meshplan cannot write yet."""
-    with pytest.raises(HfImportError, match=r"self_attn\.sinks: colwise.*not a module.*attention sinks"):
-        _import("granite_swa")
+@pytest.mark.parametrize(("family", "param"), [("granite_swa", "sinks"), ("beam", "gate_bias")])
+def test_per_head_parameters_are_head_params(family: str, param: str) -> None:
+    """`local_params` on the attention module and `colwise` on its own per-head parameter
+    (Granite-SWA's sinks, Beam's gate bias) become `head_params` on the module."""
+    text = _import(family)
+    assert re.search(r"model\.layers\.\*\.self_attn +: head_params +# transformers: local_params "
+                     rf"\({param} colwise\)", text)
+    assert f"self_attn.{param}" not in text
+
+
+def test_a_parameter_rule_without_its_owner_rule_is_named() -> None:
+    """A rule on a parameter whose module has no `local_params` (or experts) rule."""
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.norm = nn.LayerNorm(8)
+            self.tp_plan = {"norm.weight": "colwise"}
+
+    with pytest.raises(HfImportError, match=r"norm\.weight: colwise` shards a parameter, not a module"):
+        import_hf(Block())
 
 
 def test_unknown_model_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:

@@ -109,6 +109,7 @@ CALLS = [
     StyleCall(style="tp_experts", parts=2),
     StyleCall(style="tp_experts", parts=1),
     StyleCall(style="mla_kv_a", rope=8),
+    StyleCall(style="head_params"),
 ]
 
 
@@ -205,11 +206,20 @@ def test_fused_weights_are_sharded_along_the_contract_s_dimension() -> None:
 def test_tensor_parallel_experts_shard_the_intermediate_features() -> None:
     record = STYLES["tp_experts"]
     # gate_up_proj [E, 2I, H] and down_proj [E, H, I]: both on I, gate_up part by part
-    assert record.contract.params == {"gate_up_proj": "shard(1)", "up_proj": "shard(1)", "down_proj": "shard(2)"}
+    assert record.contract.params == {"gate_up_proj": "shard(1)", "gate_proj": "shard(1)", "up_proj": "shard(1)",
+                                      "down_proj": "shard(2)"}
     assert record.fused_params == {"gate_up_proj": 1} and record.contract.whole
     assert record.fits("experts") and not record.fits("linear")
     assert record.args["parts"].default == 2
     assert record.source(StyleCall(style="tp_experts", parts=2)) == "TensorParallelExperts(2)"
+
+
+def test_head_params_shard_an_attention_module_s_own_parameters() -> None:
+    record = STYLES["head_params"]
+    assert record.contract.head_params and not record.contract.whole and not record.args
+    assert record.fits("attention") and not record.fits("linear")
+    assert record.divides["attention"].attr == "num_heads"
+    assert record.source(StyleCall(style="head_params")) == "HeadParamsParallel()"
 
 
 def test_mla_kv_a_sums_the_shared_rotary_part_s_gradient() -> None:

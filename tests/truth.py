@@ -120,17 +120,26 @@ class Compiled:
 
 
 def compile_for_truth(plan: str | Path, model: Any, world: int, overrides: Iterable[str] = (),
-                      *, graph: Any = None, precision: bool = False, dropout: bool = False) -> Compiled:
+                      *, graph: Any = None, precision: bool = False, dropout: bool = False,
+                      net: bool = False) -> Compiled:
     """Compile twice: once as `plan compile` would (the verdict), once without the checks.
-    The Program is `measured`'s (fp32 unless `precision`, adapter dropout off unless `dropout`)."""
+    The Program is `measured`'s (fp32 unless `precision`, adapter dropout off unless `dropout`).
+    `net`: the verdict includes `plan compile`'s dry-run net (each block kind run once
+    under the Program's layouts on a fake process group)."""
     from meshplan.dsl.errors import PlanRejected
     from meshplan.planner.compile import compile_plan
 
     target = graph if graph is not None else model
     try:
         compiled = compile_plan(plan, target, world, list(overrides))
-        return Compiled(True, (), measured(compiled.program, plan, overrides, compiled.graph, precision,
-                                           dropout))
+        program = measured(compiled.program, plan, overrides, compiled.graph, precision, dropout)
+        if net:
+            from meshplan.runtime.explain.net import check_runs
+
+            failed = check_runs(compiled)
+            if failed:
+                return Compiled(False, tuple(e.code for e in failed), program)
+        return Compiled(True, (), program)
     except PlanRejected as rejected:
         codes = tuple(d.code for d in rejected.errors)
     except Exception as e:  # the compiler itself failed: no verdict, nothing to apply

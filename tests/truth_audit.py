@@ -81,7 +81,7 @@ def audit_family(pool: Any, family: str) -> tuple[AuditRow, str | None]:
         imported = import_hf(model)
     except HfImportError as e:
         return _row(family, arch, "import", start, detail=str(e)), None
-    compiled = compile_for_truth(imported.text, source, WORLD)
+    compiled = compile_for_truth(imported.text, source, WORLD, net=True)  # as `plan compile` judges
     if compiled.program is None:
         return _row(family, arch, "compile", start, compiled.verdict, "n/a", detail=compiled.reason), imported.text
     if not hasattr(model, "lm_head") and "CausalLM" not in arch:

@@ -158,13 +158,15 @@ def _module_attrs(kind: str, module: nn.Module, config: Any) -> dict[str, Any]:
         if kind == "experts":
             attrs["hidden_dim"] = _first_int(getattr(module, "hidden_dim", None))
             own = {n: tuple(p.shape) for n, p in module.named_parameters(recurse=False)}
-            down_shape, gate_shape = own.get("down_proj", ()), own.get("gate_up_proj", ())
+            down_shape = own.get("down_proj", ())
+            gate_shape = own.get("gate_up_proj", own.get("up_proj", ()))
+            fused = 2 if "gate_up_proj" in own else 1  # gate and up packed, or up alone / beside gate_proj
             transposed = getattr(module, "is_transposed", None)
             if not isinstance(transposed, bool) and len(down_shape) == len(gate_shape) == 3:
-                # A class without transformers' flag (LongCat's experts): the shapes tell.
-                if gate_shape[1] == 2 * down_shape[2] and gate_shape[2] == down_shape[1]:
+                # A class without transformers' flag (LongCat's, Llama-4's experts): the shapes tell.
+                if gate_shape[1] == fused * down_shape[2] and gate_shape[2] == down_shape[1]:
                     transposed = False
-                elif gate_shape[2] == 2 * down_shape[1] and gate_shape[1] == down_shape[2]:
+                elif gate_shape[2] == fused * down_shape[1] and gate_shape[1] == down_shape[2]:
                     transposed = True
             attrs["intermediate_dim"] = _first_int(
                 getattr(module, "intermediate_dim", None),

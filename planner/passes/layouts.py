@@ -30,7 +30,7 @@ from meshplan.dsl.styles import STYLES
 
 from ..graph import ModelGraph, Ref
 from ..layout import REPLICATE, UNKNOWN, Layout, LayoutProblem, normalize
-from ..ops import ELEMENTWISE, FACTORIES, IDENTITY, OpCall, op_name, propagate, rule_for
+from ..ops import ELEMENTWISE, FACTORIES, IDENTITY, RESHAPES, OpCall, op_name, propagate, rule_for
 from .context import Context
 from .patterns import generic
 
@@ -194,6 +194,8 @@ class _Walk:
             rule = self.styled.get(owner)
             if rule is not None and STYLES[rule.style.name].contract.replicated_params and owner in consumer_stack:
                 return replace(REPLICATE, dtensor=True)  # these styles make their weights DTensors
+            if rule is not None and STYLES[rule.style.name].contract.head_params:
+                return Layout("shard", 0, origin=rule.span)  # this rank's heads' entries, as plain tensors
             return layout
         producer_stack = tuple(attrs.get("module_stack") or ())
         common = 0
@@ -446,7 +448,14 @@ class _Walk:
             return propagate(call)
         except LayoutProblem as p:
             origin = next((lay.origin for _, lay, _ in inputs if lay.kind != "replicate" and lay.origin), None)
-            self.report(origin, f"{p.message} (in `{module}`)", p.code, p.hint)
+            per_head = next((f for ref, lay, _ in inputs if lay.kind == "replicate"
+                             for f in (self._per_head_param(ref),) if f), None)
+            hint = p.hint
+            if per_head is not None:
+                owner = generic(per_head.rsplit(".", 1)[0])
+                hint = (f"`{generic(per_head)}` holds one entry per attention head, whole on every rank while the "
+                        f"heads are split: shard it with them (`{owner} : head_params`)")
+            self.report(origin, f"{p.message} (in `{module}`)", p.code, hint)
             return UNKNOWN
 
     # ------------------------------------------------------------------ shared values
@@ -511,6 +520,23 @@ class _Walk:
                                f"model cuts its output into {[int(x) for x in sizes]}: the sum would take "
                                "the gradient of features no head shares",
                     hint=f"`rope = {int(sizes[-1])}`: the width of the part every head shares")
+
+    def _per_head_param(self, node: str) -> str | None:
+        """The parameter `node` is a reshaped view of, when it is an attention module's own
+        1-D parameter with one entry per head (sinks, a gate bias); None otherwise."""
+        for _ in range(8):
+            attrs = self._attrs(node)
+            op = op_name(str(attrs.get("op")))
+            if op == "placeholder":
+                fqn = str(attrs.get("fqn", ""))
+                owner = self.graph.modules.get(fqn.rsplit(".", 1)[0]) if attrs.get("kind") == "parameter" else None
+                heads = owner.attrs.get("num_heads") if owner is not None and owner.kind == "attention" else None
+                return fqn if isinstance(heads, int) and self._shape(node) == (heads,) else None
+            refs = list(_refs(attrs.get("args", ())))
+            if (op not in IDENTITY and op not in RESHAPES and op != "expand") or not refs:
+                return None
+            node = refs[0]
+        return None
 
     def _producer(self, node: str) -> str | None:
         """The projection (a Linear) that `node` comes from, through replicated code."""

@@ -27,7 +27,7 @@ FUSED = {"qkv_proj": 3, "c_attn": 3, "W_pack": 3, "gate_up_proj": 2}
 # The layout walk sees them reshaped into heads before they are cut (`planner.ops`): plain
 # colwise gives each rank whole heads (measured exact); `parts` splits a head (rejected).
 _KIND_WORDS = {"linear": "a Linear", "embedding": "an Embedding", "conv1d": "a GPT-2 Conv1D",
-               "norm": "a norm"}
+               "norm": "a norm", "attention": "an attention module"}
 
 
 def fused_parts(graph: ModelGraph, fqn: str) -> tuple[int, ...] | None:
@@ -150,6 +150,8 @@ class StyleFit:
             return True
         if schema.contract.params:
             return self._experts(ctx, rule, fqn, more) or self._placements(ctx, rule, fqn, more)
+        if schema.contract.head_params:
+            return self._head_params(ctx, rule, fqn, more)
         parts = fused_parts(ctx.graph, fqn) if "parts" in schema.args else None
         wanted = int(str(style.args.get("parts", 1)))
         # Gathering the whole output (`output = replicate`) restores the packed order: a plain
@@ -180,6 +182,22 @@ class StyleFit:
         return self._placements(ctx, rule, fqn, more)
 
     @staticmethod
+    def _head_params(ctx: Context, rule: TPRuleSpec, fqn: str, more: str) -> bool:
+        """A per-head parameter style shards 1-D parameters with one entry per query head:
+        anything else the module owns has no head dimension to cut."""
+        info = ctx.graph.module(fqn)
+        heads = info.attrs.get("num_heads")
+        bad = {n: s for n, s in info.params.items() if len(s) != 1 or (isinstance(heads, int) and s[0] != heads)}
+        if bad:
+            name, shape = next(iter(bad.items()))
+            ctx.error(rule.style.span, "E504",
+                      f"`{fqn}`{more} owns `{name}` of shape {list(shape)}, not one entry per attention head "
+                      f"({heads}): `{rule.style.name}` shards per-head parameters with the heads",
+                      "leave that module out, or give the parameter's owner its own rule")
+            return True
+        return False
+
+    @staticmethod
     def _experts(ctx: Context, rule: TPRuleSpec, fqn: str, more: str) -> bool:
         """A tensor-parallel experts style shards 3-D expert tensors as its contract's
         `params` say: fused experts in transformers' layout, without what it cannot split."""
@@ -189,16 +207,17 @@ class StyleFit:
         shapes = {n: s for n, s in info.params.items() if n in params}
         what = f"`{fqn}`{more} ({info.type})"
         fail = None
-        if set(shapes) not in ({"gate_up_proj", "down_proj"}, {"up_proj", "down_proj"}) or any(
-                len(s) != 3 for s in shapes.values()):
-            fail = f"{what} has no 3-D gate_up_proj (or up_proj) and down_proj: `{style.name}` shards fused experts"
+        if set(shapes) not in ({"gate_up_proj", "down_proj"}, {"up_proj", "down_proj"},
+                               {"gate_proj", "up_proj", "down_proj"}) or any(len(s) != 3 for s in shapes.values()):
+            fail = (f"{what} has no 3-D gate_up_proj (or gate_proj and up_proj, or up_proj) and down_proj: "
+                    f"`{style.name}` shards fused experts")
         elif set(info.params) - set(params):
             extra = ", ".join(sorted(set(info.params) - set(params)))
             fail = (f"{what} also has {extra}: an expert bias would be added once per rank and summed "
                     f"{ctx.size('tp')} times")
-        elif info.attrs.get("is_transposed") is not False:
-            fail = (f"{what} stores its experts transposed ([E, H, 2I]) or in a layout meshplan cannot read: "
-                    f"`{style.name}` shards gate_up_proj [E, 2I, H] and down_proj [E, H, I]")
+        elif not isinstance(info.attrs.get("is_transposed"), bool):
+            fail = (f"{what} stores its experts in a layout meshplan cannot read: `{style.name}` shards "
+                    "gate_up_proj [E, 2I, H] and down_proj [E, H, I], or both transposed")
         elif info.attrs.get("has_post_expert_norm"):
             fail = f"{what} normalises each expert's output, which would see a partial sum on every rank"
         elif any(m.type == "Identity" and f.rsplit(".", 1)[0] == fqn for f, m in ctx.graph.modules.items()):
@@ -240,7 +259,8 @@ class StyleFit:
                       "rows")
             return True
         if wanted != parts:
-            layout = "interleaves gate and up rows" if "gate_up_proj" in shapes else "has no gate (up_proj only)"
+            layout = ("interleaves gate and up rows" if "gate_up_proj" in shapes else
+                      "keeps gate_proj and up_proj apart" if "gate_proj" in shapes else "has no gate (up_proj only)")
             ctx.error(style.span, "E504",
                       f"{what} {layout}: `parts = {wanted}` would give each rank intermediate rows that do not "
                       "match its down_proj columns — silently wrong", f"use `{style.name}(parts = 1)`")

@@ -25,12 +25,17 @@ style registry's business (`meshplan.dsl.styles`, `runtime.parallel.registry`).
   gradients are then summed over the tensor-parallel ranks) and declare its input and
   output layouts — e.g. Qwen3's per-head q/k norms, which see head-sharded values.
 - `TensorParallelExperts`: transformers' fused experts (`gate_up_proj` [E, 2I, H],
-  `down_proj` [E, H, I]) with every expert sharded on its intermediate features: rank r
+  `down_proj` [E, H, I]; or stored transposed, [E, H, 2I] / [E, I, H]; or separate 3-D
+  `gate_proj` and `up_proj`) with every expert sharded on its intermediate features: rank r
   holds shard r of the gate and of the up rows (rank-major, as `FusedColwiseParallel`)
   and the matching down columns. The module's own forward runs on the local shards
   (routing included, on replicated inputs), so its output is this rank's partial sum:
   it is summed over the ranks, and the gradients of the replicated inputs (hidden
   states, routing weights), partial on each rank, are summed in backward.
+- `HeadParamsParallel`: an attention module's own per-head parameters (attention sinks,
+  a per-head gate bias: 1-D, one entry per query head) sharded with the heads: rank r
+  holds the entries of its heads, and the module's forward sees them as plain tensors,
+  as its head-sharded projections hand it this rank's heads.
 - `SharedTailParallel`: latent attention's kv_a projection (DeepSeek-V2/V3, MiniCPM3).
   Its output's last `rope` features are the rotary key that every head shares; with the
   heads split over the ranks, each rank's backward gives that part the gradient of its
@@ -39,6 +44,8 @@ style registry's business (`meshplan.dsl.styles`, `runtime.parallel.registry`).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import partial
 from typing import Any, cast
 
@@ -243,19 +250,38 @@ class _SumBackward(torch.autograd.Function):
         return out, None
 
 
-# A fused experts module's parameters and the dimension each is sharded on.
-_EXPERT_DIMS = {"gate_up_proj": 1, "up_proj": 1, "down_proj": 2}
+# A fused experts module's parameters and the dimension holding the intermediate
+# features, on which each is sharded: transformers' layout, and the transposed one.
+_EXPERT_DIMS = {"gate_up_proj": 1, "gate_proj": 1, "up_proj": 1, "down_proj": 2}
+_TRANSPOSED_EXPERT_DIMS = {"gate_up_proj": 2, "gate_proj": 2, "up_proj": 2, "down_proj": 1}
+# The parameter sets a fused experts module may have (gate and up fused or apart).
+_EXPERT_PARAMS = ({"gate_up_proj", "down_proj"}, {"up_proj", "down_proj"}, {"gate_proj", "up_proj", "down_proj"})
 
 
-def experts_untransposed(module: nn.Module) -> bool:
-    """Are the experts laid out gate_up_proj [E, 2I, H] (or up_proj [E, I, H]), down_proj
-    [E, H, I]? transformers' `is_transposed` says so; a class without it, by the shapes."""
+def experts_transposed(module: nn.Module) -> bool | None:
+    """Are the experts stored transposed ([E, H, 2I] / [E, I, H], what `grouped_mm` reads)
+    rather than as transformers' default ([E, 2I, H] / [E, H, I])? transformers'
+    `is_transposed` says so; a class without it, the shapes (None: they do not tell)."""
     flag = getattr(module, "is_transposed", None)
     if isinstance(flag, bool):
-        return not flag
-    gate, down = getattr(module, "gate_up_proj", None), getattr(module, "down_proj", None)
-    return isinstance(gate, torch.Tensor) and isinstance(down, torch.Tensor) and gate.dim() == down.dim() == 3 \
-        and gate.shape[1] == 2 * down.shape[2] and gate.shape[2] == down.shape[1]
+        return flag
+    up = next((getattr(module, n) for n in ("gate_up_proj", "up_proj") if isinstance(getattr(module, n, None),
+                                                                                    torch.Tensor)), None)
+    down = getattr(module, "down_proj", None)
+    if not isinstance(up, torch.Tensor) or not isinstance(down, torch.Tensor) or not up.dim() == down.dim() == 3:
+        return None
+    fused = 2 if isinstance(getattr(module, "gate_up_proj", None), torch.Tensor) else 1
+    if up.shape[1] == fused * down.shape[2] and up.shape[2] == down.shape[1]:
+        return False
+    if up.shape[2] == fused * down.shape[1] and up.shape[1] == down.shape[2]:
+        return True
+    return None
+
+
+def expert_shard_dims(module: nn.Module) -> dict[str, int]:
+    """Each of a fused experts module's parameters → the dimension `TensorParallelExperts`
+    shards (its intermediate features), for the layout the module stores."""
+    return dict(_TRANSPOSED_EXPERT_DIMS if experts_transposed(module) else _EXPERT_DIMS)
 
 
 class TensorParallelExperts(ParallelStyle):
@@ -267,22 +293,22 @@ class TensorParallelExperts(ParallelStyle):
 
     def _partition(self, name: str, module: nn.Module, device_mesh: DeviceMesh) -> None:
         tp = device_mesh.size()
+        dims = expert_shard_dims(module)
         for pname, param in list(module.named_parameters(recurse=False)):
-            dim = _EXPERT_DIMS[pname]
+            dim = dims[pname]
             data = _rank_major(param.data, dim, self.parts, tp) if pname == "gate_up_proj" else param.data
             dt = distribute_tensor(data, device_mesh, [Shard(dim)])
             module.register_parameter(pname, nn.Parameter(dt, requires_grad=param.requires_grad))
 
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
         own = dict(module.named_parameters(recurse=False))
-        if set(own) not in ({"gate_up_proj", "down_proj"}, {"up_proj", "down_proj"}) or any(
-                p.dim() != 3 for p in own.values()):
+        if set(own) not in _EXPERT_PARAMS or any(p.dim() != 3 for p in own.values()):
             raise NotImplementedError(f"TensorParallelExperts shards fused experts with 3-D gate_up_proj (or "
-                                      f"up_proj) and down_proj only, not {type(module).__name__} "
-                                      f"({', '.join(sorted(own))})")
-        if not experts_untransposed(module) or getattr(module, "has_post_expert_norm", False):
+                                      f"gate_proj and up_proj, or up_proj) and down_proj only, not "
+                                      f"{type(module).__name__} ({', '.join(sorted(own))})")
+        if experts_transposed(module) is None or getattr(module, "has_post_expert_norm", False):
             raise NotImplementedError(f"TensorParallelExperts shards experts laid out [E, 2I, H] / [E, H, I] "
-                                      f"without a per-expert norm, not {type(module).__name__}")
+                                      f"(or transposed) without a per-expert norm, not {type(module).__name__}")
         distribute_module(module, device_mesh, self._partition)
         group = device_mesh.get_group()
         if any(isinstance(child, nn.Identity) for child in module.children()):
@@ -298,16 +324,47 @@ class TensorParallelExperts(ParallelStyle):
                          else a for a in args)
             kwargs = {k: _SumBackward.apply(v, group) if isinstance(v, torch.Tensor) and v.is_floating_point()
                       else v for k, v in kwargs.items()}
-            table = module._parameters
-            whole = dict(table)
-            for pname, value in whole.items():  # the forward sees this rank's shards as plain tensors
-                if isinstance(value, DTensor):
-                    table[pname] = cast(nn.Parameter, value.to_local())
-            try:
+            with _local_parameters(module):
                 out = inner(*args, **kwargs)
-            finally:
-                table.update(whole)
             return _SumForward.apply(out, group)
+
+        module.forward = forward
+        return module
+
+
+@contextmanager
+def _local_parameters(module: nn.Module) -> Iterator[None]:
+    """Within: `module`'s own DTensor parameters read as this rank's plain local shards
+    (their gradients still reach the DTensors)."""
+    table = module._parameters
+    whole = dict(table)
+    for pname, value in whole.items():
+        if isinstance(value, DTensor):
+            table[pname] = cast(nn.Parameter, value.to_local())
+    try:
+        yield
+    finally:
+        table.update(whole)
+
+
+class HeadParamsParallel(ParallelStyle):
+    """An attention module's own per-head parameters sharded with its heads (dim 0); the
+    module's forward sees this rank's entries as plain tensors."""
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        # Only the module's own parameters: its projections have their own rules.
+        bad = [n for n, p in module.named_parameters(recurse=False) if p.dim() != 1]
+        if bad:
+            raise NotImplementedError(f"HeadParamsParallel shards 1-D per-head parameters, not "
+                                      f"{type(module).__name__}'s {', '.join(bad)}")
+        for pname, param in list(module.named_parameters(recurse=False)):
+            dt = distribute_tensor(param.data, device_mesh, [Shard(0)])
+            module.register_parameter(pname, nn.Parameter(dt, requires_grad=param.requires_grad))
+        inner = module.forward
+
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            with _local_parameters(module):
+                return inner(*args, **kwargs)
 
         module.forward = forward
         return module

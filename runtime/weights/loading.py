@@ -107,7 +107,7 @@ from meshplan.planner.program import Parallelize, Program
 from ..parallel.adapters import adapter_init, adapter_side
 from ..parallel.apply import Applied
 from ..parallel.quantize import is_quantized, store_quantized
-from ..parallel.styles import _fused_output, fused_row_order
+from ..parallel.styles import _fused_output, expert_shard_dims, fused_row_order
 
 __all__ = [
     "BLOCK_ELEMENTS",
@@ -253,10 +253,13 @@ def fused_rows(model: nn.Module, program: Program | None = None) -> dict[str, Fu
                     # An adapter on it: lora_B's rows are the base's output features,
                     # sharded part by part as the base's (the style registry's layout).
                     out[f"{fqn}.lora_B.default.weight"] = FusedRows(0, call.parts, tp)
-                if call.parts > 1:  # a module that is not Linear-like (fused experts)
+                if call.parts > 1 and STYLES[call.style].fused_params:  # fused experts, not Linear-like
                     fqn = ".".join(p for p in (step.fqn, rel) if p)
+                    owner = _module_or_none(model, fqn)
+                    # Experts stored transposed hold their intermediate features on another dim.
+                    dims = expert_shard_dims(owner) if owner is not None else {}
                     for pname, dim in STYLES[call.style].fused_params.items():
-                        out[f"{fqn}.{pname}"] = FusedRows(dim, call.parts, tp)
+                        out[f"{fqn}.{pname}"] = FusedRows(dims.get(pname, dim), call.parts, tp)
         present = {canonical_name(n) for n, _ in model.named_parameters(remove_duplicate=False)}
         return {k: v for k, v in out.items() if k in present}
     for name, module in model.named_modules():
@@ -273,6 +276,13 @@ def fused_rows(model: nn.Module, program: Program | None = None) -> dict[str, Fu
         if module._parameters.get("bias") is not None:
             out[f"{prefix}bias"] = FusedRows(0, parts, tp)
     return out
+
+
+def _module_or_none(model: nn.Module, fqn: str) -> nn.Module | None:
+    try:
+        return model.get_submodule(fqn)
+    except AttributeError:
+        return None
 
 
 def _fused_hook(module: nn.Module) -> tuple[int, int] | None:
