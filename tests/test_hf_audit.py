@@ -66,6 +66,10 @@ EXPECTED: dict[str, tuple[str, str, str]] = {
     "inkling_text": ("truth", "reject E504", "crash"),
     # a per-head gate bias in attention, sharded with the heads (`local_params` → head_params)
     "beam": ("truth", "accept", "exact"),
+    # attention sinks, one logit per head, sharded with the heads (head_params; meshplan_sdpa
+    # applies them as transformers' eager attention does)
+    "granite_swa": ("truth", "accept", "exact"),
+    "mimo_v2_flash": ("truth", "accept", "exact"),  # sinks on the sliding-window layers only, tp_experts
     # styles with no meshplan equivalent yet
     "longcat_flash": ("import", "-", "-"),  # moe_identity_expert inside tensor-parallel experts
 }
