@@ -3,7 +3,7 @@
 For a config class whose model ships a TP plan: its defaults made tiny
 (`planner.hf_import.tiny_config`: 2 layers, small widths), the causal-LM class (else
 the base model), the plan written by `plan import hf` at tp 2, compiled at world 4
-(dp_shard 2 × tp 2), and its truth measured by `tests/truth.py`. A row says how far
+(dp_shard 2 × tp 2) with the dry-run net, as `plan compile` judges, and its truth measured by `tests/truth.py`. A row says how far
 the family got: `import` (a style meshplan cannot write yet, named), `build` (the tiny
 model cannot be built or traced), `compile` (accept / reject and the error codes), and
 `truth` (exact / wrong / crash / n/a, with the worst tensor or the exception).
