@@ -486,7 +486,8 @@ def style_value(draw: st.DrawFn, key: str) -> ast.Value:
 def styles(draw: st.DrawFn) -> ast.Style:
     style = draw(st.sampled_from(sorted(STYLES)))
     sch = STYLES[style]
-    keys = draw(st.lists(st.sampled_from(sorted(sch.args)), unique=True, max_size=len(sch.args)))
+    keys = draw(st.lists(st.sampled_from(sorted(sch.args)), unique=True, max_size=len(sch.args))) \
+        if sch.args else []  # a style without arguments (head_params)
     args: list[ast.StyleArg] = [ast.KeywordArg(name=k, value=style_value(draw, k)) for k in keys]
     if sch.conversions:
         named = draw(st.booleans())
