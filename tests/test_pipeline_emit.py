@@ -224,6 +224,6 @@ def test_the_script_imports_only_torch_and_the_standard_library(layout: str) -> 
             roots |= {a.name.split(".")[0] for a in node.names}
         elif isinstance(node, ast.ImportFrom):
             roots.add((node.module or "").split(".")[0])
-    assert roots <= {"__future__", "torch", "collections", "functools", "typing", "warnings"}  # stdlib
+    assert roots <= {"__future__", "torch", "collections", "contextlib", "functools", "typing", "warnings"}  # stdlib
     assert "PipelineStage(" in script and "get_schedule_class(SCHEDULE)" in script
     assert script.count("\ndef _stage_") == len(_program(layout).steps[0].stages)

@@ -65,7 +65,7 @@ def test_script_imports_only_torch_and_the_standard_library() -> None:
             roots |= {a.name.split(".")[0] for a in node.names}
         elif isinstance(node, ast.ImportFrom):
             roots.add((node.module or "").split(".")[0])
-    assert roots <= {"__future__", "torch", "functools", "typing", "warnings"}
+    assert roots <= {"__future__", "torch", "collections", "contextlib", "functools", "typing", "warnings"}
     assert "meshplan" not in to_python(program).replace("meshplan program", "").replace("meshplan/runtime", "")
 
 
