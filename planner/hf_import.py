@@ -211,7 +211,9 @@ def _experts_rule(pattern: str, style: str, plan: Mapping[str, str],
         raise HfImportError(f"{where} comes without rules cutting its gate_up_proj and down_proj: replicated "
                             "experts whose outputs are summed over the ranks have no meshplan equivalent")
     kinds = {type(m).__name__ for m in modules}
-    layouts = {bool(getattr(m, "is_transposed", False)) or _transposed_by_shape(m) for m in modules}
+    from meshplan.planner.graph.facts import experts_transposed
+
+    layouts = {experts_transposed(m) for m in modules}
     found = EXPERT_PARAMS.get((key, layouts.pop())) if len(layouts) == 1 else None
     cut = ", ".join(f"`{n}` {v}" for n, v in inner.items())
     if found is None or dict(found[0]) != {n: v for n, v in inner.items() if n in found[0]}:
@@ -223,13 +225,6 @@ def _experts_rule(pattern: str, style: str, plan: Mapping[str, str],
         raise HfImportError(f"{where}: {', '.join(f'`{pattern}.{e}: {inner[e]}`' for e in extra)} inside the "
                             "experts has no meshplan equivalent yet")
     return STYLES["moe_tp_experts"].format(parts=found[1]), [f"{pattern}.{n}" for n in inner]
-
-
-def _transposed_by_shape(module: nn.Module) -> bool:
-    """Experts stored [E, H, 2I] / [E, I, H] by a class without transformers' flag (Llama-4)."""
-    up, down = getattr(module, "gate_up_proj", None), getattr(module, "down_proj", None)
-    return isinstance(up, nn.Parameter) and isinstance(down, nn.Parameter) and up.dim() == down.dim() == 3 \
-        and up.shape[2] == 2 * down.shape[1] and up.shape[1] == down.shape[2]
 
 
 def _inner_comment(pattern: str, style: str, plan: Mapping[str, str], absorbed: list[str]) -> str:

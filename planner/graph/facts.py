@@ -32,6 +32,26 @@ def _first_int(*values: Any) -> int | None:
     return None
 
 
+def experts_transposed(module: nn.Module) -> bool | None:
+    """Does a fused experts module store its experts transposed ([E, H, 2I] / [E, I, H])
+    rather than as transformers' default ([E, 2I, H] / [E, H, I])? transformers'
+    `is_transposed` says so; a class without it (LongCat's, Llama-4's experts), the shapes;
+    None when neither tells. (The runtime's torch-only twin: `runtime.parallel.styles`.)"""
+    flag = getattr(module, "is_transposed", None)
+    if isinstance(flag, bool):
+        return flag
+    own = {n: tuple(p.shape) for n, p in module.named_parameters(recurse=False)}
+    down, up = own.get("down_proj", ()), own.get("gate_up_proj", own.get("up_proj", ()))
+    fused = 2 if "gate_up_proj" in own else 1  # gate and up packed, or up alone / beside gate_proj
+    if len(down) != 3 or len(up) != 3:
+        return None
+    if up[1] == fused * down[2] and up[2] == down[1]:
+        return False
+    if up[2] == fused * down[1] and up[1] == down[2]:
+        return True
+    return None
+
+
 def _classify(fqn: str, module: nn.Module, stack_blocks: set[str], stack_fqns: set[str]) -> str:
     name = type(module).__name__
     lower = name.lower()
@@ -159,15 +179,7 @@ def _module_attrs(kind: str, module: nn.Module, config: Any) -> dict[str, Any]:
             attrs["hidden_dim"] = _first_int(getattr(module, "hidden_dim", None))
             own = {n: tuple(p.shape) for n, p in module.named_parameters(recurse=False)}
             down_shape = own.get("down_proj", ())
-            gate_shape = own.get("gate_up_proj", own.get("up_proj", ()))
-            fused = 2 if "gate_up_proj" in own else 1  # gate and up packed, or up alone / beside gate_proj
-            transposed = getattr(module, "is_transposed", None)
-            if not isinstance(transposed, bool) and len(down_shape) == len(gate_shape) == 3:
-                # A class without transformers' flag (LongCat's, Llama-4's experts): the shapes tell.
-                if gate_shape[1] == fused * down_shape[2] and gate_shape[2] == down_shape[1]:
-                    transposed = False
-                elif gate_shape[2] == fused * down_shape[1] and gate_shape[1] == down_shape[2]:
-                    transposed = True
+            transposed = experts_transposed(module)
             attrs["intermediate_dim"] = _first_int(
                 getattr(module, "intermediate_dim", None),
                 (down_shape[1] if transposed else down_shape[2])
